@@ -1,0 +1,157 @@
+"""The `lvd` command: run, submit and follow curation jobs; verify shards; pretrain; evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from schemas.job_spec import JobSpecError, load_job_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+shards_app = typer.Typer(no_args_is_help=True, help="Inspect and verify WebDataset shard folders.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a pretrained backbone.")
+app.add_typer(shards_app, name="shards")
+app.add_typer(eval_app, name="eval")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load_spec(path: Path):
+    try:
+        return load_job_spec(path)
+    except JobSpecError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def schema(table: str = typer.Option(None, help="Print this Arrow table schema instead of the job spec's.")) -> None:
+    """Print the job spec's JSON Schema (or an Arrow table schema)."""
+    if table:
+        from schemas import tables
+
+        obj = getattr(tables, table.upper(), None)
+        if obj is None:
+            typer.echo(f"unknown table {table!r}", err=True)
+            raise typer.Exit(2)
+        typer.echo(str(obj))
+        return
+    from schemas.job_spec import JobSpec
+
+    typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
+
+
+@app.command()
+def validate(job: Path) -> None:
+    """Check a job spec without running anything."""
+    spec = _load_spec(job)
+    typer.echo(f"ok: job {spec.name!r} writes to {spec.output_dir}")
+
+
+@app.command()
+def run(
+    job: Path = typer.Argument(..., help="Job spec YAML."),
+    force: list[str] = typer.Option([], "--force", help="Redo this stage (repeatable)."),
+    until: str = typer.Option(None, help="Stop after this stage."),
+    verbose: bool = typer.Option(False, "-v"),
+) -> None:
+    """Run a job here: Ray in-process (or the cluster it was submitted to), Spark local[*] by default."""
+    _setup_logging(verbose)
+    spec = _load_spec(job)
+    from jobs.runner import run_and_report
+
+    run_and_report(spec, force=force, until=until)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("lvd-demo"), "--out", help="Folder for the demo's data and output."),
+    images: int = typer.Option(600, help="Pool size to generate."),
+    force: list[str] = typer.Option([], "--force", help="Redo this stage (repeatable)."),
+    verbose: bool = typer.Option(False, "-v"),
+) -> None:
+    """Generate an offline pool and seed set, write a job spec for it, run it and print the funnel."""
+    _setup_logging(verbose)
+    from jobs.demo import build_demo
+    from jobs.runner import run_and_report
+
+    job_path = build_demo(out, n_images=images)
+    typer.echo(f"demo job spec: {job_path}")
+    run_and_report(load_job_spec(job_path), force=force)
+
+
+@app.command()
+def submit(
+    job: Path = typer.Argument(..., help="Job spec YAML."),
+    address: str = typer.Option("http://127.0.0.1:8265", help="Ray dashboard address of the cluster."),
+    wait: bool = typer.Option(False, help="Follow the job's logs until it ends."),
+) -> None:
+    """Submit a job to a running Ray cluster through the Ray Jobs API."""
+    spec = _load_spec(job)
+    from jobs.submit import submit_job
+
+    job_id = submit_job(spec, address=address, wait=wait)
+    typer.echo(job_id)
+
+
+@app.command()
+def status(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
+    """Status of a submitted job."""
+    from jobs.submit import job_status
+
+    typer.echo(job_status(job_id, address=address))
+
+
+@app.command()
+def logs(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
+    """Logs of a submitted job."""
+    from jobs.submit import job_logs
+
+    typer.echo(job_logs(job_id, address=address))
+
+
+@app.command()
+def stop(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
+    """Stop a submitted job."""
+    from jobs.submit import stop_job
+
+    typer.echo("stopped" if stop_job(job_id, address=address) else "not running")
+
+
+@shards_app.command("verify")
+def shards_verify(directory: Path) -> None:
+    """Check a shard folder against its index: counts, checksums, keys, adjacency, decodability."""
+    from jobs.shard_verify import verify_shards
+
+    problems = verify_shards(directory)
+    for p in problems:
+        typer.echo(p, err=True)
+    if problems:
+        typer.echo(f"{len(problems)} problem(s) in {directory}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {directory}")
+
+
+# Training commands live with the training package; their modules import torch lazily.
+from training.cli import eval_knn, pretrain  # noqa: E402
+
+app.command("pretrain")(pretrain)
+eval_app.command("knn")(eval_knn)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

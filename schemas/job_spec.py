@@ -1,0 +1,240 @@
+"""The job spec: one YAML file that says what to curate, how, and where to write.
+
+Every field is validated before any work starts; a bad spec fails with the field's
+path and the allowed values (pydantic's messages, reformatted by `load_job_spec`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    # Unknown keys are a typo more often than not: reject them by name.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Source(_Strict):
+    """A place images come from: a folder (recursive), tar/WebDataset shards, or parquet with bytes."""
+
+    uri: str = Field(description="Local path, glob, brace pattern or fsspec URL (s3://, gs://, file://).")
+    kind: Literal["auto", "folder", "tar", "parquet"] = "auto"
+    image_column: str = Field("image", description="parquet only: the column holding image bytes.")
+
+    @field_validator("uri")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class ImageSet(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="Letters, digits, '_' and '-' only.")
+    sources: list[Source] = Field(min_length=1)
+
+
+class SeedSet(ImageSet):
+    """A seed dataset to retrieve pool images for (DINOv2 paper, sec. 3)."""
+
+    strategy: Literal["as_is", "sample", "cluster"]
+    k: int = Field(4, ge=1, description="sample: nearest pool images per seed image.")
+    min_seed_images: int = Field(3, ge=1, description="cluster: a pool cluster needs more than this many seeds.")
+    images_per_cluster: int = Field(10_000, ge=1, description="cluster: pool images taken per selected cluster.")
+    max_images: int = Field(1_000_000, ge=1, description="cluster: cap on pool images for this seed set.")
+    num_clusters: int | None = Field(
+        None, ge=2, description="cluster: k-means clusters of the pool; default is the finest clustering level."
+    )
+
+
+class ModelSpec(_Strict):
+    """An embedding model. `weights` is a local path or URL; None means random init (testing only)."""
+
+    arch: Literal["vit_small", "vit_base", "vit_large", "vit_giant2", "vit_tiny", "torchscript"] = "vit_small"
+    weights: str | None = None
+    format: Literal["auto", "dinov2", "hf", "lvd", "torchscript"] = "auto"
+    patch_size: int = Field(14, ge=1)
+    num_register_tokens: int = Field(0, ge=0)
+    image_size: int = Field(224, ge=14)
+    resize_size: int = Field(256, ge=14)
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ModelSpec:
+        if self.resize_size < self.image_size:
+            raise ValueError(f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size})")
+        if self.arch == "torchscript" and not self.weights:
+            raise ValueError("arch 'torchscript' needs weights: the path of the TorchScript file")
+        return self
+
+
+class EmbeddingSpec(_Strict):
+    retrieval: ModelSpec = ModelSpec()
+    copy_detection: ModelSpec | None = Field(
+        None, description="Model for dedup embeddings (SSCD as TorchScript); None reuses the retrieval model."
+    )
+    num_actors: int = Field(1, ge=1, description="Model replicas (one per GPU on GPU nodes).")
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class DedupSpec(_Strict):
+    k: int = Field(64, ge=1, description="Nearest neighbours per image in the copy-detection graph.")
+    threshold: float = Field(0.6, gt=-1, le=1, description="Cosine above which two images are copies.")
+    eval_threshold: float = Field(0.45, gt=-1, le=1, description="Cosine above which a pool image matches an eval image.")
+    index: str = Field("IVF4096,Flat", description="FAISS index factory string used above exact_below vectors.")
+    nprobe: int = Field(16, ge=1)
+    exact_below: int = Field(1_000_000, ge=0, description="Use exact (flat) search below this many vectors.")
+    chunk_size: int = Field(65_536, ge=1, description="Query rows per search call; bounds memory.")
+    keep_rule: Literal["largest_then_smallest_id", "smallest_id"] = "largest_then_smallest_id"
+
+
+class ClusterLevel(_Strict):
+    k: int = Field(ge=1)
+    resampling_steps: int = Field(0, ge=0)
+
+
+class ClusteringSpec(_Strict):
+    levels: list[ClusterLevel] = Field(
+        default_factory=lambda: [ClusterLevel(k=1000), ClusterLevel(k=100, resampling_steps=2)],
+        min_length=1,
+        description="Finest level first; each next level clusters the previous level's centroids.",
+    )
+    niter: int = Field(20, ge=1)
+    spherical: bool = True
+    max_points_per_centroid: int = Field(256, ge=1)
+    seed: int = 0
+
+    @field_validator("levels")
+    @classmethod
+    def _decreasing(cls, levels: list[ClusterLevel]) -> list[ClusterLevel]:
+        ks = [lv.k for lv in levels]
+        if any(b >= a for a, b in zip(ks, ks[1:], strict=False)):
+            raise ValueError(f"k must decrease from level to level (finest first), got {ks}")
+        return levels
+
+
+class SamplingSpec(_Strict):
+    target_size: int = Field(0, ge=0, description="Images drawn by balanced hierarchical sampling (0: none).")
+    max_repeats: int = Field(1, ge=1, description="How many times one image may be repeated (multiplier).")
+    seed: int = 0
+
+
+class ShardSpec(_Strict):
+    samples_per_shard: int = Field(1000, ge=1)
+    max_shard_bytes: int | None = Field(None, ge=1024, description="If set, also bound shards by bytes.")
+    seed: int = 0
+
+
+class SparkSpec(_Strict):
+    master: str = "local[*]"
+    driver_memory: str = "4g"
+    executor_memory: str = "4g"
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class RaySpec(_Strict):
+    address: str | None = Field(None, description="None: start Ray in-process (or join the cluster a job runs on).")
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class IngestSpec(_Strict):
+    max_pixels: int = Field(89_478_485, ge=1, description="Images above this many pixels are rejected (bombs).")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Files above this size are rejected.")
+    files_per_part: int = Field(2000, ge=1)
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-.]+$")
+    output_dir: str
+    pool: list[Source] = Field(min_length=1)
+    seeds: list[SeedSet] = Field(default_factory=list)
+    eval_sets: list[ImageSet] = Field(default_factory=list)
+    ingest: IngestSpec = IngestSpec()
+    embedding: EmbeddingSpec = EmbeddingSpec()
+    dedup: DedupSpec = DedupSpec()
+    clustering: ClusteringSpec = ClusteringSpec()
+    sampling: SamplingSpec = SamplingSpec()
+    shards: ShardSpec = ShardSpec()
+    spark: SparkSpec = SparkSpec()
+    ray: RaySpec = RaySpec()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> JobSpec:
+        names = [s.name for s in self.seeds] + [e.name for e in self.eval_sets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"seeds/eval_sets names must be unique, repeated: {dup}")
+        if not self.seeds and self.sampling.target_size == 0:
+            raise ValueError("nothing to curate: give seeds, or sampling.target_size > 0")
+        return self
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none): what a stage's marker is keyed on."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {k: data[k] for k in sections}
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class JobSpecError(ValueError):
+    """A job spec that cannot run; the message names every bad field."""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid job spec:\n" + "\n".join(lines)
+
+
+def parse_job_spec(data: dict) -> JobSpec:
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise JobSpecError(_format_errors(err)) from None
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML job spec; relative paths in it are taken from the YAML's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise JobSpecError(f"cannot read job spec {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise JobSpecError(f"invalid job spec: {path} must hold a mapping at top level")
+    spec = parse_job_spec(data)
+    return _resolve_paths(spec, path.resolve().parent)
+
+
+def _resolve(uri: str, base: Path) -> str:
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())
+
+
+def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    spec.output_dir = _resolve(spec.output_dir, base)
+    for src in spec.pool:
+        src.uri = _resolve(src.uri, base)
+    for s in [*spec.seeds, *spec.eval_sets]:
+        for src in s.sources:
+            src.uri = _resolve(src.uri, base)
+    for m in (spec.embedding.retrieval, spec.embedding.copy_detection):
+        if m is not None and m.weights and "://" not in m.weights:
+            m.weights = _resolve(m.weights, base)
+    return spec

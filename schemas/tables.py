@@ -1,0 +1,171 @@
+"""Arrow schemas of the tables between stages (DESIGN.md section 2), and their atomic parquet I/O.
+
+A stage folder holds `part-NNNNN.parquet` files and, written last, `_marker.json`.
+Every writer goes through `write_parquet_atomic`, which validates the table against its
+schema and renames a finished temp file into place, so a killed job never leaves a
+half part that looks whole.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Which set an image belongs to: "pool", "seed:<name>" or "eval:<name>".
+POOL = "pool"
+
+IMAGES = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),  # stable: hash of dataset + uri
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),  # path, or container path + "#" + member
+        pa.field("kind", pa.string(), nullable=False),  # file | tar | parquet
+        pa.field("path", pa.string(), nullable=False),  # the file, tar or parquet holding the bytes
+        pa.field("member", pa.string()),  # tar member name / parquet column
+        pa.field("offset", pa.int64()),  # tar: data offset in the tar; parquet: row index
+        pa.field("size", pa.int64()),  # bytes of the encoded image
+        pa.field("sha256", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("format", pa.string()),  # jpeg | png | webp | gif | bmp | tiff ...
+        pa.field("status", pa.string(), nullable=False),  # ok | error
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+def embeddings_schema(dim: int, dtype: str = "float16") -> pa.Schema:
+    """Vectors as fixed-size float lists (not Ray's tensor extension type), L2-normalised."""
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            pa.field("image_id", pa.int64(), nullable=False),
+            pa.field("model", pa.string(), nullable=False),  # "retrieval" | "copy_detection"
+            pa.field("vector", pa.list_(value, dim)),  # null when the image failed to decode
+            pa.field("error", pa.string()),
+        ]
+    )
+
+
+DEDUP = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("component_id", pa.int64(), nullable=False),  # smallest image_id in the component
+        pa.field("keep", pa.bool_(), nullable=False),
+        pa.field("reason", pa.string()),  # null when kept; exact | copy | eval-overlap
+        pa.field("duplicate_of", pa.int64()),  # the image kept for this one's component
+    ]
+)
+
+CLUSTERS = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("cluster_ids", pa.list_(pa.int32()), nullable=False),  # one per level, finest first
+        pa.field("distance", pa.float32()),  # to the level-0 centroid (1 - cosine when spherical)
+    ]
+)
+
+CENTROIDS = pa.schema(
+    [
+        pa.field("level", pa.int32(), nullable=False),
+        pa.field("cluster_id", pa.int32(), nullable=False),
+        pa.field("parent_id", pa.int32()),  # cluster at level + 1; null at the top level
+        pa.field("size", pa.int64(), nullable=False),  # images under this cluster
+        pa.field("centroid", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+RETRIEVED = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),  # pool image (seed image itself for as_is)
+        pa.field("seed_set", pa.string(), nullable=False),
+        pa.field("seed_id", pa.int64()),  # the seed image that retrieved it (null for cluster-based)
+        pa.field("strategy", pa.string(), nullable=False),  # as_is | sample | cluster
+        pa.field("rank", pa.int32()),
+        pa.field("score", pa.float32()),
+    ]
+)
+
+CURATED = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("sources", pa.list_(pa.string()), nullable=False),  # seed set names and/or "balanced"
+        pa.field("repeats", pa.int32(), nullable=False),
+    ]
+)
+
+SHARD_INDEX = pa.schema(
+    [
+        pa.field("shard", pa.string(), nullable=False),  # lvd-000000.tar
+        pa.field("samples", pa.int64(), nullable=False),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+    ]
+)
+
+SHARD_SAMPLES = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("sources", pa.list_(pa.string()), nullable=False),
+        pa.field("cluster_ids", pa.list_(pa.int32())),
+    ]
+)
+
+
+class SchemaMismatch(ValueError):
+    pass
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Cast `table` to `schema` (same column names, castable types, no nulls in non-null fields)."""
+    missing = [n for n in schema.names if n not in table.column_names]
+    extra = [n for n in table.column_names if n not in schema.names]
+    if missing or extra:
+        raise SchemaMismatch(f"columns differ from schema: missing {missing}, unexpected {extra}")
+    table = table.select(schema.names)
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaMismatch(f"column {field.name!r} must not hold nulls")
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise SchemaMismatch(f"table does not cast to schema: {err}") from None
+
+
+def write_parquet_atomic(table: pa.Table, path: str | Path, schema: pa.Schema) -> pa.Table:
+    """Validate against `schema`, write to a temp name beside `path`, then rename into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = conform(table, schema)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return table
+
+
+def part_path(stage_dir: str | Path, index: int) -> Path:
+    return Path(stage_dir) / f"part-{index:05d}.parquet"
+
+
+def read_parts(stage_dir: str | Path, schema: pa.Schema | None = None, columns: list[str] | None = None) -> pa.Table:
+    """All `part-*.parquet` of a stage folder as one table (temp files are never matched)."""
+    parts = sorted(Path(stage_dir).glob("part-*.parquet"))
+    if not parts:
+        if schema is None:
+            raise FileNotFoundError(f"no parquet parts in {stage_dir}")
+        empty = schema.empty_table()
+        return empty.select(columns) if columns else empty
+    tables = [pq.read_table(p, columns=columns) for p in parts]
+    return pa.concat_tables(tables, promote_options="default")
