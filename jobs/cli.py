@@ -35,7 +35,9 @@ def _load_spec(path: Path):
 
 
 @app.command()
-def schema(table: str = typer.Option(None, help="Print this Arrow table schema instead of the job spec's.")) -> None:
+def schema(
+    table: str = typer.Option(None, help="Print this Arrow table schema instead of the job spec's."),
+) -> None:
     """Print the job spec's JSON Schema (or an Arrow table schema)."""
     if table:
         from schemas import tables

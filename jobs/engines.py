@@ -70,7 +70,9 @@ def get_spark(spec: JobSpec):
         .config("spark.python.worker.reuse", "true")
     )
     if spec.spark.master.startswith("local"):
-        builder = builder.config("spark.driver.bindAddress", "127.0.0.1").config("spark.driver.host", "127.0.0.1")
+        builder = builder.config("spark.driver.bindAddress", "127.0.0.1").config(
+            "spark.driver.host", "127.0.0.1"
+        )
     for k, v in spec.spark.conf.items():
         builder = builder.config(k, v)
     _spark = builder.getOrCreate()

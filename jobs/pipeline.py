@@ -8,6 +8,7 @@ part by part (the stage itself skips parts that exist).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -96,8 +97,6 @@ def _fingerprints(spec: JobSpec, stage: Stage, out_dir: Path) -> dict[str, str]:
         marker = read_marker(out_dir / up)
         inputs[up] = marker["config_fingerprint"] + ":" + marker["input_fingerprint"] if marker else "missing"
     blob = json.dumps(inputs, sort_keys=True)
-    import hashlib
-
     return {
         "config_fingerprint": spec.fingerprint(*stage.sections),
         "input_fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16],
@@ -126,7 +125,11 @@ def run_job(
     until: str | None = None,
     on_stage: Callable[[StageReport], None] | None = None,
 ) -> list[StageReport]:
-    """Run every stage not already done; `force` names stages to redo (and so everything after)."""
+    """Run every stage not already done; `force` names stages to redo from scratch.
+
+    Downstream stages rerun only if their config or their inputs' fingerprints changed: stages are
+    deterministic, so redoing one with the same config gives the same output.
+    """
     force = set(force)
     unknown = force - set(STAGE_NAMES)
     if unknown:

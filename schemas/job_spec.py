@@ -45,11 +45,17 @@ class SeedSet(ImageSet):
 
     strategy: Literal["as_is", "sample", "cluster"]
     k: int = Field(4, ge=1, description="sample: nearest pool images per seed image.")
-    min_seed_images: int = Field(3, ge=1, description="cluster: a pool cluster needs more than this many seeds.")
-    images_per_cluster: int = Field(10_000, ge=1, description="cluster: pool images taken per selected cluster.")
+    min_seed_images: int = Field(
+        3, ge=1, description="cluster: a pool cluster needs more than this many seeds."
+    )
+    images_per_cluster: int = Field(
+        10_000, ge=1, description="cluster: pool images taken per selected cluster."
+    )
     max_images: int = Field(1_000_000, ge=1, description="cluster: cap on pool images for this seed set.")
     num_clusters: int | None = Field(
-        None, ge=2, description="cluster: k-means clusters of the pool; default is the finest clustering level."
+        None,
+        ge=2,
+        description="cluster: k-means clusters of the pool; default is the finest clustering level.",
     )
 
 
@@ -87,8 +93,12 @@ class EmbeddingSpec(_Strict):
 class DedupSpec(_Strict):
     k: int = Field(64, ge=1, description="Nearest neighbours per image in the copy-detection graph.")
     threshold: float = Field(0.6, gt=-1, le=1, description="Cosine above which two images are copies.")
-    eval_threshold: float = Field(0.45, gt=-1, le=1, description="Cosine above which a pool image matches an eval image.")
-    index: str = Field("IVF4096,Flat", description="FAISS index factory string used above exact_below vectors.")
+    eval_threshold: float = Field(
+        0.45, gt=-1, le=1, description="Cosine above which a pool image matches an eval image."
+    )
+    index: str = Field(
+        "IVF4096,Flat", description="FAISS index factory string used above exact_below vectors."
+    )
     nprobe: int = Field(16, ge=1)
     exact_below: int = Field(1_000_000, ge=0, description="Use exact (flat) search below this many vectors.")
     chunk_size: int = Field(65_536, ge=1, description="Query rows per search call; bounds memory.")
@@ -140,12 +150,16 @@ class SparkSpec(_Strict):
 
 
 class RaySpec(_Strict):
-    address: str | None = Field(None, description="None: start Ray in-process (or join the cluster a job runs on).")
+    address: str | None = Field(
+        None, description="None: start Ray in-process (or join the cluster a job runs on)."
+    )
     num_cpus: int | None = Field(None, ge=1)
 
 
 class IngestSpec(_Strict):
-    max_pixels: int = Field(89_478_485, ge=1, description="Images above this many pixels are rejected (bombs).")
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="Images above this many pixels are rejected (bombs)."
+    )
     max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Files above this size are rejected.")
     files_per_part: int = Field(2000, ge=1)
 

@@ -159,7 +159,9 @@ def part_path(stage_dir: str | Path, index: int) -> Path:
     return Path(stage_dir) / f"part-{index:05d}.parquet"
 
 
-def read_parts(stage_dir: str | Path, schema: pa.Schema | None = None, columns: list[str] | None = None) -> pa.Table:
+def read_parts(
+    stage_dir: str | Path, schema: pa.Schema | None = None, columns: list[str] | None = None
+) -> pa.Table:
     """All `part-*.parquet` of a stage folder as one table (temp files are never matched)."""
     parts = sorted(Path(stage_dir).glob("part-*.parquet"))
     if not parts:
