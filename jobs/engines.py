@@ -66,6 +66,7 @@ def get_spark(spec: JobSpec):
         .config("spark.driver.memory", spec.spark.driver_memory)
         .config("spark.executor.memory", spec.spark.executor_memory)
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "8")
         .config("spark.python.worker.reuse", "true")
     )

@@ -26,6 +26,7 @@ from schemas.job_spec import JobSpec
 log = logging.getLogger("lvd")
 
 MARKER = "_marker.json"
+STARTED = "_started.json"  # fingerprints of the attempt whose parts are in the folder
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,9 @@ class StageContext:
         return get_spark(self.spec)
 
 
-def read_marker(stage_dir: Path) -> dict | None:
+def read_marker(stage_dir: Path, name: str = MARKER) -> dict | None:
     try:
-        return json.loads((stage_dir / MARKER).read_text())
+        return json.loads((stage_dir / name).read_text())
     except (OSError, ValueError):
         return None
 
@@ -150,8 +151,15 @@ def run_job(
             marker = read_marker(stage_dir)
             report = StageReport(stage.name, True, time.perf_counter() - t0, marker.get("summary", {}))
         else:
+            fingerprints = _fingerprints(spec, stage, out_dir)
+            started = read_marker(stage_dir, STARTED)
+            if started is not None and started != fingerprints:
+                # Parts left by an attempt with another config or other inputs are stale: never mix them in.
+                log.info("stage %s: config or inputs changed, clearing %s", stage.name, stage_dir)
+                shutil.rmtree(stage_dir)
             (stage_dir / MARKER).unlink(missing_ok=True)
             stage_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(stage_dir / STARTED, fingerprints)
             log.info("stage %s: running", stage.name)
             ctx = StageContext(spec=spec, out_dir=out_dir, stage=stage.name)
             summary = importlib.import_module(stage.module).run(ctx) or {}
@@ -159,7 +167,7 @@ def run_job(
             write_json_atomic(
                 stage_dir / MARKER,
                 {
-                    **_fingerprints(spec, stage, out_dir),
+                    **fingerprints,
                     "stage": stage.name,
                     "summary": summary,
                     "seconds": round(seconds, 3),

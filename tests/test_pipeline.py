@@ -99,3 +99,12 @@ def test_unknown_force_stage_is_rejected_before_work(tmp_path, fake_stages):
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline.run_job(_spec(tmp_path), force=["embedd"])
     assert CALLS == []
+
+
+def test_parts_of_an_attempt_with_another_config_are_not_reused(tmp_path, fake_stages):
+    pipeline.run_job(_spec(tmp_path))
+    # Stage c died after writing a stale part; then its config changes.
+    (tmp_path / "out" / "c" / pipeline.MARKER).unlink()
+    write_parquet_atomic(pa.table({"x": [-1]}), part_path(tmp_path / "out" / "c", 7), SCHEMA)
+    pipeline.run_job(_spec(tmp_path, shards={"samples_per_shard": 3}))
+    assert sorted(read_parts(tmp_path / "out" / "c", SCHEMA).column("x").to_pylist()) == [1000, 2000, 3000]

@@ -1,17 +1,135 @@
-"""`lvd pretrain` and `lvd eval knn` (filled in by the training stage)."""
+"""`lvd pretrain` and `lvd eval knn`. torch is imported inside the commands so `lvd --help` stays fast."""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
 from pathlib import Path
 
 import typer
 
 
-def pretrain(config: str = typer.Option("tiny", help="Config name or YAML path.")) -> None:
-    """Pretrain DINOv2 on curated shards."""
-    raise typer.Exit(1)
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
 
 
-def eval_knn(checkpoint: Path, data: Path) -> None:
+def _shards_from_job(outdir: Path) -> str:
+    """The shard folder of a curation output directory (read through its index.json)."""
+    index = outdir / "shards" / "index.json"
+    if not index.exists():
+        raise typer.BadParameter(f"{index} not found: is {outdir} a finished curation output directory?")
+    return str(index.parent)
+
+
+def pretrain(
+    shards: str = typer.Option(
+        None, help="Brace pattern 'out/shards/lvd-{000000..000009}.tar' or a shard folder."
+    ),
+    from_job: Path = typer.Option(None, "--from-job", help="A curation output dir: trains on OUTDIR/shards."),
+    config: str = typer.Option(
+        "tiny", help="Config name (tiny, vit_small, vit_base, vit_large, vit_giant2) or YAML path."
+    ),
+    arch: str = typer.Option(None, help="Override the config's backbone (vit_tiny/small/base/large/giant2)."),
+    output: Path = typer.Option(
+        Path("pretrain-out"), "--output", help="Checkpoints, metrics and the teacher export."
+    ),
+    steps: int = typer.Option(
+        None, help="Total schedule length in steps (the config's epochs are rescaled to fit)."
+    ),
+    stop_after: int = typer.Option(
+        None, "--stop-after", help="Stop at this step (the schedule keeps its length)."
+    ),
+    batch_size: int = typer.Option(None, "--batch-size", help="Per-process batch size."),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Continue from OUTPUT/checkpoint.pth if present."
+    ),
+    ray_workers: int = typer.Option(
+        0, "--ray-workers", help="Run on this many Ray Train workers instead of here."
+    ),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address for --ray-workers."),
+    gpu: bool = typer.Option(False, "--gpu", help="Ray Train workers get one GPU each."),
+) -> None:
+    """Pretrain DINOv2 on curated shards (one process; torchrun sets up DDP/FSDP; or Ray Train workers)."""
+    _setup_logging()
+    if (shards is None) == (from_job is None):
+        raise typer.BadParameter("give exactly one of --shards and --from-job")
+    shard_source = shards if shards is not None else _shards_from_job(from_job)
+
+    from training.config import load_config
+
+    overrides: dict = {}
+    if arch:
+        overrides.setdefault("model", {})["arch"] = arch
+    if batch_size:
+        overrides.setdefault("train", {})["batch_size_per_gpu"] = batch_size
+    try:
+        cfg = load_config(config, overrides)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    if steps:
+        cfg = cfg.with_total_steps(steps)
+    output.mkdir(parents=True, exist_ok=True)
+
+    if ray_workers:
+        from training.launch import launch_ray_train
+
+        launch_ray_train(
+            cfg.model_dump(mode="json"),
+            shard_source,
+            str(output),
+            num_workers=ray_workers,
+            use_gpu=gpu,
+            resume=resume,
+            address=ray_address,
+        )
+        typer.echo(f"ray train finished; outputs in {output}")
+        return
+
+    from training.train import NonFiniteLossError
+    from training.train import pretrain as run_pretrain
+
+    try:
+        result = run_pretrain(cfg, shard_source, output, resume=resume, stop_after=stop_after)
+    except NonFiniteLossError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    summary = {
+        "steps": [result.start_step, result.end_step],
+        "images_per_second": round(result.images_per_second, 2),
+        "bad_samples": result.bad_samples,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "teacher_export": str(result.teacher_export) if result.teacher_export else None,
+    }
+    if result.losses:
+        summary["loss_first"] = round(result.losses[0]["total"], 4)
+        summary["loss_last"] = round(result.losses[-1]["total"], 4)
+    typer.echo(json.dumps(summary))
+
+
+def eval_knn(
+    checkpoint: Path = typer.Argument(
+        ..., help="A pretraining checkpoint.pth, teacher export, or any backbone the embed stage loads."
+    ),
+    data: Path = typer.Argument(..., help="Labelled folder DATA/{train,val}/<class>/*."),
+    k: int = typer.Option(20, help="Neighbours that vote."),
+    temperature: float = typer.Option(0.07, help="Vote weight exp(cosine / T)."),
+    image_size: int = typer.Option(None, help="Evaluation crop (default: the backbone's training size)."),
+    batch_size: int = typer.Option(64),
+) -> None:
     """kNN classification of a checkpoint's backbone on a labelled image folder."""
-    raise typer.Exit(1)
+    from training.knn_eval import evaluate_knn, load_eval_backbone
+
+    try:
+        backbone = load_eval_backbone(checkpoint)
+        result = evaluate_knn(
+            backbone, data, k=k, temperature=temperature, image_size=image_size, batch_size=batch_size
+        )
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result))

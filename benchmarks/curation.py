@@ -1,0 +1,248 @@
+"""Curation at scale on generated data: copy-detection dedup, FAISS k-means vs scikit-learn's
+MiniBatchKMeans, hierarchical k-means + balanced sampling.
+
+Data: n x dim float32, L2-normalised, a Gaussian mixture of `components` clusters with Zipf-skewed
+sizes (so balancing has something to fix), plus `pairs` planted near-duplicate pairs: row b is row a
+plus a random vector of norm `noise` (cosine 1/sqrt(1 + noise^2)). Background pairs stay under the
+0.6 copy threshold.
+
+    .venv/bin/python benchmarks/curation.py            # 1M x 384
+    .venv/bin/python benchmarks/curation.py --n 100000
+
+Baselines measured in the same run: exact (flat) kNN on a sample of queries, extrapolated to all n;
+MiniBatchKMeans with the same k on the same data; a uniform random sample of the balanced sample's
+size. Ratios are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Before FAISS/sklearn load OpenMP: on a shared, oversubscribed machine spinning OpenMP threads
+# starve each other (measured 3x slower FAISS k-means at load 8 on 2 cores). Override to compare.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from curation.dedup import dedup_pool  # noqa: E402
+from curation.kmeans import hierarchical_kmeans, kmeans, kmeans_assign  # noqa: E402
+from curation.knn import exact_knn, normalize  # noqa: E402
+from curation.sampling import balanced_sample  # noqa: E402
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def make_pool(n: int, dim: int, components: int, pairs: int, noise: float, spread: float, seed: int):
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, components + 1)
+    weights /= weights.sum()
+    comp = rng.choice(components, size=n, p=weights)
+    centers = normalize(rng.standard_normal((components, dim), dtype=np.float32))
+    x = np.empty((n, dim), dtype=np.float32)
+    step = 131_072
+    for s in range(0, n, step):
+        z = rng.standard_normal((min(step, n - s), dim), dtype=np.float32) * (spread / math.sqrt(dim))
+        x[s : s + step] = normalize(centers[comp[s : s + step]] + z)
+    rows = rng.choice(n, size=2 * pairs, replace=False)
+    a, b = rows[:pairs], rows[pairs:]
+    u = normalize(rng.standard_normal((pairs, dim), dtype=np.float32))
+    x[b] = normalize(x[a] + noise * u)
+    comp[b] = comp[a]
+    return x, comp, a, b
+
+
+def bench_dedup(x, a, b, args) -> dict:
+    n = x.shape[0]
+    nlist = 2 ** round(math.log2(2 * math.sqrt(n)))
+    factory = args.index or f"IVF{nlist},PQ64x4fs,RFlat"
+    ids = np.arange(n, dtype=np.int64)
+    t0 = time.perf_counter()
+    res = dedup_pool(
+        ids, x, k=args.k, threshold=0.6, index=factory, nprobe=args.nprobe, exact_below=0, chunk_size=65_536
+    )
+    seconds = time.perf_counter() - t0
+    planted_recall = float((res.component_id[a] == res.component_id[b]).mean())
+    # Brute force on a sample: every exact edge above the threshold must join one component.
+    rng = np.random.default_rng(1)
+    q = np.sort(rng.choice(n, size=args.exact_sample, replace=False))
+    t1 = time.perf_counter()
+    sims, nbr = exact_knn(x[q], x, args.k + 1)
+    exact_per_query = (time.perf_counter() - t1) / q.size
+    edge = (sims > 0.6) & (nbr != q[:, None])
+    src, dst = np.repeat(q, edge.sum(1)), nbr[edge]
+    sample_edge_recall = float((res.component_id[src] == res.component_id[dst]).mean()) if src.size else None
+    return {
+        "index": factory,
+        "nprobe": args.nprobe,
+        "seconds": seconds,
+        "peak_rss_gib": peak_rss_gib(),
+        "copy_dropped": res.counts()["copy"],
+        "edges": res.copy_edges,
+        "planted_recall": planted_recall,
+        "sample_exact_edges": int(src.size),
+        "sample_edge_recall": sample_edge_recall,
+        "ivf_recall": res.ivf_recall,
+        "exact_seconds_extrapolated": exact_per_query * n,
+    }
+
+
+def bench_kmeans(x, args) -> dict:
+    from sklearn.cluster import MiniBatchKMeans
+
+    k = args.kmeans_k
+    t0 = time.perf_counter()
+    ours = kmeans(x, k, niter=20, spherical=False, max_points_per_centroid=256, seed=0)
+    faiss_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mbk = MiniBatchKMeans(n_clusters=k, batch_size=args.mb_batch, random_state=0).fit(x)
+    mb_s = time.perf_counter() - t0
+    # Both objectives by the same code: sum of squared distances of every point to its nearest centroid.
+    _, d_mb = kmeans_assign(x, mbk.cluster_centers_.astype(np.float32), spherical=False)
+    return {
+        "k": k,
+        "faiss_seconds": faiss_s,
+        "faiss_objective": ours.objective,
+        "minibatch_seconds": mb_s,
+        "minibatch_objective": float(d_mb.astype(np.float64).sum()),
+    }
+
+
+def evenness(counts: np.ndarray) -> tuple[float, float]:
+    """(normalised entropy of the component histogram, share of the half smallest components)."""
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / math.log(p.size)), float(np.sort(p)[: p.size // 2].sum())
+
+
+def bench_hierarchy(x, comp, args) -> dict:
+    n = x.shape[0]
+    levels = [(args.leaf_k, 0), (max(2, args.leaf_k // 10), 2), (max(2, args.leaf_k // 50), 2)]
+    t0 = time.perf_counter()
+    hier = hierarchical_kmeans(x, levels, niter=20, spherical=True, seed=0)
+    seconds = time.perf_counter() - t0
+    target = n // 10
+    t0 = time.perf_counter()
+    rows, reps = balanced_sample(hier.labels, target, seed=0)
+    sample_s = time.perf_counter() - t0
+    c = comp.max() + 1
+    bal = np.bincount(comp[rows], weights=reps, minlength=c)
+    rnd = np.bincount(comp[np.random.default_rng(0).choice(n, size=target, replace=False)], minlength=c)
+    (hb, sb), (hr, sr) = evenness(bal), evenness(rnd)
+    return {
+        "levels": hier.ks,
+        "seconds": seconds,
+        "sample_seconds": sample_s,
+        "target": target,
+        "drawn": int(reps.sum()),
+        "balanced_entropy": hb,
+        "random_entropy": hr,
+        "balanced_small_half_share": sb,
+        "random_small_half_share": sr,
+        "components_hit_balanced": int((bal > 0).sum()),
+        "components_hit_random": int((rnd > 0).sum()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--components", type=int, default=100)
+    ap.add_argument("--pairs", type=int, default=None, help="planted duplicate pairs (default n / 100)")
+    ap.add_argument("--noise", type=float, default=0.6, help="norm of the planted perturbation")
+    ap.add_argument("--spread", type=float, default=1.5, help="norm of the within-component noise")
+    ap.add_argument("--k", type=int, default=64, help="neighbours per image in the copy graph")
+    ap.add_argument(
+        "--index",
+        default=None,
+        help="FAISS factory string (default IVF<2*sqrt(n)>,PQ64x4fs,RFlat: 4-bit fast-scan PQ, re-ranked exactly)",
+    )
+    ap.add_argument("--nprobe", type=int, default=64)
+    ap.add_argument("--exact-sample", type=int, default=1000)
+    ap.add_argument("--kmeans-k", type=int, default=1000)
+    ap.add_argument("--mb-batch", type=int, default=1024, help="MiniBatchKMeans batch size (its default)")
+    ap.add_argument("--leaf-k", type=int, default=1000)
+    args = ap.parse_args()
+    pairs = args.pairs if args.pairs is not None else args.n // 100
+
+    t0 = time.perf_counter()
+    x, comp, a, b = make_pool(args.n, args.dim, args.components, pairs, args.noise, args.spread, seed=0)
+    print(
+        f"data: {args.n} x {args.dim}, {args.components} components (Zipf sizes), {pairs} planted pairs "
+        f"at cosine {1 / math.sqrt(1 + args.noise**2):.3f}; generated in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+
+    d = bench_dedup(x, a, b, args)
+    print(
+        f"copy dedup ({d['index']}, nprobe {d['nprobe']}, k {args.k}): {d['seconds']:.1f} s, "
+        f"peak RSS {d['peak_rss_gib']:.2f} GiB, {d['edges']} edges, {d['copy_dropped']} dropped",
+        flush=True,
+    )
+    print(
+        f"  planted-pair recall {d['planted_recall']:.4f}; exact edges in a {args.exact_sample}-query sample: "
+        f"{d['sample_exact_edges']}, joined: {d['sample_edge_recall']}; IVF edge recall {d['ivf_recall']}",
+        flush=True,
+    )
+    print(
+        f"  exact flat search extrapolated to all {args.n} queries: {d['exact_seconds_extrapolated']:.0f} s",
+        flush=True,
+    )
+
+    km = bench_kmeans(x, args)
+    print(
+        f"k-means k={km['k']}: FAISS {km['faiss_seconds']:.1f} s objective {km['faiss_objective']:.1f}; "
+        f"MiniBatchKMeans {km['minibatch_seconds']:.1f} s objective {km['minibatch_objective']:.1f}",
+        flush=True,
+    )
+
+    h = bench_hierarchy(x, comp, args)
+    print(
+        f"hierarchical k-means {h['levels']}: {h['seconds']:.1f} s; balanced sample of {h['target']} "
+        f"(drew {h['drawn']}) in {h['sample_seconds']:.2f} s",
+        flush=True,
+    )
+    print(
+        f"  component coverage, balanced vs random: normalised entropy {h['balanced_entropy']:.3f} vs "
+        f"{h['random_entropy']:.3f}; share of the smaller half of components {h['balanced_small_half_share']:.3f} "
+        f"vs {h['random_small_half_share']:.3f} (uniform 0.5); components hit {h['components_hit_balanced']} vs "
+        f"{h['components_hit_random']}",
+        flush=True,
+    )
+    print(
+        f"peak RSS of the whole run: {peak_rss_gib():.2f} GiB; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    )
+
+    print("\nratios (targets at 1M: dedup < 600 s, planted recall >= 0.99, peak < 8 GiB, k-means >= 10x):")
+    print(
+        f"  copy-dedup speed-up vs exact flat search (extrapolated): {d['exact_seconds_extrapolated'] / d['seconds']:.1f}x"
+    )
+    print(f"  copy-dedup seconds / 600 s target: {d['seconds'] / 600:.3f}")
+    print(f"  planted-pair recall: {d['planted_recall']:.4f}")
+    print(f"  peak RSS / 8 GiB: {d['peak_rss_gib'] / 8:.3f}")
+    print(
+        f"  FAISS k-means speed-up vs MiniBatchKMeans: {km['minibatch_seconds'] / km['faiss_seconds']:.1f}x"
+    )
+    print(
+        f"  k-means objective FAISS / MiniBatchKMeans (<= 1 is no worse): {km['faiss_objective'] / km['minibatch_objective']:.4f}"
+    )
+    print(
+        f"  balanced / random normalised entropy of components: {h['balanced_entropy'] / h['random_entropy']:.3f}"
+    )
+    print(
+        f"  balanced / random share of the smaller half of components: "
+        f"{h['balanced_small_half_share'] / max(h['random_small_half_share'], 1e-12):.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Pretraining throughput of the tiny config on CPU, its achieved FLOP/s against a large matmul's, and
+kNN accuracy of the trained teacher against the same network at random initialisation.
+
+    .venv/bin/python benchmarks/pretrain.py [--steps 150] [--batch 32] [--threads 0]
+
+All figures come from this run on this machine; ratios are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.demo import CLASS_NAMES, build_labelled_folder, generate_image  # noqa: E402
+from training.augment import MultiCrop, MultiCropConfig, augment_batch  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.knn_eval import evaluate_knn, load_eval_backbone  # noqa: E402
+from training.masking import BlockMaskGenerator, sample_masks  # noqa: E402
+from training.meta_arch import SSLMetaArch  # noqa: E402
+from training.train import pretrain  # noqa: E402
+
+
+def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int) -> str:
+    """Unlabelled training images from the demo's class generators as lvd-style WebDataset shards."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n_shards = -(-n_images // per_shard)
+    for s in range(n_shards):
+        with wds.TarWriter(str(out / f"lvd-{s:06d}.tar")) as w:
+            for i in range(s * per_shard, min(n_images, (s + 1) * per_shard)):
+                buf = io.BytesIO()
+                generate_image(rng, int(rng.integers(len(CLASS_NAMES)))).save(buf, "JPEG", quality=90)
+                w.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "json": b"{}"})
+    return str(out / f"lvd-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def matmul_flops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def flops_per_step(cfg, images) -> float:
+    """Matmul/conv FLOPs of one training step (teacher forward + student forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = SSLMetaArch(cfg).train()
+    c = cfg.crops
+    mc = MultiCrop(
+        MultiCropConfig(
+            c.global_crops_size,
+            c.local_crops_size,
+            c.global_crops_scale,
+            c.local_crops_scale,
+            c.local_crops_number,
+        )
+    )
+    crops = augment_batch(images, mc, seed=0, rank=0, step=0)
+    grid = c.global_crops_size // cfg.model.patch_size
+    masks = sample_masks(
+        2 * len(images),
+        BlockMaskGenerator((grid, grid), max_num_patches=grid * grid // 2),
+        np.random.default_rng(0),
+    )
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.forward_backward(crops, masks, 0.04)
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--pool", type=int, default=1024, help="training images")
+    ap.add_argument(
+        "--per-class", type=int, default=25, help="labelled train (and val) images per class for kNN"
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lvd-bench-pretrain"))
+    ap.add_argument(
+        "--override",
+        default="{}",
+        help='config overrides as JSON, e.g. \'{"model": {"layerscale_init": 0.1}}\'',
+    )
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+
+    shards = write_pool_shards(args.work / "shards", args.pool, 128, seed=1)
+    labelled = build_labelled_folder(args.work / "labelled", args.per_class, seed=2)
+    epoch_length = max(1, args.pool // args.batch)
+    overrides: dict = {
+        "train": {
+            "batch_size_per_gpu": args.batch,
+            "epoch_length": epoch_length,
+            "checkpoint_every": args.steps,
+        },
+        "optim": {"epochs": args.steps / epoch_length},
+    }
+    for section, values in json.loads(args.override).items():
+        overrides.setdefault(section, {}).update(values)
+    cfg = load_config("tiny", overrides)
+    print(
+        f"torch threads: {torch.get_num_threads()}, config tiny: {cfg.model.arch}, global {cfg.crops.global_crops_size}px, "
+        f"{cfg.crops.local_crops_number} x local {cfg.crops.local_crops_size}px, batch {args.batch}, {args.steps} steps"
+    )
+
+    peak = matmul_flops()
+    print(f"matmul 2048^3 fp32: {peak / 1e9:.1f} GFLOP/s")
+    from jobs.demo import generate_image as gen
+
+    rng = np.random.default_rng(3)
+    step_flops = flops_per_step(cfg, [gen(rng, i % len(CLASS_NAMES)) for i in range(args.batch)])
+    print(f"FLOPs per step (teacher fwd + student fwd/bwd): {step_flops / 1e9:.1f} GFLOP")
+
+    torch.manual_seed(cfg.train.seed)
+    random_backbone = SSLMetaArch(cfg).teacher.backbone.eval()  # the run's own initial weights
+    knn_random = evaluate_knn(random_backbone, labelled)
+    print(f"kNN random init: {json.dumps(knn_random)}")
+
+    stamps: list[float] = []
+    result = pretrain(
+        cfg,
+        shards,
+        args.work / "run",
+        resume=False,
+        on_step=lambda s, row: stamps.append(time.perf_counter()),
+    )
+    warm = min(3, len(stamps) - 2)
+    ips = (len(stamps) - 1 - warm) * args.batch / (stamps[-1] - stamps[warm])
+    losses = [r["total"] for r in result.losses]
+    k = max(1, len(losses) // 10)
+    print(f"loss: first {k} steps {np.mean(losses[:k]):.3f} -> last {k} steps {np.mean(losses[-k:]):.3f}")
+    print(
+        f"dino: {np.mean([r['dino'] for r in result.losses[:k]]):.3f} -> {np.mean([r['dino'] for r in result.losses[-k:]]):.3f}, "
+        f"ibot: {np.mean([r['ibot'] for r in result.losses[:k]]):.3f} -> {np.mean([r['ibot'] for r in result.losses[-k:]]):.3f}, "
+        f"koleo: {np.mean([r['koleo'] for r in result.losses[:k]]):.3f} -> {np.mean([r['koleo'] for r in result.losses[-k:]]):.3f}"
+    )
+    print(f"training: {ips:.1f} images/s ({ips / args.batch:.2f} steps/s), {result.bad_samples} bad samples")
+    achieved = step_flops * ips / args.batch
+    print(f"achieved: {achieved / 1e9:.1f} GFLOP/s")
+
+    knn_trained = evaluate_knn(load_eval_backbone(result.teacher_export), labelled)
+    print(f"kNN trained teacher: {json.dumps(knn_trained)}")
+
+    print("--- ratios ---")
+    print(f"achieved FLOP/s / matmul FLOP/s: {achieved / peak:.3f}")
+    print(
+        f"kNN top-1 trained / random init: {knn_trained['top1']:.3f} / {knn_random['top1']:.3f} = {knn_trained['top1'] / max(knn_random['top1'], 1e-9):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Shard writing throughput: the Spark writer vs a single-process webdataset.TarWriter, and the disk.
+
+All three are measured in this run on the same machine:
+- disk: sequential write of one large file, then fsync (what any writer is bounded by);
+- single: one Python process reading every image from its source (files, tar members, parquet rows)
+  and writing the same shards with webdataset.TarWriter (each tar fsynced, like the Spark writer's);
+- spark: `write_shards_spark` (one Spark task per shard, local[*]) on the same plan; the Spark
+  session is started before the clock starts (its start-up time is printed separately).
+
+Target: spark >= 0.5 x single. Run: .venv/bin/python benchmarks/shards.py [--images N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.engines import get_spark, stop_spark  # noqa: E402
+from jobs.shard_writer import image_extension, plan_shards, read_sources, sample_json, shard_name  # noqa: E402
+from jobs.stages.shards import write_shards_spark  # noqa: E402
+from schemas.job_spec import parse_job_spec  # noqa: E402
+from schemas.tables import CLUSTERS, CURATED, IMAGES  # noqa: E402
+
+MB = 1e6
+
+
+def make_pool(root: Path, n_images: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Noise JPEGs (~100 KB each, incompressible like real photos): a third as files, a third as
+    members of one tar, a third as rows of one parquet; plus the images/curated/clusters tables."""
+    rng = np.random.default_rng(0)
+    blobs = []
+    base = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    for i in range(n_images):
+        pixels = np.roll(base, i, axis=0) ^ np.uint8(i % 251)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    rows = []
+    tar_path, pq_path = root / "pool.tar", root / "pool.parquet"
+    with tarfile.open(tar_path, "w") as tar:
+        for i in range(1, n_images, 3):
+            info = tarfile.TarInfo(f"{i}.jpg")
+            info.size = len(blobs[i])
+            tar.addfile(info, io.BytesIO(blobs[i]))
+    with tarfile.open(tar_path) as tar:
+        offsets = {m.name: m.offset_data for m in tar.getmembers()}
+    pq.write_table(pa.table({"image": pa.array(blobs[2::3], pa.binary())}), pq_path, row_group_size=64)
+    for i, data in enumerate(blobs):
+        row = {"image_id": i, "dataset": "pool", "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+               "width": 256, "height": 256, "format": "jpeg", "status": "ok", "error": None}  # fmt: skip
+        if i % 3 == 0:
+            path = root / f"{i}.jpg"
+            path.write_bytes(data)
+            row |= {"kind": "file", "path": str(path), "member": None, "offset": None, "uri": str(path)}
+        elif i % 3 == 1:
+            row |= {"kind": "tar", "path": str(tar_path), "member": f"{i}.jpg", "offset": offsets[f"{i}.jpg"],
+                    "uri": f"{tar_path}#{i}.jpg"}  # fmt: skip
+        else:
+            row |= {"kind": "parquet", "path": str(pq_path), "member": "image", "offset": i // 3,
+                    "uri": f"{pq_path}#{i // 3}"}  # fmt: skip
+        rows.append(row)
+    images = pa.Table.from_pylist(rows, schema=IMAGES)
+    curated = pa.Table.from_pylist(
+        [{"image_id": i, "sources": ["balanced"], "repeats": 1} for i in range(n_images)], schema=CURATED
+    )
+    clusters = pa.Table.from_pylist(
+        [{"image_id": i, "cluster_ids": [i % 50, i % 5], "distance": 0.0} for i in range(n_images)],
+        schema=CLUSTERS,
+    )
+    return images, curated, clusters
+
+
+def disk_write_mb_s(path: Path, total_bytes: int = 1 << 30) -> float:
+    """Sequential write of `total_bytes` in 8 MiB blocks, then fsync (dd conv=fsync)."""
+    block = os.urandom(8 << 20)
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(total_bytes // len(block)):
+            f.write(block)
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return total_bytes / MB / seconds
+
+
+def single_process_write(plan: pa.Table, out: Path) -> tuple[int, float]:
+    """The same shards with webdataset.TarWriter in one process: (bytes written, seconds).
+
+    Sources are read with the shard writer's own reader (`read_sources`), so only the writing differs.
+    """
+    out.mkdir()
+    rows = plan.to_pylist()
+    t0 = time.perf_counter()
+    total = 0
+    for s in sorted({r["shard"] for r in rows}):
+        path = out / shard_name(s)
+        with open(path, "wb") as f:
+            with wds.TarWriter(f) as tar:
+                for r, data in read_sources([r for r in rows if r["shard"] == s]):
+                    tar.write(
+                        {"__key__": r["key"], image_extension(r["format"]): data, "json": sample_json(r)}
+                    )
+            f.flush()
+            os.fsync(f.fileno())
+        total += path.stat().st_size
+    return total, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--samples-per-shard", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="lvd-bench-shards-"))
+    try:
+        (root / "src").mkdir()
+        images, curated, clusters = make_pool(root / "src", args.images)
+        plan = plan_shards(curated, images, clusters, args.samples_per_shard, seed=0)
+        n_shards = int(plan["shard"][-1].as_py()) + 1
+        print(f"pool: {args.images} images, {sum(images['size'].to_pylist()) / MB:.0f} MB; {n_shards} shards")
+
+        disk = disk_write_mb_s(root / "dd.bin")
+        print(f"disk sequential write + fsync: {disk:.0f} MB/s")
+
+        spec = parse_job_spec({"name": "bench", "output_dir": str(root), "pool": [{"uri": "unused"}],
+                               "sampling": {"target_size": 1}, "spark": {"master": "local[*]", "conf": {"spark.ui.showConsoleProgress": "false"}}})  # fmt: skip
+        t0 = time.perf_counter()
+        spark = get_spark(spec)
+        # Start the Python workers too (they are reused by the writer's tasks).
+        spark.sparkContext.parallelize(range(8), 8).map(lambda x: x).collect()
+        print(f"spark session start: {time.perf_counter() - t0:.1f} s (not counted)")
+        # Other work on the machine makes single runs noisy: alternate the two writers, keep each one's best.
+        single, spark_mb_s = 0.0, 0.0
+        for r in range(args.rounds):
+            single_bytes, single_s = single_process_write(plan, root / f"single{r}")
+            single = max(single, single_bytes / MB / single_s)
+            print(f"round {r}: single-process webdataset.TarWriter: {single_bytes / MB:.0f} MB in {single_s:.2f} s "
+                  f"= {single_bytes / MB / single_s:.1f} MB/s")  # fmt: skip
+            t0 = time.perf_counter()
+            results = write_shards_spark(spark, plan, root / f"spark{r}")
+            spark_s = time.perf_counter() - t0
+            spark_bytes = sum(x["bytes"] for x in results)
+            spark_mb_s = max(spark_mb_s, spark_bytes / MB / spark_s)
+            print(f"round {r}: spark writer ({spark.sparkContext.defaultParallelism} cores, one task per shard): "
+                  f"{spark_bytes / MB:.0f} MB in {spark_s:.2f} s = {spark_bytes / MB / spark_s:.1f} MB/s")  # fmt: skip
+            shutil.rmtree(root / f"single{r}")
+            shutil.rmtree(root / f"spark{r}")
+        stop_spark()
+
+        print(f"best: disk {disk:.0f} MB/s, single-process {single:.1f} MB/s, spark {spark_mb_s:.1f} MB/s")
+        print(f"ratio spark / single-process: {spark_mb_s / single:.2f} (target >= 0.5)")
+        print(f"ratio spark / disk: {spark_mb_s / disk:.2f}")
+        print(f"ratio single-process / disk: {single / disk:.2f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""k-means with FAISS, and hierarchical k-means with resampling after Vo et al. 2024
+("Automatic Data Curation for Self-Supervised Learning: A Clustering-Based Approach").
+
+One k-means = FAISS Lloyd iterations on a random sample capped at `max_points_per_centroid` per
+centroid, then one float64 centroid update over all points (means of float32 vectors summed in
+float64, so millions of points do not lose precision), then a chunked assignment of every point.
+
+Hierarchy: level 0 clusters the points; level l clusters the centroids of level l - 1 (unweighted,
+which is what spreads the top levels evenly over the data's support). A resampling step re-fits a
+level on a balanced subset: the r members nearest each centroid (all of a smaller cluster), k-means
+on their union warm-started from the current centroids, float64 means, then reassigns every member.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from curation.knn import use_gpu
+
+log = logging.getLogger("lvd")
+
+ASSIGN_CHUNK = 65_536
+# Upper levels cluster a few centroids: several random inits cost little there and avoid a bad one.
+UPPER_LEVEL_REDO = 5
+
+
+def _flat_index(centroids: np.ndarray, spherical: bool) -> faiss.Index:
+    d = centroids.shape[1]
+    index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
+    if use_gpu():
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index
+
+
+def kmeans_assign(
+    x: np.ndarray, centroids: np.ndarray, *, spherical: bool = True, chunk_size: int = ASSIGN_CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (int64) of each row and its distance (float32): 1 - cosine when spherical,
+    else squared L2. Searched in chunks of `chunk_size` rows."""
+    index = _flat_index(centroids, spherical)
+    labels = np.empty(x.shape[0], dtype=np.int64)
+    dist = np.empty(x.shape[0], dtype=np.float32)
+    for start in range(0, x.shape[0], chunk_size):
+        s, i = index.search(np.ascontiguousarray(x[start : start + chunk_size], dtype=np.float32), 1)
+        labels[start : start + s.shape[0]] = i[:, 0]
+        dist[start : start + s.shape[0]] = 1.0 - s[:, 0] if spherical else s[:, 0]
+    return labels, dist
+
+
+def mean_by_label(
+    x: np.ndarray, labels: np.ndarray, k: int, *, chunk_size: int = ASSIGN_CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label float64 means of the rows of `x` (zeros for empty labels) and the label counts."""
+    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
+    for start in range(0, x.shape[0], chunk_size):
+        lab = labels[start : start + chunk_size]
+        order = np.argsort(lab, kind="stable")
+        lab = lab[order]
+        firsts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+        rows = x[start : start + chunk_size][order].astype(np.float64)
+        sums[lab[firsts]] += np.add.reduceat(rows, firsts, axis=0)
+    counts = np.bincount(labels, minlength=k)
+    means = sums / np.maximum(counts, 1)[:, None]
+    return means, counts
+
+
+def _update(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, spherical: bool) -> np.ndarray:
+    """Float64 centroid update; an empty cluster keeps its previous centroid."""
+    means, counts = mean_by_label(x, labels, previous.shape[0])
+    if spherical:
+        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    means[counts == 0] = previous[counts == 0]
+    return means.astype(np.float32)
+
+
+def kmeans_fit(
+    x: np.ndarray,
+    k: int,
+    *,
+    niter: int = 20,
+    spherical: bool = True,
+    max_points_per_centroid: int = 256,
+    seed: int = 0,
+    init_centroids: np.ndarray | None = None,
+    nredo: int = 1,
+) -> np.ndarray:
+    """FAISS k-means centroids (k, d) float32, fitted on at most k * max_points_per_centroid rows.
+
+    nredo: independent runs from random inits, the best objective kept (ignored with init_centroids).
+    """
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for {n} points")
+    cap = k * max_points_per_centroid
+    if n > cap:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+        sample = np.ascontiguousarray(x[rows], dtype=np.float32)
+    else:
+        sample = np.ascontiguousarray(x, dtype=np.float32)
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=niter,
+        nredo=1 if init_centroids is not None else nredo,
+        spherical=spherical,
+        max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,  # small pools: no warning spam, we clamp k ourselves
+        seed=seed,
+        gpu=use_gpu(),
+        verbose=False,
+    )
+    km.train(
+        sample,
+        init_centroids=None if init_centroids is None else np.ascontiguousarray(init_centroids, np.float32),
+    )
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # (k, d) float32
+    labels: np.ndarray  # (n,) int64
+    distance: np.ndarray  # (n,) float32: 1 - cosine (spherical) or squared L2
+
+    @property
+    def objective(self) -> float:
+        return float(self.distance.astype(np.float64).sum())
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    niter: int = 20,
+    spherical: bool = True,
+    max_points_per_centroid: int = 256,
+    seed: int = 0,
+    resampling_steps: int = 0,
+    resample_size: int | None = None,
+    nredo: int = 1,
+) -> KMeansResult:
+    """Fit on a sample, refine the means over all rows in float64, assign all; then resampling steps.
+
+    resample_size: members nearest each centroid that a resampling step re-fits on
+    (default: half the mean cluster size, so dense clusters weigh no more than sparse ones).
+    """
+    n = x.shape[0]
+    centroids = kmeans_fit(
+        x,
+        k,
+        niter=niter,
+        spherical=spherical,
+        max_points_per_centroid=max_points_per_centroid,
+        seed=seed,
+        nredo=nredo,
+    )
+    labels, _ = kmeans_assign(x, centroids, spherical=spherical)
+    centroids = _update(x, labels, centroids, spherical)
+    labels, dist = kmeans_assign(x, centroids, spherical=spherical)
+    r = resample_size or max(1, n // (2 * k))
+    for step in range(resampling_steps):
+        # The r members nearest each centroid: sort by (cluster, distance), keep the first r per cluster.
+        order = np.lexsort((dist, labels))
+        lab = labels[order]
+        starts = np.searchsorted(lab, lab, side="left")
+        subset = np.sort(order[np.arange(n) - starts < r])
+        xs = x[subset]
+        centroids = kmeans_fit(
+            xs,
+            k,
+            niter=niter,
+            spherical=spherical,
+            max_points_per_centroid=max_points_per_centroid,
+            seed=seed + 1 + step,
+            init_centroids=centroids,
+        )
+        sub_labels, _ = kmeans_assign(xs, centroids, spherical=spherical)
+        centroids = _update(xs, sub_labels, centroids, spherical)
+        labels, dist = kmeans_assign(x, centroids, spherical=spherical)
+    return KMeansResult(centroids, labels, dist)
+
+
+@dataclass
+class Hierarchy:
+    """Hierarchical clustering, finest level first."""
+
+    centroids: list[np.ndarray]  # level l: (k_l, d) float32
+    parents: list[np.ndarray]  # level l < L-1: cluster at level l+1 of each level-l cluster (int64)
+    labels: np.ndarray  # (n, L) int64: cluster of each point at each level
+    distance: np.ndarray  # (n,) float32: to its level-0 centroid
+
+    @property
+    def ks(self) -> list[int]:
+        return [c.shape[0] for c in self.centroids]
+
+    def sizes(self, level: int) -> np.ndarray:
+        """Points under each cluster of `level`."""
+        return np.bincount(self.labels[:, level], minlength=self.centroids[level].shape[0])
+
+
+def hierarchical_kmeans(
+    x: np.ndarray,
+    levels: list[tuple[int, int]],
+    *,
+    niter: int = 20,
+    spherical: bool = True,
+    max_points_per_centroid: int = 256,
+    seed: int = 0,
+) -> Hierarchy:
+    """`levels` = [(k, resampling_steps), ...], finest first, k decreasing. Each k is clamped to the
+    number of points (or centroids) below it, with a warning."""
+    if not levels:
+        raise ValueError("hierarchical_kmeans needs at least one level")
+    if x.shape[0] == 0:
+        raise ValueError("hierarchical_kmeans needs at least one point")
+    centroids, parents, point_labels = [], [], []
+    points, distance = x, None
+    for level, (k, steps) in enumerate(levels):
+        if k > points.shape[0]:
+            log.warning(
+                "cluster: level %d asks k=%d but has %d points; using k=%d",
+                level,
+                k,
+                points.shape[0],
+                points.shape[0],
+            )
+            k = points.shape[0]
+        res = kmeans(
+            points,
+            k,
+            niter=niter,
+            spherical=spherical,
+            max_points_per_centroid=max_points_per_centroid,
+            seed=seed + 1000 * level,
+            resampling_steps=steps,
+            nredo=1 if level == 0 else UPPER_LEVEL_REDO,
+        )
+        if level == 0:
+            point_labels.append(res.labels)
+            distance = res.distance
+        else:
+            parents.append(res.labels)
+            point_labels.append(res.labels[point_labels[-1]])
+        centroids.append(res.centroids)
+        points = res.centroids
+    return Hierarchy(centroids, parents, np.stack(point_labels, axis=1), distance)

@@ -1,0 +1,155 @@
+"""FAISS nearest-neighbour search on L2-normalised vectors (inner product = cosine).
+
+Small sets get an exact flat index; from `exact_below` vectors up, the index comes from a factory
+string (IVF by default), trained on a sample and filled in chunks. Searches run in query chunks so
+memory is bounded by `chunk_size` rows of results, never N x N. Indexes move to all GPUs when FAISS
+sees any.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+log = logging.getLogger("lvd")
+
+ADD_CHUNK = 262_144  # vectors per index.add call: bounds the temporary copies FAISS makes
+
+
+def use_gpu() -> bool:
+    return faiss.get_num_gpus() > 0
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm as a C-contiguous float32 array (zero rows stay zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+def _to_gpu(index: faiss.Index) -> faiss.Index:
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError) as err:  # index types without a GPU version stay on CPU
+        log.warning("faiss: keeping index on CPU (%s)", err)
+        return index
+
+
+def _set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    # The GPU parameter space also reaches into GPU indexes (and falls back for CPU ones).
+    space = faiss.GpuParameterSpace() if use_gpu() else faiss.ParameterSpace()
+    try:
+        space.set_index_parameter(index, "nprobe", nprobe)
+    except RuntimeError:
+        pass  # no nprobe on this index type (e.g. flat)
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    exact: bool
+    description: str
+    trained_on: int
+
+
+def build_index(
+    xb: np.ndarray,
+    *,
+    factory: str = "IVF4096,Flat",
+    exact_below: int = 1_000_000,
+    nprobe: int = 16,
+    train_size: int | None = None,
+    seed: int = 0,
+) -> tuple[faiss.Index, IndexInfo]:
+    """An inner-product index over the rows of `xb` (already L2-normalised float32).
+
+    Exact (flat) below `exact_below` rows; else `factory`, trained on a random sample of
+    `train_size` rows (default: 40 per IVF list, at least 50k) and filled in chunks.
+    """
+    n, d = xb.shape
+    if n < exact_below:
+        index: faiss.Index = faiss.IndexFlatIP(d)
+        info = IndexInfo(True, "Flat", 0)
+    else:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.try_extract_index_ivf(index)
+        nlist = ivf.nlist if ivf is not None else 0
+        size = min(n, train_size or max(50_000, 40 * nlist))
+        if size < nlist:
+            raise ValueError(f"index {factory!r} needs at least {nlist} training vectors, got {size}")
+        if size < 39 * nlist:
+            log.warning("faiss: training %s on %d vectors (< 39 per list); recall may suffer", factory, size)
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(n, size=size, replace=False)) if size < n else slice(None)
+        info = IndexInfo(False, factory, size)
+        if use_gpu():
+            index = _to_gpu(index)
+        index.train(np.ascontiguousarray(xb[sample]))
+    if info.exact and use_gpu():
+        index = _to_gpu(index)
+    for start in range(0, n, ADD_CHUNK):
+        index.add(np.ascontiguousarray(xb[start : start + ADD_CHUNK]))
+    _set_nprobe(index, nprobe)
+    return index, info
+
+
+def search_chunks(
+    index: faiss.Index, xq: np.ndarray, k: int, chunk_size: int = 65_536
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first query row, similarities, neighbour ids) per chunk of `chunk_size` queries."""
+    k = min(k, index.ntotal)
+    for start in range(0, xq.shape[0], chunk_size):
+        sims, ids = index.search(np.ascontiguousarray(xq[start : start + chunk_size]), k)
+        yield start, sims, ids
+
+
+def search(
+    index: faiss.Index, xq: np.ndarray, k: int, chunk_size: int = 65_536
+) -> tuple[np.ndarray, np.ndarray]:
+    """All results at once (for query sets whose k results fit in memory)."""
+    k = min(k, index.ntotal)
+    if xq.shape[0] == 0 or k == 0:
+        return np.zeros((xq.shape[0], k), np.float32), np.zeros((xq.shape[0], k), np.int64)
+    parts = list(search_chunks(index, xq, k, chunk_size))
+    return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product kNN (FAISS blocks it, so no len(xq) x len(xb) matrix is kept)."""
+    return faiss.knn(
+        np.ascontiguousarray(xq), np.ascontiguousarray(xb), min(k, xb.shape[0]), faiss.METRIC_INNER_PRODUCT
+    )
+
+
+def recall_against_exact(
+    index: faiss.Index,
+    xb: np.ndarray,
+    k: int,
+    *,
+    threshold: float | None = None,
+    sample_size: int = 1000,
+    seed: int = 0,
+) -> float | None:
+    """Recall of `index` against brute force, for a random sample of the indexed rows as queries.
+
+    With `threshold`: the share of exact neighbour pairs (self excluded) with similarity above it
+    that the index also returns, i.e. the recall of graph edges; None when the sample has none.
+    Without: the share of the exact top-k ids that the index returns.
+    """
+    n = xb.shape[0]
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=min(sample_size, n), replace=False))
+    xq = xb[rows]
+    exact_s, exact_i = exact_knn(xq, xb, k)
+    _, approx_i = index.search(np.ascontiguousarray(xq), exact_i.shape[1])
+    found = (exact_i[:, :, None] == approx_i[:, None, :]).any(axis=2)
+    if threshold is None:
+        return float(found.mean())
+    edges = (exact_s > threshold) & (exact_i != rows[:, None]) & (exact_i >= 0)
+    if not edges.any():
+        return None
+    return float(found[edges].mean())

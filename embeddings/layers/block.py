@@ -1,0 +1,34 @@
+"""Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from embeddings.layers.attention import Attention
+from embeddings.layers.drop_path import DropPath
+from embeddings.layers.layer_scale import LayerScale
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp: nn.Module,
+        drop_path: float = 0.0,
+        layerscale_init: float | None = 1e-5,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = mlp
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -1,0 +1,105 @@
+"""An embedding model ready for inference: preprocessed batch in, L2-normalised float32 vectors out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from embeddings.checkpoints import CheckpointError, load_backbone
+from embeddings.preprocess import PreprocessConfig, normalize
+from embeddings.vit import DinoVisionTransformer, build_vit
+from schemas.job_spec import ModelSpec
+
+# Random-init models (weights: None, for tests) are seeded so every replica computes the same vectors.
+RANDOM_INIT_SEED = 0
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class EmbeddingModel:
+    """A backbone in eval mode with how to call it: `model(batch) -> [B, dim]` L2-normalised float32."""
+
+    module: nn.Module
+    dim: int
+    preprocess: PreprocessConfig
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # bf16 on CUDA; None = full fp32
+    batch_size: int = 32
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: Any = self.module(x)
+        if isinstance(out, (tuple, list)):  # some TorchScript exports return (embedding, ...)
+            out = out[0]
+        if isinstance(out, dict):
+            out = out["x_norm_clstoken"]
+        return out.reshape(out.shape[0], -1)
+
+    def embed(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        """float32 [B, 3, S, S] normalised images -> float32 [B, dim], rows of unit length."""
+        x = torch.as_tensor(batch).to(self.device, torch.float32, non_blocking=True)
+        with torch.inference_mode():
+            if self.autocast_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    out = self._forward(x)
+            else:
+                out = self._forward(x)
+            out = torch.nn.functional.normalize(out.float(), dim=-1)
+        return out.cpu().numpy()
+
+    def embed_uint8(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 [B, S, S, 3] crops (from `prepare_image`) -> [B, dim]; normalisation runs here."""
+        return self.embed(normalize(torch.as_tensor(crops).to(self.device, non_blocking=True)))
+
+    __call__ = embed
+
+
+def build_module(spec: ModelSpec) -> nn.Module:
+    """The spec's backbone: loaded weights, or a seeded random init when weights is None."""
+    if spec.weights:
+        module = load_backbone(spec.weights, spec.format, None if spec.arch == "torchscript" else spec.arch)
+        is_vit = isinstance(module, DinoVisionTransformer)
+        if is_vit == (spec.arch == "torchscript"):
+            got = "a DINOv2 ViT" if is_vit else "a TorchScript model"
+            raise CheckpointError(f"{spec.weights} holds {got}, but the spec's arch is {spec.arch!r}")
+        if is_vit and module.patch_size != spec.patch_size:
+            raise CheckpointError(
+                f"{spec.weights}: patch size {module.patch_size}, spec says {spec.patch_size}"
+            )
+        return module
+    if spec.arch == "torchscript":
+        raise ValueError("arch 'torchscript' needs weights")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return build_vit(
+            spec.arch,
+            patch_size=spec.patch_size,
+            num_register_tokens=spec.num_register_tokens,
+            img_size=spec.image_size // spec.patch_size * spec.patch_size,
+        )
+
+
+def load_embedding_model(
+    spec: ModelSpec, device: torch.device | str | None = None, *, cpu_bf16: bool = False
+) -> EmbeddingModel:
+    """Load `spec` onto `device` (CUDA when present): bf16 autocast on CUDA, fp32 on CPU unless cpu_bf16."""
+    device = torch.device(device) if device is not None else default_device()
+    module = build_module(spec).eval().to(device)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    autocast = torch.bfloat16 if device.type == "cuda" or cpu_bf16 else None
+    patch = module.patch_size if isinstance(module, DinoVisionTransformer) else 1
+    pre = PreprocessConfig(resize_size=spec.resize_size, image_size=spec.image_size, patch_size=patch)
+    model = EmbeddingModel(module, 0, pre, device, autocast, spec.batch_size)
+    if isinstance(module, DinoVisionTransformer):
+        model.dim = module.embed_dim
+    else:  # TorchScript: the output width is only known by running it
+        probe = torch.zeros(1, 3, pre.crop_size, pre.crop_size)
+        model.dim = int(model.embed(probe).shape[1])
+    return model

@@ -1,0 +1,83 @@
+"""The `embeddings` tables on disk: one parquet file per ingest part and model, side by side.
+
+    <out>/embed/part-NNNNN-retrieval.parquet       (the ok images of ingest part NNNNN)
+    <out>/embed/part-NNNNN-copy_detection.parquet  (only when the spec names a copy-detection model)
+
+Models of different widths cannot share one fixed-size-list column, hence a file per model; every
+file still has the `model` column, so readers may glob `part-*.parquet` and filter on it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.tables import embeddings_schema
+
+RETRIEVAL = "retrieval"
+COPY_DETECTION = "copy_detection"
+
+
+def embedding_part_path(embed_dir: str | Path, index: int, model: str) -> Path:
+    return Path(embed_dir) / f"part-{index:05d}-{model}.parquet"
+
+
+def model_parts(embed_dir: str | Path, model: str) -> list[Path]:
+    """The model's part files, in part order."""
+    pattern = re.compile(rf"part-\d+-{re.escape(model)}\.parquet")
+    return sorted(p for p in Path(embed_dir).glob(f"part-*-{model}.parquet") if pattern.fullmatch(p.name))
+
+
+def embeddings_table(
+    image_ids: np.ndarray, vectors: np.ndarray, errors: list[str | None], model: str, dtype: str = "float16"
+) -> pa.Table:
+    """Rows for one model; a row whose error is set gets a null vector."""
+    n, dim = vectors.shape
+    if len(image_ids) != n or len(errors) != n:
+        raise ValueError(f"{len(image_ids)} ids, {n} vectors and {len(errors)} errors")
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    failed = np.array([e is not None for e in errors], dtype=bool)
+    values = pa.array(np.ascontiguousarray(vectors, dtype=np_dtype).reshape(-1))
+    column = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(failed))
+    table = pa.table(
+        {
+            "image_id": pa.array(np.asarray(image_ids, dtype=np.int64)),
+            "model": pa.array([model] * n, pa.string()),
+            "vector": column,
+            "error": pa.array(errors, pa.string()),
+        }
+    )
+    return table.cast(embeddings_schema(dim, dtype))
+
+
+def vectors_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(image_ids int64 [N], vectors float32 [N, D]) of the rows that have a vector."""
+    col = table.column("vector").combine_chunks()
+    dim = col.type.list_size
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    # .values keeps null rows' slots, so the reshape lines up with the rows.
+    vecs = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)[valid].astype(np.float32)
+    ids = table.column("image_id").to_numpy()[valid]
+    return ids, vecs
+
+
+def read_embeddings(
+    embed_dir: str | Path, model: str = RETRIEVAL, fallback_to_retrieval: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """All vectors of `model` as (image_ids, float32 [N, D]); rows that failed to decode are left out.
+
+    With no copy-detection table (the spec named none) the retrieval vectors stand in for it.
+    """
+    parts = model_parts(embed_dir, model)
+    if not parts and model != RETRIEVAL and fallback_to_retrieval:
+        parts = model_parts(embed_dir, RETRIEVAL)
+    if not parts:
+        raise FileNotFoundError(f"no embeddings for model {model!r} in {embed_dir}")
+    ids, vecs = zip(
+        *(vectors_of(pq.read_table(p, columns=["image_id", "vector"])) for p in parts), strict=True
+    )
+    return np.concatenate(ids), np.concatenate(vecs)

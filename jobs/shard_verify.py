@@ -1,0 +1,182 @@
+"""`lvd shards verify DIR`: check a shard folder written by the shard stage, listing every problem.
+
+Checks: the index (index.json; index.parquet agrees), shard names without gaps and none missing
+or unlisted, each tar's size and sha256 against the index, that each tar reads to the end, sample
+counts against the index and the shard's parquet, key rules (unique across the dataset, no dots,
+no '/', under 128 characters), all members of a sample adjacent, exactly one image and one json per
+sample, every image decodes, every json parses and names its key and its image's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
+SHARD_NAME = re.compile(r"^lvd-(\d{6})\.tar$")
+MAX_KEY = 128
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_sample(shard: str, key: str, files: dict[str, bytes]) -> list[str]:
+    problems = []
+    images = [ext for ext in files if ext in IMAGE_EXTENSIONS]
+    others = sorted(set(files) - set(images) - {"json"})
+    if len(images) != 1 or "json" not in files or others:
+        problems.append(f"{shard}: sample {key} has members {sorted(files)}, expected one image and one json")
+    meta: dict[str, Any] | None = None
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except ValueError as err:
+            problems.append(f"{shard}: sample {key}: json does not parse: {err}")
+    for ext in images:
+        data = files[ext]
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+        except Exception as err:  # every decoder error counts as a problem, whatever its type
+            problems.append(f"{shard}: sample {key}: {ext} does not decode: {type(err).__name__}: {err}")
+        if isinstance(meta, dict) and meta.get("sha256") != hashlib.sha256(data).hexdigest():
+            problems.append(f"{shard}: sample {key}: image sha256 differs from its json")
+    if isinstance(meta, dict) and meta.get("key") != key:
+        problems.append(f"{shard}: sample {key}: json names key {meta.get('key')!r}")
+    if isinstance(meta, dict) and meta.get("shard", shard) != shard:
+        problems.append(f"{shard}: sample {key}: json names shard {meta.get('shard')!r}")
+    return problems
+
+
+def _check_key(shard: str, key: str) -> list[str]:
+    if not key or "/" in key or len(key) >= MAX_KEY:
+        return [f"{shard}: bad key {key!r} (needs 1..{MAX_KEY - 1} characters, no '/')"]
+    return []
+
+
+def verify_tar(path: Path, seen_keys: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Problems in one tar and its keys in order; `seen_keys` (key -> shard) spans the dataset."""
+    shard = path.name
+    problems: list[str] = []
+    keys: list[str] = []
+    current: str | None = None
+    files: dict[str, bytes] = {}
+    closed: set[str] = set()
+
+    def finish() -> None:
+        if current is not None:
+            problems.extend(_check_sample(shard, current, files))
+
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                if not member.isreg():
+                    problems.append(f"{shard}: member {member.name!r} is not a regular file")
+                    continue
+                key, dot, ext = member.name.partition(".")
+                if not dot:
+                    problems.append(f"{shard}: member {member.name!r} has no extension")
+                    continue
+                if "." in ext and ext.split(".")[-1] in IMAGE_EXTENSIONS | {"json"}:
+                    problems.append(f"{shard}: member {member.name!r}: key contains a dot")
+                data = tar.extractfile(member).read()
+                if key != current:
+                    finish()
+                    if key in closed:
+                        problems.append(f"{shard}: members of sample {key} are not adjacent")
+                    elif key in seen_keys:
+                        problems.append(f"{shard}: key {key} repeated (also in {seen_keys[key]})")
+                    else:
+                        problems.extend(_check_key(shard, key))
+                        keys.append(key)
+                    if current is not None:
+                        closed.add(current)
+                    seen_keys.setdefault(key, shard)
+                    current, files = key, {}
+                if ext in files:
+                    problems.append(f"{shard}: sample {key} has two {ext} members")
+                files[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as err:
+        problems.append(f"{shard}: tar does not read to the end: {type(err).__name__}: {err}")
+    finish()
+    return problems, keys
+
+
+def _read_index(directory: Path) -> tuple[list[dict[str, Any]] | None, list[str]]:
+    try:
+        doc = json.loads((directory / "index.json").read_text())
+        rows = doc["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, [f"index.json missing or unreadable: {err}"]
+    problems = []
+    total = doc.get("total", {})
+    want = {
+        "shards": len(rows),
+        "samples": sum(r["samples"] for r in rows),
+        "bytes": sum(r["bytes"] for r in rows),
+    }
+    if total != want:
+        problems.append(f"index.json: total {total} does not add up to its rows {want}")
+    try:
+        if pq.read_table(directory / "index.parquet").to_pylist() != rows:
+            problems.append("index.parquet and index.json list different shards")
+    except OSError as err:
+        problems.append(f"index.parquet missing or unreadable: {err}")
+    return rows, problems
+
+
+def verify_shards(directory: str | Path) -> list[str]:
+    """Every problem found in a shard folder (empty list: the folder is good)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return [f"{directory} is not a directory"]
+    rows, problems = _read_index(directory)
+    if rows is None:
+        return problems
+    listed = [r["shard"] for r in rows]
+    expected = [f"lvd-{i:06d}.tar" for i in range(len(rows))]
+    if listed != expected:
+        problems.append(
+            f"index lists {listed[:3]}... instead of lvd-000000.tar .. lvd-{len(rows) - 1:06d}.tar"
+        )
+    on_disk = sorted(p.name for p in directory.glob("*.tar") if SHARD_NAME.match(p.name))
+    for name in sorted(set(on_disk) - set(listed)):
+        problems.append(f"{name}: on disk but not in the index")
+    seen_keys: dict[str, str] = {}
+    for row in rows:
+        name = row["shard"]
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{name}: missing")
+            continue
+        size = path.stat().st_size
+        if size != row["bytes"]:
+            problems.append(f"{name}: {size} bytes, index says {row['bytes']}")
+        if _sha256_file(path) != row["sha256"]:
+            problems.append(f"{name}: sha256 differs from the index")
+        tar_problems, keys = verify_tar(path, seen_keys)
+        problems.extend(tar_problems)
+        if len(keys) != row["samples"]:
+            problems.append(f"{name}: {len(keys)} samples, index says {row['samples']}")
+        try:
+            table_keys = pq.read_table(path.with_suffix(".parquet"), columns=["key"])["key"].to_pylist()
+            if table_keys != keys:
+                problems.append(
+                    f"{name}: its parquet lists {len(table_keys)} keys that differ from the tar's"
+                )
+        except OSError as err:
+            problems.append(f"{name}: parquet missing or unreadable: {err}")
+    return problems

@@ -1,0 +1,454 @@
+"""Planning and writing WebDataset shards (DESIGN.md section 6): plain functions, no Spark here.
+
+- `plan_shards`: curated ⋈ images ⋈ clusters, repeats expanded, every sample given a shard and a
+  position. Shards get the same number of samples (±1); clusters and seed sources are spread by
+  sorting samples by (coarsest cluster, sources, finest cluster, seeded image order) and dealing
+  that order round robin, so a run of c samples of one cluster puts at most ceil(c / shards) in any
+  shard. The order inside a shard is a seeded shuffle. Keys start with shard and position, so
+  "members sorted by key" is that shuffled order.
+- `write_shard`: one deterministic tar (fixed mtime/owner/mode, PAX format, image then json per
+  key) with the ORIGINAL image bytes, written to a hidden temp name and renamed into place, then its
+  parquet (SHARD_SAMPLES) whose metadata records the tar's size, sha256 and the plan digest: that
+  parquet is what makes a shard "done" for a rerun.
+- `write_index`: index.parquet + index.json (counts, sizes, sha256, brace pattern), written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.image_io import read_image_bytes
+from schemas.tables import SHARD_INDEX, SHARD_SAMPLES, write_parquet_atomic
+
+SHARD_PREFIX = "lvd-"
+META_KEY = b"lvd.shard"  # per-shard parquet metadata: tar size, sha256, plan digest, errors
+TAR_BLOCK = 512
+TAR_RECORD = 10240
+# PIL format name -> the file extension webdataset decoders and users expect.
+EXTENSIONS = {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}
+
+PLAN = pa.schema(
+    [
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("repeat", pa.int32(), nullable=False),
+        pa.field("dataset", pa.string()),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("member", pa.string()),
+        pa.field("offset", pa.int64()),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("sources", pa.list_(pa.string()), nullable=False),
+        pa.field("cluster_ids", pa.list_(pa.int32())),
+    ]
+)
+
+
+class ShardPlanError(ValueError):
+    """The curated table cannot be sharded (missing or failed images, duplicate ids)."""
+
+
+def shard_name(shard: int) -> str:
+    return f"{SHARD_PREFIX}{shard:06d}.tar"
+
+
+def shard_table_name(shard: int) -> str:
+    return f"{SHARD_PREFIX}{shard:06d}.parquet"
+
+
+def sample_keys(shard: pa.Array, position: pa.Array, image_id: pa.Array, repeat: pa.Array) -> pa.Array:
+    """`{shard:06d}_{position:06d}_{image_id}_{repeat}`: unique across the dataset (shard and
+    position are), no dots, < 128 characters, and sorting keys sorts samples in shard order."""
+
+    def text(values: pa.Array, width: int = 0) -> pa.Array:
+        out = pc.cast(values, pa.string())
+        return pc.utf8_lpad(out, width, "0") if width else out
+
+    return pc.binary_join_element_wise(text(shard, 6), text(position, 6), text(image_id), text(repeat), "_")
+
+
+def image_extension(fmt: str) -> str:
+    fmt = fmt.lower()
+    return EXTENSIONS.get(fmt, fmt)
+
+
+def tar_member_bytes(size: int | np.ndarray) -> int | np.ndarray:
+    """Bytes a member of `size` bytes takes in a tar: one header block plus data padded to 512."""
+    return TAR_BLOCK + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+
+
+def tar_bytes(members_bytes: int) -> int:
+    """Size of a tar whose members take `members_bytes`: two zero blocks, padded to a 10 KiB record."""
+    return -(-(members_bytes + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
+
+
+def _json_estimate(uri_len: np.ndarray) -> np.ndarray:
+    # The sidecar's fixed fields take ~300 bytes; the uri dominates the rest.
+    return tar_member_bytes(uri_len + 400)
+
+
+def _lookup(keys: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
+    """Row of each key in `table_ids` (unique ids), -1 where absent (Arrow joins reject list columns)."""
+    if len(table_ids) == 0:
+        return np.full(len(keys), -1, dtype=np.int64)
+    order = np.argsort(table_ids, kind="stable")
+    pos = np.clip(np.searchsorted(table_ids, keys, sorter=order), 0, len(table_ids) - 1)
+    rows = order[pos]
+    return np.where(table_ids[rows] == keys, rows, -1)
+
+
+def expand_samples(curated: pa.Table, images: pa.Table, clusters: pa.Table) -> pa.Table:
+    """One row per sample (an image repeated r times gives r rows), with source location and clusters."""
+    curated = curated.sort_by("image_id")
+    ids = curated["image_id"].to_numpy()
+    repeats = curated["repeats"].to_numpy().astype(np.int64)
+    if len(ids) and repeats.min() < 1:
+        raise ShardPlanError("curated: repeats must be >= 1")
+    if len(np.unique(ids)) != len(ids):
+        raise ShardPlanError("curated: image_id repeated; use `repeats` instead")
+    image_ids = images["image_id"].to_numpy()
+    if len(np.unique(image_ids)) != len(image_ids):
+        raise ShardPlanError("images: an image_id appears more than once")
+    image_rows = _lookup(ids, image_ids)
+    if (image_rows < 0).any():
+        missing = ids[image_rows < 0]
+        raise ShardPlanError(
+            f"{len(missing)} curated image(s) not in the images table, e.g. {missing[:5].tolist()}"
+        )
+    found = images.take(pa.array(image_rows))
+    failed = np.asarray(pc.not_equal(found["status"], "ok").to_numpy(zero_copy_only=False))
+    if failed.any():
+        raise ShardPlanError(
+            f"{int(failed.sum())} curated image(s) failed ingest, e.g. {ids[failed][:5].tolist()}"
+        )
+    # Images without a cluster row (as_is seed images) get null cluster_ids.
+    cluster_rows = _lookup(ids, clusters["image_id"].to_numpy())
+    cluster_ids = clusters["cluster_ids"].combine_chunks().cast(pa.list_(pa.int32()))
+    cluster_ids = cluster_ids.take(pa.array(cluster_rows, mask=cluster_rows < 0))
+    joined = found.drop_columns(["image_id"]).append_column("image_id", curated["image_id"])
+    joined = joined.append_column("sources", curated["sources"]).append_column("cluster_ids", cluster_ids)
+    rows = np.repeat(np.arange(len(ids)), repeats)
+    # The repeat index of each row: 0..r-1 within each image's run.
+    repeat = np.arange(len(rows)) - np.repeat(np.cumsum(repeats) - repeats, repeats)
+    if len(rows) != len(ids):
+        joined = joined.take(pa.array(rows, pa.int64()))
+    return joined.append_column("repeat", pa.array(repeat, pa.int32()))
+
+
+def count_shards(sample_bytes: np.ndarray, samples_per_shard: int, max_shard_bytes: int | None) -> int:
+    """Shards needed for `samples_per_shard`, and for the byte target given the round-robin deal."""
+    n_samples = len(sample_bytes)
+    if n_samples == 0:
+        return 0
+    n = -(-n_samples // samples_per_shard)
+    if max_shard_bytes is None:
+        return n
+    n = max(n, -(-int(sample_bytes.sum()) // max_shard_bytes))
+    while n < n_samples:
+        largest = max(tar_bytes(int(sample_bytes[i::n].sum())) for i in range(n))
+        if largest <= max_shard_bytes:
+            break
+        n = min(n_samples, max(n + 1, int(n * largest / max_shard_bytes)))
+    return n
+
+
+def spread_order(coarse: np.ndarray, source: np.ndarray, fine: np.ndarray, image_id: np.ndarray,
+                 repeat: np.ndarray, seed: int) -> np.ndarray:  # fmt: skip
+    """Sample order whose round-robin deal spreads clusters and sources evenly.
+
+    Samples of one (coarse cluster, sources) group are contiguous, so dealing them round robin
+    gives every shard floor or ceil of the group's share; a seeded per-image rank orders the
+    group and keeps an image's repeats adjacent (so they land in different shards).
+    """
+    uniq, inverse = np.unique(image_id, return_inverse=True)
+    image_rank = np.random.default_rng([seed, 1]).permutation(len(uniq))[inverse]
+    return np.lexsort((repeat, image_rank, fine, source, coarse))
+
+
+def plan_shards(
+    curated: pa.Table,
+    images: pa.Table,
+    clusters: pa.Table,
+    samples_per_shard: int,
+    max_shard_bytes: int | None = None,
+    seed: int = 0,
+) -> pa.Table:
+    """The PLAN table: every sample with its shard, position and key, sorted by (shard, position)."""
+    samples = expand_samples(curated, images, clusters)
+    n_samples = samples.num_rows
+    if n_samples == 0:
+        return PLAN.empty_table()
+    coarse, fine = _cluster_levels(samples["cluster_ids"].combine_chunks())
+    # Sample sets are grouped by their names as listed (the sample stage lists them sorted).
+    source = pc.binary_join(samples["sources"], "|").combine_chunks().dictionary_encode().indices
+    image_id = samples["image_id"].to_numpy()
+    repeat = samples["repeat"].to_numpy()
+    sizes = samples["size"].to_numpy()
+    uri_len = pc.binary_length(samples["uri"]).to_numpy().astype(np.int64)
+
+    order = spread_order(coarse, source.to_numpy(), fine, image_id, repeat, seed)
+    sample_bytes = (tar_member_bytes(sizes) + _json_estimate(uri_len))[order]
+    n_shards = count_shards(sample_bytes, samples_per_shard, max_shard_bytes)
+
+    shard = np.empty(n_samples, dtype=np.int32)
+    position = np.empty(n_samples, dtype=np.int32)
+    for s in range(n_shards):
+        members = order[s::n_shards]
+        shard[members] = s
+        position[members] = np.random.default_rng([seed, 2, s]).permutation(len(members))
+    final = np.lexsort((position, shard))
+    plan = samples.take(pa.array(final))
+    shard, position = pa.array(shard[final]), pa.array(position[final])
+    plan = plan.append_column("shard", shard).append_column("position", position)
+    plan = plan.append_column("key", sample_keys(shard, position, plan["image_id"], plan["repeat"]))
+    return plan.select(PLAN.names).cast(PLAN)
+
+
+def _cluster_levels(cluster_ids: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(coarsest, finest) cluster of each sample, -1 where it has none (as_is seed images)."""
+    lengths = pc.fill_null(pc.list_value_length(cluster_ids), 0).to_numpy()
+    # `offsets` index into `values` (the whole child array, also for a sliced list array).
+    starts = cluster_ids.offsets.to_numpy()[:-1]
+    values = cluster_ids.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    has = lengths > 0
+    fine = np.full(len(lengths), -1, dtype=np.int64)
+    coarse = np.full(len(lengths), -1, dtype=np.int64)
+    fine[has] = values[starts[has]]
+    coarse[has] = values[starts[has] + lengths[has] - 1]
+    return coarse, fine
+
+
+def plan_digest(rows: list[dict[str, Any]]) -> str:
+    """What a shard's content depends on: its keys, the image hashes and the provenance, in order."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(sample_json(r))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def sample_json(row: dict[str, Any]) -> bytes:
+    """The provenance sidecar of one sample (stable bytes: sorted keys, no whitespace)."""
+    doc = {
+        "key": row["key"],
+        "image_id": row["image_id"],
+        "repeat": row["repeat"],
+        "dataset": row.get("dataset"),
+        "uri": row["uri"],
+        "sha256": row["sha256"],
+        "format": row["format"],
+        "sources": list(row["sources"]),
+        "cluster_ids": None if row["cluster_ids"] is None else list(row["cluster_ids"]),
+        "shard": shard_name(row["shard"]),
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+class _HashingWriter:
+    """A file wrapper that hashes and counts what tarfile writes through it."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, str]:
+    """Write `members` as a deterministic tar at `path` (temp then rename); returns (bytes, sha256)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb", buffering=1 << 20) as f:
+            writer = _HashingWriter(f)
+            with tarfile.open(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for name, data in members:
+                    tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return writer.size, writer.sha.hexdigest()
+
+
+def read_parquet_rows(path: str, column: str, rows: Iterable[int]) -> dict[int, bytes]:
+    """Image bytes of several rows of one parquet file, reading each needed row group once.
+
+    (Reading rows one by one would decode a whole row group per image.)
+    """
+    wanted = sorted(set(rows))
+    out: dict[int, bytes] = {}
+    with fsspec.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+        starts = np.cumsum([0, *sizes])
+        groups = np.searchsorted(starts, wanted, side="right") - 1
+        for group in np.unique(groups[(groups >= 0) & (groups < len(sizes))]):
+            values = pf.read_row_group(int(group), columns=[column]).column(0)
+            for row, g in zip(wanted, groups, strict=True):
+                if g == group:
+                    value = values[row - int(starts[group])].as_py()
+                    out[row] = value["bytes"] if isinstance(value, dict) else value
+    return out
+
+
+def read_sources(
+    rows: list[dict[str, Any]], read: Callable[..., bytes] = read_image_bytes
+) -> Iterator[tuple[dict[str, Any], bytes | Exception]]:
+    """Each row's original image bytes (checked against the sha256 ingest recorded) or the error, in order."""
+    parquet: dict[tuple[str, str], dict[int, bytes] | Exception] = {}
+    for key in {(r["path"], r["member"]) for r in rows if r["kind"] == "parquet"}:
+        try:
+            wanted = (r["offset"] for r in rows if r["kind"] == "parquet" and (r["path"], r["member"]) == key)
+            parquet[key] = read_parquet_rows(key[0], key[1], wanted)
+        except Exception as err:  # unreadable file: every row from it fails with this reason
+            parquet[key] = err
+    for r in rows:
+        try:
+            if r["kind"] == "parquet":
+                found = parquet[(r["path"], r["member"])]
+                if isinstance(found, Exception):
+                    raise found
+                if r["offset"] not in found:
+                    raise IndexError(f"row {r['offset']} out of range in {r['path']}")
+                data = found[r["offset"]]
+            else:
+                data = read(r["kind"], r["path"], r["member"], r["offset"], r["size"])
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != r["sha256"]:
+                raise ValueError(f"content changed since ingest (sha256 {digest[:12]} != {r['sha256'][:12]})")
+        except Exception as err:  # any read failure is reported per image, never stops the shard
+            yield r, err
+            continue
+        yield r, data
+
+
+def write_shard(out_dir: str | Path, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write shard `shard` from its plan rows: the tar, then its parquet. Returns the index row + errors.
+
+    An image that cannot be read (or whose bytes changed since ingest) is left out and reported in
+    `errors`; the shard keeps every other sample.
+    """
+    out_dir = Path(out_dir)
+    rows = sorted(rows, key=lambda r: r["key"])
+    if any(r["shard"] != shard for r in rows):
+        raise ValueError(f"rows of another shard given to shard {shard}")
+    digest = plan_digest(rows)
+    tar_path, table_path = out_dir / shard_name(shard), out_dir / shard_table_name(shard)
+    # The old parquet goes first: a new tar beside a stale parquet must never look finished.
+    table_path.unlink(missing_ok=True)
+    written: list[dict[str, Any]] = []
+    errors: list[list[str]] = []
+
+    def members() -> Iterable[tuple[str, bytes]]:
+        for r, data in read_sources(rows):
+            if isinstance(data, Exception):
+                errors.append([r["key"], r["uri"], f"{type(data).__name__}: {data}"])
+                continue
+            written.append(r)
+            yield f"{r['key']}.{image_extension(r['format'])}", data
+            yield f"{r['key']}.json", sample_json(r)
+
+    size, sha = write_tar(tar_path, members())
+    result = {"shard": shard_name(shard), "samples": len(written), "bytes": size, "sha256": sha}
+    meta = {**result, "digest": digest, "errors": errors}
+    table = pa.Table.from_pylist(
+        [{name: r[name] for name in SHARD_SAMPLES.names if name != "shard"} | {"shard": result["shard"]}
+         for r in written],
+        schema=SHARD_SAMPLES,
+    )  # fmt: skip
+    write_parquet_atomic(table, table_path, SHARD_SAMPLES.with_metadata({META_KEY: json.dumps(meta)}))
+    return meta
+
+
+def finished_shard(out_dir: str | Path, shard: int, digest: str) -> dict[str, Any] | None:
+    """The recorded result of a shard written for the same plan rows and still whole, else None."""
+    out_dir = Path(out_dir)
+    try:
+        metadata = pq.read_schema(out_dir / shard_table_name(shard)).metadata or {}
+        meta = json.loads(metadata[META_KEY])
+        size = (out_dir / shard_name(shard)).stat().st_size
+    except (OSError, KeyError, ValueError, pa.ArrowInvalid):
+        return None
+    if meta.get("digest") != digest or meta.get("bytes") != size:
+        return None
+    return meta
+
+
+def remove_stale(out_dir: str | Path, n_shards: int) -> None:
+    """Drop temp files of a killed run, shards beyond this plan's count, and the old index."""
+    out_dir = Path(out_dir)
+    for p in out_dir.iterdir():
+        name = p.name
+        if name.startswith(".") and name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+        elif name.startswith(SHARD_PREFIX) and name.endswith((".tar", ".parquet")):
+            number = name[len(SHARD_PREFIX) :].split(".")[0]
+            if not number.isdigit() or int(number) >= n_shards:
+                p.unlink(missing_ok=True)
+    for name in ("index.json", "index.parquet"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def brace_pattern(n_shards: int) -> str:
+    if n_shards == 0:
+        return ""
+    return f"{SHARD_PREFIX}{{{0:06d}..{n_shards - 1:06d}}}.tar"
+
+
+def write_index(out_dir: str | Path, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """index.parquet (SHARD_INDEX) and index.json (same rows, totals, brace pattern), written last."""
+    from jobs.pipeline import write_json_atomic
+
+    out_dir = Path(out_dir)
+    rows = sorted(({k: r[k] for k in SHARD_INDEX.names} for r in results), key=lambda r: r["shard"])
+    expected = [shard_name(i) for i in range(len(rows))]
+    if [r["shard"] for r in rows] != expected:
+        raise ValueError("shard results are not lvd-000000 .. without gaps")
+    total = {
+        "shards": len(rows),
+        "samples": sum(r["samples"] for r in rows),
+        "bytes": sum(r["bytes"] for r in rows),
+    }
+    write_parquet_atomic(
+        pa.Table.from_pylist(rows, schema=SHARD_INDEX), out_dir / "index.parquet", SHARD_INDEX
+    )
+    doc = {"shards": rows, "total": total, "pattern": brace_pattern(len(rows))}
+    write_json_atomic(out_dir / "index.json", doc)
+    return doc

@@ -1,0 +1,83 @@
+"""Fixtures shared by the test modules: small generated images and one local Ray per session."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+_PIL_FORMAT = {
+    "jpg": "JPEG",
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "gif": "GIF",
+    "bmp": "BMP",
+    "tiff": "TIFF",
+}
+
+
+def make_image_bytes(
+    fmt: str = "png", size: tuple[int, int] = (32, 24), mode: str = "RGB", seed: int = 0
+) -> bytes:
+    """Encoded random-noise image (width, height = size); a different seed gives different bytes."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, _PIL_FORMAT[fmt.lower()])
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_bytes() -> Callable[..., bytes]:
+    """Factory: image_bytes(fmt="png", size=(32, 24), mode="RGB", seed=0) -> encoded bytes."""
+    return make_image_bytes
+
+
+@pytest.fixture
+def tiny_images() -> Callable[..., list[Path]]:
+    """Factory: tiny_images(folder, n, fmt="png", size=(32, 24), seed=0) -> n distinct image files,
+    named 0000.<fmt>, 0001.<fmt>, ... (seeds seed, seed+1, ...)."""
+
+    def make(
+        folder: Path, n: int, fmt: str = "png", size: tuple[int, int] = (32, 24), seed: int = 0
+    ) -> list[Path]:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in range(n):
+            path = folder / f"{i:04d}.{fmt}"
+            path.write_bytes(make_image_bytes(fmt, size, seed=seed + i))
+            paths.append(path)
+        return paths
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A local Ray instance with 2 CPUs for the whole session (through jobs.engines.ensure_ray),
+    shut down at the end. Stages call ensure_ray too; it reuses this instance."""
+    from jobs.engines import ensure_ray, shutdown_ray
+    from schemas.job_spec import parse_job_spec
+
+    spec = parse_job_spec(
+        {
+            "name": "tests",
+            "output_dir": "unused",
+            "pool": [{"uri": "unused"}],
+            "sampling": {"target_size": 1},
+            "ray": {"num_cpus": 2},
+        }
+    )
+    ensure_ray(spec)
+    yield
+    shutdown_ray()

@@ -1,0 +1,255 @@
+"""dedup -> cluster -> retrieve -> sample drivers on a hand-made images + embeddings table."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation.knn import normalize
+from jobs.pipeline import StageContext
+from jobs.stages import cluster, dedup, retrieve, sample
+from schemas.job_spec import parse_job_spec
+from schemas.tables import (
+    CENTROIDS,
+    CLUSTERS,
+    CURATED,
+    DEDUP,
+    IMAGES,
+    RETRIEVED,
+    embeddings_schema,
+    part_path,
+    read_parts,
+    write_parquet_atomic,
+)
+
+N_POOL = 120
+
+
+def _images(rows):
+    n = len(rows)
+    cols = {name: [None] * n for name in IMAGES.names}
+    for i, r in enumerate(rows):
+        for k, v in r.items():
+            cols[k][i] = v
+    return pa.table(cols, schema=IMAGES)
+
+
+def _embeddings(ids, vectors, model, dim):
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel().astype(np.float16)), dim)
+    mask = pa.array([bool(np.isnan(v).any()) for v in vectors])
+    vec = pa.FixedSizeListArray.from_arrays(vec.values, dim, mask=mask)
+    return pa.table(
+        {
+            "image_id": pa.array(ids, pa.int64()),
+            "model": [model] * len(ids),
+            "vector": vec,
+            "error": [None] * len(ids),
+        },
+        schema=embeddings_schema(dim),
+    )
+
+
+def _unit_near(rng, v, noise):
+    u = rng.standard_normal(v.shape)
+    return normalize((v + noise * u / np.linalg.norm(u))[None])[0]
+
+
+@pytest.fixture()
+def world(tmp_path):
+    rng = np.random.default_rng(0)
+    pool_ids = 1000 + np.arange(N_POOL)
+    seed_core, seed_near, seed_clus, eval_ids = (
+        [2001, 2002, 2003],
+        [3001, 3002],
+        [4000 + i for i in range(5)],
+        [5001],
+    )
+    rows = [
+        dict(
+            image_id=int(i),
+            dataset="pool",
+            uri=f"p{i}",
+            kind="file",
+            path=f"p{i}",
+            sha256=f"h{i}",
+            width=64,
+            height=64,
+            format="png",
+            status="ok",
+        )
+        for i in pool_ids
+    ]
+    rows[1]["sha256"] = rows[0]["sha256"]  # 1001: the same file as 1000
+    rows[2]["width"] = 128  # 1002: the larger of the near pair (1002, 1003)
+    rows[5].update(status="error", error="truncated", sha256=None, width=None, height=None)  # 1005
+    for ds, ids in [
+        ("seed:core", seed_core),
+        ("seed:near", seed_near),
+        ("seed:clus", seed_clus),
+        ("eval:holdout", eval_ids),
+    ]:
+        rows += [
+            dict(
+                image_id=i,
+                dataset=ds,
+                uri=f"s{i}",
+                kind="file",
+                path=f"s{i}",
+                sha256=f"h{i}",
+                width=8,
+                height=8,
+                format="png",
+                status="ok",
+            )
+            for i in ids
+        ]
+    write_parquet_atomic(_images(rows), part_path(tmp_path / "out" / "ingest", 0), IMAGES)
+
+    # retrieval vectors: 3 blobs of 40 pool images in 32-d; copy-detection vectors: random 128-d
+    centers = normalize(rng.standard_normal((3, 32)))
+    retr = normalize(np.repeat(centers, 40, axis=0) + 0.15 * rng.standard_normal((N_POOL, 32)))
+    copy = normalize(rng.standard_normal((N_POOL, 128)))
+    copy[1], retr[1] = copy[0], retr[0]
+    copy[3] = _unit_near(rng, copy[2], 0.3)
+    copy[6] = np.nan  # 1006: embed failed -> null vector
+    retr[6] = np.nan
+    seed_retr = {
+        3001: _unit_near(rng, retr[50], 0.05),
+        3002: _unit_near(rng, retr[90], 0.05),
+        **{i: _unit_near(rng, centers[0], 0.1) for i in seed_clus},
+        **{i: normalize(rng.standard_normal((1, 32)))[0] for i in seed_core},
+    }
+    eval_copy = _unit_near(rng, copy[4], 0.3)  # the eval image is a copy of 1004
+    sid = list(seed_retr)
+    tables = [
+        _embeddings(pool_ids, retr, "retrieval", 32),
+        _embeddings(sid, np.stack([seed_retr[i] for i in sid]), "retrieval", 32),
+        _embeddings(pool_ids, copy, "copy_detection", 128),
+        _embeddings(eval_ids, eval_copy[None], "copy_detection", 128),
+    ]
+    for i, t in enumerate(tables):
+        write_parquet_atomic(t, part_path(tmp_path / "out" / "embed", i), t.schema)
+    src = [{"uri": "/nowhere"}]
+    spec = parse_job_spec(
+        {
+            "name": "tiny",
+            "output_dir": str(tmp_path / "out"),
+            "pool": src,
+            "seeds": [
+                {"name": "core", "sources": src, "strategy": "as_is"},
+                {"name": "near", "sources": src, "strategy": "sample", "k": 3},
+                {
+                    "name": "clus",
+                    "sources": src,
+                    "strategy": "cluster",
+                    "min_seed_images": 3,
+                    "images_per_cluster": 4,
+                    "max_images": 10,
+                },
+            ],
+            "eval_sets": [{"name": "holdout", "sources": src}],
+            "embedding": {"copy_detection": {"arch": "vit_small"}},
+            "dedup": {"k": 8},
+            "clustering": {"levels": [{"k": 6}, {"k": 3, "resampling_steps": 1}]},
+            "sampling": {"target_size": 30, "max_repeats": 2, "seed": 1},
+        }
+    )
+    return spec, tmp_path / "out", retr, pool_ids
+
+
+def _run(spec, out, name, module):
+    ctx = StageContext(spec=spec, out_dir=out, stage=name)
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    return module.run(ctx)
+
+
+def _run_all(spec, out):
+    return {
+        name: _run(spec, out, name, m)
+        for name, m in [("dedup", dedup), ("cluster", cluster), ("retrieve", retrieve), ("sample", sample)]
+    }
+
+
+def test_stages_on_a_tiny_pool(world):
+    spec, out, retr, pool_ids = world
+    s = _run_all(spec, out)
+
+    assert s["dedup"]["images"] == N_POOL - 2  # 1005 failed to decode, 1006 to embed
+    assert {k: s["dedup"][k] for k in ("exact", "copy", "eval_overlap", "kept")} == {
+        "exact": 1,
+        "copy": 1,
+        "eval_overlap": 1,
+        "kept": N_POOL - 5,
+    }
+    assert s["dedup"]["ivf_recall"] is None and s["dedup"]["model"] == "copy_detection"
+    d = {r["image_id"]: r for r in read_parts(out / "dedup", DEDUP).to_pylist()}
+    assert d[1001] == {
+        "image_id": 1001,
+        "component_id": 1000,
+        "keep": False,
+        "reason": "exact",
+        "duplicate_of": 1000,
+    }
+    assert d[1003] == {
+        "image_id": 1003,
+        "component_id": 1002,
+        "keep": False,
+        "reason": "copy",
+        "duplicate_of": 1002,
+    }
+    assert d[1004]["reason"] == "eval-overlap" and not d[1004]["keep"]
+    assert 1005 not in d and 1006 not in d
+    kept = sorted(i for i, r in d.items() if r["keep"])
+
+    assert s["cluster"] == {"images": N_POOL - 5, "levels": [6, 3], "requested_levels": [6, 3]}
+    cl = read_parts(out / "cluster", CLUSTERS)
+    assert sorted(cl["image_id"].to_pylist()) == kept
+    cent = pq.read_table(out / "cluster" / "centroids.parquet")
+    assert cent.schema.equals(CENTROIDS, check_metadata=False)
+    lv0 = cent.filter(pa.compute.equal(cent["level"], 0)).to_pylist()
+    assert len(lv0) == 6 and sum(r["size"] for r in lv0) == len(kept)
+    # each level-0 cluster's parent is the level-1 cluster of its members
+    parent = {r["cluster_id"]: r["parent_id"] for r in lv0}
+    assert all(parent[c[0]] == c[1] for c in cl["cluster_ids"].to_pylist())
+
+    assert s["retrieve"]["per_seed_set"]["core"] == 3 and s["retrieve"]["per_seed_set"]["near"] == 6
+    assert 0 < s["retrieve"]["per_seed_set"]["clus"] <= 10
+    rt = read_parts(out / "retrieve", RETRIEVED)
+    near = rt.filter(pa.compute.equal(rt["seed_set"], "near"))
+    # brute force over the kept pool: the 3 nearest of seed 3001 (made next to pool row 50)
+    kept_rows = np.searchsorted(pool_ids, kept)
+    seed_part = pq.read_table(part_path(out / "embed", 1))
+    seed_vec = seed_part.filter(pa.compute.equal(seed_part["image_id"], 3001))
+    q = normalize(np.array(seed_vec["vector"][0].as_py(), dtype=np.float32)[None])
+    ref = np.array(kept)[np.argsort(-(normalize(retr[kept_rows]) @ q[0]))[:3]]
+    got = near.filter(pa.compute.equal(near["seed_id"], 3001)).sort_by("rank")["image_id"].to_pylist()
+    assert got == ref.tolist() and got[0] == 1050
+    clus = rt.filter(pa.compute.equal(rt["seed_set"], "clus"))["image_id"].to_numpy()
+    assert (clus < 1040).all() and set(clus) <= set(kept)  # the seeds sit in blob 0: rows 0..39
+
+    cur = read_parts(out / "sample", CURATED)
+    assert cur["image_id"].to_pylist() == sorted(set(cur["image_id"].to_pylist()))
+    assert s["sample"]["balanced"] == 30
+    retrieved_ids = set(rt["image_id"].to_pylist())
+    by_id = {r["image_id"]: r for r in cur.to_pylist()}
+    assert retrieved_ids <= set(by_id)
+    assert {2001, 2002, 2003} <= set(by_id) and by_id[2001]["sources"] == ["core"]
+    balanced = {i for i, r in by_id.items() if "balanced" in r["sources"]}
+    assert balanced <= set(kept)
+    # balanced images appear as often as drawn (retrieval adds no extra copy), retrieved-only ones once
+    assert sum(r["repeats"] for r in by_id.values() if "balanced" in r["sources"]) == 30
+    assert all(r["repeats"] == 1 for r in by_id.values() if "balanced" not in r["sources"])
+    assert s["sample"]["samples"] == sum(r["repeats"] for r in by_id.values())
+    assert s["sample"]["images"] == len(by_id) and s["sample"]["retrieved"] == len(retrieved_ids)
+
+
+def test_rerun_is_deterministic(world, tmp_path):
+    spec, out, _, _ = world
+    _run_all(spec, out)
+    first = {st: read_parts(out / st) for st in ("dedup", "cluster", "retrieve", "sample")}
+    cent = pq.read_table(out / "cluster" / "centroids.parquet")
+    _run_all(spec, out)
+    for st, table in first.items():
+        assert read_parts(out / st).equals(table), st
+        assert len(list((out / st).glob("part-*.parquet"))) == (3 if st == "retrieve" else 1)
+    assert pq.read_table(out / "cluster" / "centroids.parquet").equals(cent)

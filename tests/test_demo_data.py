@@ -1,0 +1,165 @@
+"""The demo generator: deterministic, a valid job spec, and planted content as the manifest says,
+checked by scanning the written files independently of the generator."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from curation.ingest import check_sources
+from jobs.demo import CLASS_NAMES, build_demo, build_labelled_folder
+from schemas.job_spec import load_job_spec
+
+N_IMAGES = 120
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    build_demo(root, n_images=N_IMAGES, seed=3)
+    return root
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def scan_pool(data: Path) -> dict[str, bytes]:
+    """Every pool image by uri (relative to data/), read with tarfile/pyarrow, not with lvd code."""
+    found = {}
+    for p in sorted((data / "pool" / "folder").rglob("*")):
+        if p.is_file():
+            found[p.relative_to(data).as_posix()] = p.read_bytes()
+    for tar_path in sorted((data / "pool").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(IMAGE_EXTS):
+                    found[f"pool/{tar_path.name}#{m.name}"] = tar.extractfile(m).read()
+    for pq_path in sorted((data / "pool").glob("*.parquet")):
+        for row, value in enumerate(pq.read_table(pq_path, columns=["image"]).column(0).to_pylist()):
+            found[f"pool/{pq_path.name}#row={row}"] = value
+    return found
+
+
+def decodes(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                return False
+            img.load()
+        return True
+    except Exception:
+        return False
+
+
+def test_build_is_deterministic_and_reused(demo, tmp_path):
+    other = tmp_path / "again"
+    build_demo(other, n_images=N_IMAGES, seed=3)
+    assert _files(other) == _files(demo)
+    stamp = (other / "data" / "manifest.json").stat().st_mtime_ns
+    build_demo(other, n_images=N_IMAGES, seed=3)  # same parameters: nothing rewritten
+    assert (other / "data" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_job_spec_validates_and_points_at_the_data(demo):
+    spec = load_job_spec(demo / "job.yaml")
+    assert Path(spec.output_dir) == (demo / "output").resolve()
+    check_sources(spec.pool)
+    for s in [*spec.seeds, *spec.eval_sets]:
+        check_sources(s.sources)
+    assert {s.strategy for s in spec.seeds} == {"sample", "cluster", "as_is"}
+    assert Path(spec.embedding.copy_detection.weights).is_file()
+    assert spec.embedding.retrieval.weights is None and spec.embedding.retrieval.image_size == 112
+    assert [lv.k for lv in spec.clustering.levels] == [24, 6]
+    assert spec.ray.num_cpus == 2 and spec.spark.master == "local[2]"
+
+
+def test_planted_counts_match_an_independent_scan(demo):
+    data = demo / "data"
+    manifest = json.loads((data / "manifest.json").read_text())
+    pool = scan_pool(data)
+    assert len(pool) == manifest["pool_files"] == N_IMAGES
+    containers = Counter("tar" if ".tar#" in u else "parquet" if ".parquet#" in u else "folder" for u in pool)
+    assert dict(containers) == manifest["containers"]
+    assert all(containers[k] > 0 for k in ("folder", "tar", "parquet"))
+
+    by_hash = Counter(hashlib.sha256(b).hexdigest() for b in pool.values() if b)
+    assert sum(n - 1 for n in by_hash.values()) == manifest["exact_duplicates"] > 0
+    for copy, original in manifest["exact_pairs"]:
+        assert pool[copy] == pool[original] and copy != original
+
+    undecodable = {u for u, b in pool.items() if not decodes(b)}
+    assert undecodable == set(manifest["bad"]) and len(undecodable) == manifest["corrupt"] == 5
+    modes = Counter(Image.open(io.BytesIO(b)).mode for u, b in pool.items() if u not in undecodable)
+    assert modes["CMYK"] >= 1 and modes["I;16"] >= 1
+
+    assert set(manifest["labels"]) == set(pool) - undecodable
+    assert Counter(manifest["labels"].values()).keys() <= set(range(len(CLASS_NAMES)))
+    for name, info in manifest["seeds"].items():
+        assert len(list((data / "seeds" / name).iterdir())) == info["count"]
+    assert len(list((data / "eval" / "holdout").iterdir())) == manifest["eval"]["holdout"] == 10
+
+
+def _prep(data: bytes) -> torch.Tensor:
+    """Resize the short side to 128, centre-crop 112, ImageNet-normalise (what the embed stage does)."""
+    img = Image.open(io.BytesIO(data))
+    if img.mode.startswith("I;16"):  # PIL's convert clips 16-bit values at 255: scale them down instead
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).astype(np.uint8), "L")
+    img = img.convert("RGB")
+    s = 128 / min(img.size)
+    img = img.resize(
+        (max(128, round(img.width * s)), max(128, round(img.height * s))), Image.Resampling.BICUBIC
+    )
+    left, top = (img.width - 112) // 2, (img.height - 112) // 2
+    arr = np.asarray(img.crop((left, top, left + 112, top + 112)), dtype=np.float32) / 255
+    arr = (arr - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    return torch.from_numpy(arr.transpose(2, 0, 1).astype(np.float32))
+
+
+def test_copy_detection_model_separates_near_duplicates_from_distinct_images(demo):
+    data = demo / "data"
+    manifest = json.loads((data / "manifest.json").read_text())
+    pool = scan_pool(data)
+    uris = sorted(manifest["labels"])
+    model = torch.jit.load(str(data / "copy_detection.pt"))
+    with torch.no_grad():
+        vectors = model(torch.stack([_prep(pool[u]) for u in uris])).numpy()
+        evals = model(
+            torch.stack([_prep((data / e).read_bytes()) for e, _ in manifest["eval_pairs"]])
+        ).numpy()
+    assert vectors.shape == (len(uris), 256)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    index = {u: i for i, u in enumerate(uris)}
+    sim = vectors @ vectors.T
+    copies = np.eye(len(uris), dtype=bool)
+    for a, b in manifest["exact_pairs"] + manifest["near_pairs"]:
+        copies[index[a], index[b]] = copies[index[b], index[a]] = True
+    near = [sim[index[a], index[b]] for a, b in manifest["near_pairs"]]
+    assert min(near) > 0.6
+    assert sim[~copies].max() < 0.6
+    assert min(float(evals[k] @ vectors[index[p]]) for k, (_, p) in enumerate(manifest["eval_pairs"])) > 0.6
+
+
+def test_labelled_folder(tmp_path):
+    out = build_labelled_folder(tmp_path / "lab", n_per_class=2, seed=0, val_per_class=1)
+    for split, n in (("train", 2), ("val", 1)):
+        classes = sorted(p.name for p in (out / split).iterdir())
+        assert classes == sorted(CLASS_NAMES)
+        for c in classes:
+            files = sorted((out / split / c).glob("*.png"))
+            assert len(files) == n and all(decodes(f.read_bytes()) for f in files)

@@ -1,0 +1,395 @@
+"""Ingest: bad inputs become rows with reasons, containers read back byte-exact, ids stable, the
+Ray stage resumes without duplicating rows."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from curation.image_io import read_image_bytes
+from curation.ingest import (
+    SourceError,
+    WorkUnit,
+    check_sources,
+    expand_braces,
+    ingest_unit,
+    list_work_units,
+    probe_image,
+    stable_image_id,
+)
+from jobs.pipeline import StageContext
+from schemas.job_spec import Source, parse_job_spec
+from schemas.tables import IMAGES, part_path, read_parts
+
+MAX_PIXELS = 1_000_000
+MAX_BYTES = 1_000_000
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG header declaring width x height, with almost no pixel data behind it."""
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def rows_by_uri(table: pa.Table) -> dict[str, dict]:
+    return {r["uri"]: r for r in table.to_pylist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# probe_image and files
+
+
+def test_every_bad_file_kind_gets_its_reason_and_good_files_in_the_same_unit_are_ok(tmp_path, image_bytes):
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    good = {
+        "rgb.png": (image_bytes("png", (40, 30), seed=1), 40, 30, "png"),
+        "rgb.jpg": (image_bytes("jpg", (33, 21), seed=2), 33, 21, "jpeg"),
+        "rgb.webp": (image_bytes("webp", (20, 20), seed=3), 20, 20, "webp"),
+        "cmyk.jpg": (image_bytes("jpg", (24, 16), mode="CMYK", seed=4), 24, 16, "jpeg"),
+        "gray16.png": (image_bytes("png", (18, 12), mode="I;16", seed=5), 18, 12, "png"),
+        "palette.png": (image_bytes("png", (16, 16), mode="P", seed=6), 16, 16, "png"),
+        "la.png": (image_bytes("png", (16, 8), mode="LA", seed=7), 16, 8, "png"),
+        "gray.gif": (image_bytes("gif", (12, 12), mode="L", seed=8), 12, 12, "gif"),
+        "small.bmp": (image_bytes("bmp", (10, 14), seed=9), 10, 14, "bmp"),
+    }
+    jpeg = image_bytes("jpg", (64, 64), seed=10)
+    png = image_bytes("png", (64, 64), seed=11)
+    bad = {
+        "empty.jpg": (b"", "empty file"),
+        "cut.jpg": (jpeg[: len(jpeg) // 2], "truncated image"),
+        "cut.png": (png[: len(png) // 2], "truncated image"),
+        "notes.jpg": (b"plain text, not a JPEG\n" * 8, "not an image"),
+        "bomb.png": (bomb_png(2000, 1000), "decompression bomb: 2000 x 1000 > 1000000"),
+        "huge.png": (image_bytes("png", (600, 600), seed=12), "too large"),
+    }
+    for name, (data, *_rest) in good.items():
+        (folder / name).write_bytes(data)
+    for name, (data, _reason) in bad.items():
+        (folder / name).write_bytes(data)
+    os.symlink(tmp_path / "gone.jpg", folder / "broken.jpg")  # a broken symlink: unreadable
+    (folder / "labels.json").write_text("{}")  # not an image extension: not listed at all
+
+    units = list_work_units([Source(uri=str(folder))], "pool", files_per_part=100)
+    assert len(units) == 1
+    max_bytes = len(bad["huge.png"][0]) - 1
+    rows = rows_by_uri(ingest_unit(units[0], MAX_PIXELS, max_bytes))
+    assert set(rows) == {str(folder / n) for n in [*good, *bad, "broken.jpg"]}
+
+    for name, (data, width, height, fmt) in good.items():
+        row = rows[str(folder / name)]
+        assert (row["status"], row["error"]) == ("ok", None), name
+        assert (row["width"], row["height"], row["format"]) == (width, height, fmt), name
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert row["size"] == len(data) and row["kind"] == "file" and row["path"] == str(folder / name)
+    for name, (_data, reason) in bad.items():
+        row = rows[str(folder / name)]
+        assert row["status"] == "error", name
+        assert row["error"].startswith(reason), (name, row["error"])
+    broken = rows[str(folder / "broken.jpg")]
+    assert broken["status"] == "error" and broken["error"].startswith("unreadable: FileNotFoundError")
+    assert rows[str(folder / "bomb.png")]["width"] == 2000  # the header was read, the pixels were not
+
+
+def test_unreadable_paths_are_rows_not_crashes(tmp_path, image_bytes):
+    (tmp_path / "dir.jpg").mkdir()
+    (tmp_path / "ok.png").write_bytes(image_bytes("png", seed=1))
+    unit = WorkUnit(
+        "pool", "files", (str(tmp_path / "dir.jpg"), str(tmp_path / "missing.jpg"), str(tmp_path / "ok.png"))
+    )
+    rows = rows_by_uri(ingest_unit(unit, MAX_PIXELS, MAX_BYTES))
+    assert rows[str(tmp_path / "dir.jpg")]["error"] == "unreadable: IsADirectoryError: Is a directory"
+    assert rows[str(tmp_path / "missing.jpg")]["error"].startswith("unreadable: FileNotFoundError")
+    assert rows[str(tmp_path / "ok.png")]["status"] == "ok"
+
+
+def test_bomb_over_pils_own_limit_is_a_reason_not_an_exception():
+    # 20000 x 20000 is over twice Image.MAX_IMAGE_PIXELS: PIL itself raises at open.
+    assert 20000 * 20000 > 2 * Image.MAX_IMAGE_PIXELS
+    probe = probe_image(bomb_png(20000, 20000), max_pixels=10**12)
+    assert probe["status"] == "error" and probe["error"].startswith("decompression bomb")
+    # Under PIL's warning limit but over ours: our cap decides, with the header's size.
+    probe = probe_image(bomb_png(1200, 1000), max_pixels=1_000_000)
+    assert probe["error"] == "decompression bomb: 1200 x 1000 > 1000000"
+    assert (probe["width"], probe["height"]) == (1200, 1000)
+
+
+def test_truncated_webp_is_truncated(image_bytes):
+    data = image_bytes("webp", (64, 64), seed=3)
+    assert probe_image(data, MAX_PIXELS)["status"] == "ok"
+    assert probe_image(data[: len(data) // 2], MAX_PIXELS)["error"] == "truncated image"
+
+
+# ---------------------------------------------------------------------------------------------
+# Containers
+
+
+def test_tar_offsets_read_back_the_member_bytes(tmp_path, image_bytes):
+    tar_path = tmp_path / "shard-000.tar"
+    members = {}
+    long_key = "k" * 120  # over 100 characters: a PAX/GNU header, so data does not start at offset + 512
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, key in enumerate(["a", "b", long_key, "d"]):
+            for name, data in [
+                (f"{key}.jpg", image_bytes("jpg", (20 + i, 10), seed=i)),
+                (f"{key}.json", b'{"x": 1}'),
+            ]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                members[name] = data
+    (unit,) = list_work_units([Source(uri=str(tar_path))], "pool", files_per_part=10)
+    assert unit.kind == "tar"
+    table = ingest_unit(unit, MAX_PIXELS, MAX_BYTES)
+    images = {n: d for n, d in members.items() if n.endswith(".jpg")}
+    assert table.num_rows == len(images)  # json sidecars are ignored, not errors
+    for row in table.to_pylist():
+        expected = images[row["member"]]
+        assert row["uri"] == f"{tar_path}#{row['member']}" and row["status"] == "ok"
+        data = read_image_bytes(row["kind"], row["path"], row["member"], row["offset"], row["size"])
+        assert data == expected
+        assert row["sha256"] == hashlib.sha256(expected).hexdigest()
+
+
+def test_cut_tar_keeps_members_before_the_cut_and_records_the_tar(tmp_path, image_bytes):
+    tar_path = tmp_path / "cut.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i in range(4):
+            data = image_bytes("png", (64, 64), seed=i)
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole = tar_path.read_bytes()
+    tar_path.write_bytes(whole[: int(len(whole) * 0.6)])
+    table = ingest_unit(WorkUnit("pool", "tar", (str(tar_path),)), MAX_PIXELS, MAX_BYTES)
+    rows = rows_by_uri(table)
+    assert rows[str(tar_path)]["error"].startswith("unreadable")
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert 1 <= len(ok) < 4
+    for r in ok:
+        assert read_image_bytes("tar", r["path"], r["member"], r["offset"], r["size"]) == image_bytes(
+            "png", (64, 64), seed=int(r["member"][0])
+        )
+
+
+@pytest.mark.parametrize("hf_struct", [False, True])
+def test_parquet_round_trip(tmp_path, image_bytes, hf_struct):
+    datas = [image_bytes("png", (16 + i, 16), seed=i) for i in range(5)]
+    datas[3] = datas[3][:40]  # a corrupt row among good ones
+    values: list = [*datas, None]
+    if hf_struct:  # Hugging Face datasets' Image feature
+        values = [None if d is None else {"bytes": d, "path": f"{i}.png"} for i, d in enumerate(values)]
+    path = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"img": values, "label": list(range(6))}), path, row_group_size=2)
+    (unit,) = list_work_units([Source(uri=str(path), image_column="img")], "pool", files_per_part=10)
+    table = ingest_unit(unit, MAX_PIXELS, MAX_BYTES)
+    assert table.column("uri").to_pylist() == [f"{path}#row={i}" for i in range(6)]
+    statuses = table.column("status").to_pylist()
+    assert statuses == ["ok", "ok", "ok", "error", "ok", "error"]
+    assert table.column("error").to_pylist()[5] == "empty file"
+    for row in table.to_pylist():
+        if row["status"] == "ok":
+            data = read_image_bytes("parquet", row["path"], row["member"], row["offset"], row["size"])
+            assert data == datas[row["offset"]]
+            assert row["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing sources and ids
+
+
+def test_brace_patterns_globs_and_chunking(tmp_path, tiny_images):
+    assert expand_braces("s-{08..11}.tar") == ["s-08.tar", "s-09.tar", "s-10.tar", "s-11.tar"]
+    assert expand_braces("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
+    tiny_images(tmp_path / "f" / "sub", 5)
+    tiny_images(tmp_path / "f", 2, fmt="jpg")
+    for i in (0, 2):
+        with tarfile.open(tmp_path / f"s-{i:03d}.tar", "w"):
+            pass
+    sources = [
+        Source(uri=str(tmp_path / "f")),
+        Source(uri=str(tmp_path / "f" / "sub" / "*.png")),  # the same files again: listed once
+        Source(uri=str(tmp_path / "s-{000..002}.tar")),  # s-001.tar is missing
+    ]
+    units = list_work_units(sources, "pool", files_per_part=3)
+    files = sorted(str(p) for p in (tmp_path / "f").rglob("*") if p.is_file())
+    assert [u.kind for u in units] == ["files", "files", "files", "tar", "tar", "tar"]
+    assert [p for u in units[:3] for p in u.paths] == files
+    assert [len(u.paths) for u in units[:3]] == [3, 3, 1]
+    assert [u.paths[0] for u in units[3:]] == [str(tmp_path / f"s-{i:03d}.tar") for i in range(3)]
+    assert list_work_units(sources, "pool", files_per_part=3) == units  # deterministic
+    missing = ingest_unit(units[4], MAX_PIXELS, MAX_BYTES)
+    assert missing.num_rows == 1 and missing.column("error")[0].as_py().startswith(
+        "unreadable: FileNotFoundError"
+    )
+
+
+def test_check_sources_names_the_bad_uri(tmp_path, tiny_images):
+    tiny_images(tmp_path / "ok", 1)
+    check_sources([Source(uri=str(tmp_path / "ok"))])
+    with pytest.raises(SourceError, match="nope"):
+        check_sources([Source(uri=str(tmp_path / "nope"))])
+    with pytest.raises(SourceError, match="nothing matches"):
+        check_sources([Source(uri=str(tmp_path / "ok" / "*.webp"))])
+    with pytest.raises(SourceError, match="not a folder"):
+        check_sources([Source(uri=str(tmp_path / "ok" / "0000.png"), kind="folder")])
+    pq.write_table(pa.table({"pixels": [b"x"]}), tmp_path / "p.parquet")
+    with pytest.raises(SourceError, match="no column 'image'"):
+        check_sources([Source(uri=str(tmp_path / "p.parquet"))])
+
+
+def test_fsspec_memory_urls(image_bytes):
+    fs = fsspec.filesystem("memory")
+    data = [image_bytes("png", seed=i) for i in range(3)]
+    for i, d in enumerate(data):
+        fs.pipe(f"/lvd-test/imgs/{i}.png", d)
+    try:
+        (unit,) = list_work_units([Source(uri="memory://lvd-test/imgs")], "pool", files_per_part=10)
+        table = ingest_unit(unit, MAX_PIXELS, MAX_BYTES)
+        assert table.column("uri").to_pylist() == [f"memory:///lvd-test/imgs/{i}.png" for i in range(3)]
+        assert table.column("sha256").to_pylist() == [hashlib.sha256(d).hexdigest() for d in data]
+        row = table.to_pylist()[1]
+        assert read_image_bytes(row["kind"], row["path"], None, None, None) == data[1]
+    finally:
+        fs.rm("/lvd-test", recursive=True)
+
+
+def test_stable_ids_same_everywhere_distinct_across_uris():
+    uris = [f"/data/img-{i}.jpg" for i in range(2000)]
+    ids = [stable_image_id("pool", u) for u in uris]
+    assert ids == [stable_image_id("pool", u) for u in uris]
+    assert len(set(ids)) == len(ids) and all(0 <= i < 2**63 for i in ids)
+    assert stable_image_id("seed:a", uris[0]) != ids[0]
+    # Another interpreter (other hash seed) computes the same id.
+    code = "from curation.ingest import stable_image_id; print(stable_image_id('pool', '/data/img-0.jpg'))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(other.stdout) == ids[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray stage
+
+
+def _spec(tmp_path: Path, files_per_part: int):
+    return parse_job_spec(
+        {
+            "name": "ingest-test",
+            "output_dir": str(tmp_path / "out"),
+            "pool": [{"uri": str(tmp_path / "pool")}, {"uri": str(tmp_path / "shard.tar")}],
+            "seeds": [{"name": "s", "strategy": "as_is", "sources": [{"uri": str(tmp_path / "seed")}]}],
+            "eval_sets": [{"name": "e", "sources": [{"uri": str(tmp_path / "eval")}]}],
+            "ingest": {"files_per_part": files_per_part},
+            "ray": {"num_cpus": 2},
+        }
+    )
+
+
+def test_stage_resumes_without_duplicates_and_recreates_a_lost_part(
+    tmp_path, tiny_images, image_bytes, ray_local
+):
+    from jobs.stages import ingest as stage
+
+    tiny_images(tmp_path / "pool", 5)
+    (tmp_path / "pool" / "bad.jpg").write_bytes(b"")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for i in range(3):
+            data = image_bytes("jpg", seed=100 + i)
+            info = tarfile.TarInfo(f"{i}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tiny_images(tmp_path / "seed", 2, seed=200)
+    tiny_images(tmp_path / "eval", 1, seed=300)
+
+    spec = _spec(tmp_path, files_per_part=2)
+    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage="ingest")
+    first = stage.run(ctx)
+    # pool folder: 6 files in 3 parts; tar: 1 part; seed: 1; eval: 1
+    assert first["parts"] == first["parts_written"] == 6
+    assert (first["images"], first["errors"], first["pool_images"], first["pool_errors"]) == (12, 1, 9, 1)
+    assert first["errors_by_reason"] == {"empty file": 1}
+    table = read_parts(ctx.stage_dir, IMAGES)
+    ids = sorted(table.column("image_id").to_pylist())
+    assert len(set(ids)) == 12
+    datasets = table.column("dataset").to_pylist()
+    assert (datasets.count("pool"), datasets.count("seed:s"), datasets.count("eval:e")) == (9, 2, 1)
+
+    again = stage.run(ctx)
+    assert again["parts_written"] == 0
+    assert {k: v for k, v in again.items() if k != "parts_written"} == {
+        k: v for k, v in first.items() if k != "parts_written"
+    }
+    assert sorted(read_parts(ctx.stage_dir, IMAGES).column("image_id").to_pylist()) == ids
+
+    lost = part_path(ctx.stage_dir, 1)
+    before = pq.read_table(lost)
+    lost.unlink()
+    third = stage.run(ctx)
+    assert third["parts_written"] == 1
+    assert pq.read_table(lost).equals(before)
+    assert sorted(read_parts(ctx.stage_dir, IMAGES).column("image_id").to_pylist()) == ids
+
+    # Another plan (other chunking) must not resume the old parts: same rows, none twice.
+    spec = _spec(tmp_path, files_per_part=4)
+    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage="ingest")
+    fourth = stage.run(ctx)
+    assert fourth["parts"] == fourth["parts_written"] == 5
+    assert sorted(read_parts(ctx.stage_dir, IMAGES).column("image_id").to_pylist()) == ids
+    assert json.loads((ctx.stage_dir / "_plan.json").read_text())["units"] == 5
+
+
+def test_ok_rows_decode_from_their_recorded_location(tmp_path, image_bytes):
+    # What embed and shards do with the table: read the bytes back from kind/path/member/offset/size.
+    data = image_bytes("png", (20, 20), seed=5)
+    (tmp_path / "a.png").write_bytes(data)
+    table = ingest_unit(WorkUnit("pool", "files", (str(tmp_path / "a.png"),)), MAX_PIXELS, MAX_BYTES)
+    row = table.to_pylist()[0]
+    img = Image.open(
+        io.BytesIO(read_image_bytes(row["kind"], row["path"], row["member"], row["offset"], row["size"]))
+    )
+    assert img.size == (row["width"], row["height"])
+    assert np.array_equal(np.asarray(img), np.asarray(Image.open(io.BytesIO(data))))
+
+
+def test_mangled_images_never_raise(image_bytes):
+    """Random byte damage to every format: always a result, never an exception out of probe_image."""
+    rng = np.random.default_rng(0)
+    originals = [
+        image_bytes(fmt, (24, 20), seed=i)
+        for i, fmt in enumerate(["jpg", "png", "gif", "bmp", "webp", "tiff"])
+    ]
+    assert all(probe_image(d, MAX_PIXELS)["status"] == "ok" for d in originals)
+    statuses = set()
+    for k in range(300):
+        data = bytearray(originals[k % len(originals)])
+        if k % 2:
+            data = data[: int(rng.integers(1, len(data) + 1))]
+        for pos in rng.integers(0, len(data), int(rng.integers(0, 6))):
+            data[pos] = int(rng.integers(0, 256))
+        probe = probe_image(bytes(data), MAX_PIXELS)
+        assert probe["status"] in ("ok", "error") and (probe["status"] == "ok") == (probe["error"] is None)
+        statuses.add(probe["status"])
+    assert "error" in statuses

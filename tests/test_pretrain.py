@@ -1,0 +1,202 @@
+"""Pretraining on small shards: resume equals an uninterrupted run, NaN guard, teacher export, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import webdataset as wds
+import yaml
+from typer.testing import CliRunner
+
+from embeddings.models import load_embedding_model
+from embeddings.preprocess import PreprocessConfig, normalize, prepare_image
+from jobs.cli import app
+from schemas.job_spec import ModelSpec
+from training.config import load_config
+from training.meta_arch import SSLMetaArch
+from training.train import CHECKPOINT_NAME, METRICS_NAME, NonFiniteLossError, pretrain
+
+# vit_tiny at 56 px global / 28 px local crops, batch 4: a step takes a fraction of a second on CPU.
+OVERRIDES = {
+    "train": {
+        "batch_size_per_gpu": 4,
+        "epoch_length": 3,
+        "num_workers": 0,
+        "augment_threads": 1,
+        "shuffle_buffer": 16,
+        "checkpoint_every": 2,
+        "log_every": 1,
+    },
+    "optim": {"epochs": 2, "warmup_epochs": 1},
+    "teacher": {"warmup_teacher_temp_epochs": 1},
+    "crops": {"local_crops_number": 2},
+    "compute": {"threads": 1},  # the suite shares 2 cores; 2 OpenMP threads would spin against each other
+}
+
+
+def _image(rng: np.random.Generator) -> bytes:
+    arr = np.zeros((48, 64, 3), np.uint8) + rng.integers(0, 256, 3, dtype=np.uint8)
+    y, x = rng.integers(0, 24), rng.integers(0, 40)
+    arr[y : y + 24, x : x + 24] = rng.integers(0, 256, 3, dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory):
+    """A curation-output-like folder: shards/lvd-00000{0,1,2}.tar + index.json (one bad sample)."""
+    root = tmp_path_factory.mktemp("job")
+    shard_dir = root / "shards"
+    shard_dir.mkdir()
+    rng = np.random.default_rng(0)
+    rows, key = [], 0
+    for s in range(3):
+        name = f"lvd-{s:06d}.tar"
+        with wds.TarWriter(str(shard_dir / name)) as w:
+            for _ in range(10):
+                data = b"not a jpeg" if key == 7 else _image(rng)
+                w.write({"__key__": f"{key:08d}", "jpg": data, "json": b"{}"})
+                key += 1
+        rows.append({"shard": name, "samples": 10})
+    (shard_dir / "index.json").write_text(json.dumps({"shards": rows, "total": 30}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_run(job_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return pretrain(load_config("tiny", OVERRIDES), str(job_dir / "shards"), out, resume=False), out
+
+
+def test_run_logs_and_checkpoints(full_run):
+    result, out = full_run
+    assert (result.start_step, result.end_step) == (0, 6) and len(result.losses) == 6
+    assert all(np.isfinite(r["total"]) for r in result.losses)
+    # Training lowers the objective (and its DINO term) from the first steps to the last.
+    first, last = result.losses[:2], result.losses[-2:]
+    for key in ("total", "dino"):
+        assert np.mean([r[key] for r in last]) < np.mean([r[key] for r in first]) - 0.02, key
+    rows = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(6))
+    ckpt = torch.load(out / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["step"] == 6 and {"student", "teacher", "optimizer", "data", "dino_loss"} <= set(ckpt)
+    assert ckpt["data"][0]["epoch"] == 2 and result.bad_samples == 1  # 6 batches of 4 read past the bad one
+    # The teacher is an EMA of the student: close to it but not equal after updates.
+    s, t = (
+        ckpt["student"]["backbone.blocks.0.attn.qkv.weight"],
+        ckpt["teacher"]["backbone.blocks.0.attn.qkv.weight"],
+    )
+    assert not torch.equal(s, t) and (s - t).abs().max() < 0.1
+
+
+def test_stopped_and_resumed_run_matches_uninterrupted(full_run, job_dir, tmp_path):
+    result, out = full_run
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg = load_config("tiny", OVERRIDES)
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run_dir = tmp_path / "resumed"
+    # First half through the CLI with --from-job, then resume in-process.
+    cli = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--from-job",
+            str(job_dir),
+            "--config",
+            str(cfg_path),
+            "--output",
+            str(run_dir),
+            "--stop-after",
+            "3",
+        ],
+    )
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.output.strip().splitlines()[-1])["steps"] == [0, 3]
+    second = pretrain(cfg, str(job_dir / "shards"), run_dir, resume=True)
+    assert second.start_step == 3 and second.end_step == 6
+    rows = [json.loads(line) for line in (run_dir / METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(6))
+    for got, want in zip(rows, result.losses, strict=True):
+        for k in ("total", "dino", "ibot", "koleo"):
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), (got["step"], k)
+    a = torch.load(out / CHECKPOINT_NAME, weights_only=False)["teacher"]
+    b = torch.load(run_dir / CHECKPOINT_NAME, weights_only=False)["teacher"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(job_dir, tmp_path, monkeypatch):
+    original = SSLMetaArch.forward_backward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        losses = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:  # step 3
+            losses["dino"] = torch.tensor(float("nan"))
+        return losses
+
+    monkeypatch.setattr(SSLMetaArch, "forward_backward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3.*checkpoint\.pth \(step 2\)"):
+        pretrain(load_config("tiny", OVERRIDES), str(job_dir / "shards"), tmp_path, resume=False)
+    ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["step"] == 2
+    assert not (tmp_path / "teacher_backbone.pth").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_exported_teacher_embeds_in_embed_stage(full_run):
+    result, out = full_run
+    spec = ModelSpec(
+        arch="vit_tiny",
+        weights=str(result.teacher_export),
+        format="lvd",
+        image_size=56,
+        resize_size=64,
+        dtype="float32",
+    )
+    model = load_embedding_model(spec, "cpu")
+    assert model.dim == 192
+    rng = np.random.default_rng(5)
+    crops = np.stack([prepare_image(_image(rng), PreprocessConfig(64, 56, 14)) for _ in range(3)])
+    vectors = model.embed_uint8(crops)
+    # Reference: the teacher backbone from the training checkpoint, run directly.
+    ckpt = torch.load(out / CHECKPOINT_NAME, weights_only=False)
+    backbone = SSLMetaArch.build_network(load_config("tiny", OVERRIDES), 0.0).backbone
+    backbone.load_state_dict({k[9:]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")})
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(backbone.eval()(normalize(crops)), dim=-1).numpy()
+    np.testing.assert_allclose(vectors, ref, rtol=1e-4, atol=1e-5)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"])
+def test_builtin_configs_validate(name):
+    cfg = load_config(name)
+    assert cfg.model.arch == ("vit_tiny" if name == "tiny" else name)
+    assert cfg.optim.clip_grad == 3.0 and cfg.dino.koleo_loss_weight == 0.1
+    assert cfg.total_steps == round(cfg.optim.epochs * cfg.train.epoch_length)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="built-in configs: .*tiny"):
+        load_config("nope")
+    with pytest.raises(ValueError, match="batch_sise"):
+        load_config("tiny", {"train": {"batch_sise": 3}})
+
+
+@pytest.mark.parametrize("steps", [1, 3, 40, 1000])
+def test_total_steps_keeps_schedule_shape(steps):
+    cfg = load_config("tiny")
+    scaled = cfg.with_total_steps(steps)
+    assert scaled.total_steps == steps
+    warmup = scaled.optim.warmup_epochs * scaled.train.epoch_length
+    if steps >= cfg.optim.epochs:  # at least one step per epoch: warmup is the same fraction of the run
+        assert warmup / steps == pytest.approx(cfg.optim.warmup_epochs / cfg.optim.epochs, rel=0.25)
+    assert cfg.total_steps == 300  # the original is untouched

@@ -1,0 +1,349 @@
+"""The Spark shard writer: balance, key rules, deterministic bytes, resume after a kill."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.pipeline import StageContext
+from jobs.shard_verify import verify_shards
+from jobs.shard_writer import expand_samples, plan_shards
+from jobs.stages import shards as shard_stage
+from schemas.job_spec import JobSpec, parse_job_spec
+from schemas.tables import CLUSTERS, CURATED, IMAGES, part_path, write_parquet_atomic
+
+N_IMAGES = 60
+
+
+def _encode(i: int, fmt: str) -> bytes:
+    rng = np.random.default_rng(i)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def make_inputs(root: Path) -> dict[int, bytes]:
+    """Images as files, tar members and parquet rows + the ingest/cluster/sample tables for them.
+
+    Returns the original bytes by image_id (the reference the shards are checked against).
+    """
+    src = root / "src"
+    src.mkdir(parents=True)
+    originals, rows = {}, []
+    tar_members, parquet_rows = [], []
+    for i in range(N_IMAGES):
+        image_id = 1000 + 7 * i
+        fmt = ("JPEG", "PNG", "WEBP")[i % 3]
+        data = _encode(i, fmt)
+        originals[image_id] = data
+        row = {
+            "image_id": image_id,
+            "dataset": "pool",
+            "size": len(data),
+            "width": 16,
+            "height": 12,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "format": fmt.lower(),
+            "status": "ok",
+            "error": None,
+        }
+        if i % 3 == 0:  # a file
+            path = src / f"img{i}.{fmt.lower()}"
+            path.write_bytes(data)
+            row |= {"kind": "file", "path": str(path), "member": None, "offset": None, "uri": str(path)}
+        elif i % 3 == 1:  # a tar member, addressed by data offset
+            tar_members.append((row, f"m{i}.png", data))
+        else:  # a parquet row
+            row |= {"kind": "parquet", "member": "image", "offset": len(parquet_rows)}
+            parquet_rows.append(data)
+        rows.append(row)
+    tar_path = src / "pool.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for _, name, data in tar_members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tar_path) as tar:
+        offsets = {m.name: m.offset_data for m in tar.getmembers()}
+    for row, name, _ in tar_members:
+        row |= {
+            "kind": "tar",
+            "path": str(tar_path),
+            "member": name,
+            "offset": offsets[name],
+            "uri": f"{tar_path}#{name}",
+        }
+    pq_path = src / "pool.parquet"
+    pq.write_table(pa.table({"image": pa.array(parquet_rows, pa.binary())}), pq_path)
+    for row in rows:
+        if row["kind"] == "parquet":
+            row |= {"path": str(pq_path), "uri": f"{pq_path}#{row['offset']}"}
+    out = root / "out"
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=IMAGES), part_path(out / "ingest", 0), IMAGES)
+    # Clusters: [fine, coarse] with 3 coarse clusters of unequal sizes (0 holds the most); the last
+    # 6 images are as_is seed images with no cluster row.
+    clusters = [
+        {"image_id": r["image_id"], "cluster_ids": [i % 6, (i % 6) // 2 if i < 30 else 0], "distance": 0.1}
+        for i, r in enumerate(rows[:-6])
+    ]
+    write_parquet_atomic(
+        pa.Table.from_pylist(clusters, schema=CLUSTERS), part_path(out / "cluster", 0), CLUSTERS
+    )
+    curated = [
+        {
+            "image_id": r["image_id"],
+            "sources": ["seedA"]
+            if i >= N_IMAGES - 6
+            else (["balanced", "seedB"] if i % 5 == 0 else ["balanced"]),
+            "repeats": 3 if i % 10 == 0 else 1,
+        }
+        for i, r in enumerate(rows)
+    ]
+    write_parquet_atomic(pa.Table.from_pylist(curated, schema=CURATED), part_path(out / "sample", 0), CURATED)
+    return originals
+
+
+def _spec(out: Path, **shards) -> JobSpec:
+    return parse_job_spec(
+        {
+            "name": "t",
+            "output_dir": str(out),
+            "pool": [{"uri": "unused"}],
+            "sampling": {"target_size": 10},
+            "shards": shards,
+            "spark": {
+                "master": "local[2]",
+                "driver_memory": "1g",
+                "executor_memory": "1g",
+                "conf": {"spark.ui.showConsoleProgress": "false"},
+            },
+        }
+    )
+
+
+def run_stage(out: Path, **shards) -> dict:
+    ctx = StageContext(spec=_spec(out, **shards), out_dir=out, stage="shards")
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    return shard_stage.run(ctx)
+
+
+def read_tar(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def tree_bytes(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "_marker.json"}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    originals = make_inputs(root)
+    summary = run_stage(root / "out", samples_per_shard=9, seed=3)
+    return root, originals, summary
+
+
+def _shard_tables(d: Path) -> list[pa.Table]:
+    return [pq.read_table(p) for p in sorted(d.glob("lvd-*.parquet"))]
+
+
+def test_index_counts_sizes_and_repeats(written):
+    root, originals, summary = written
+    d = root / "out" / "shards"
+    curated = pq.read_table(part_path(root / "out" / "sample", 0)).to_pylist()
+    expected_total = sum(r["repeats"] for r in curated)
+    index = json.loads((d / "index.json").read_text())
+    n = len(index["shards"])
+    assert n == -(-expected_total // 9)  # samples_per_shard=9
+    assert [r["shard"] for r in index["shards"]] == [f"lvd-{i:06d}.tar" for i in range(n)]
+    assert sorted(p.name for p in d.glob("*.tar")) == [f"lvd-{i:06d}.tar" for i in range(n)]
+    assert index["pattern"] == f"lvd-{{000000..{n - 1:06d}}}.tar"
+    counts = [r["samples"] for r in index["shards"]]
+    assert max(counts) - min(counts) <= 1
+    assert index["total"] == {
+        "shards": n,
+        "samples": expected_total,
+        "bytes": sum(r["bytes"] for r in index["shards"]),
+    }
+    assert summary["samples"] == expected_total and summary["shards"] == n and summary["errors"] == 0
+    assert pq.read_table(d / "index.parquet").to_pylist() == index["shards"]
+    for row in index["shards"]:
+        data = (d / row["shard"]).read_bytes()
+        assert len(data) == row["bytes"] and hashlib.sha256(data).hexdigest() == row["sha256"]
+    # Every image appears exactly `repeats` times over the dataset.
+    seen = Counter(i for t in _shard_tables(d) for i in t["image_id"].to_pylist())
+    assert seen == Counter({r["image_id"]: r["repeats"] for r in curated})
+    assert not list(d.glob(".*")) and not (d / "_plan.parquet").exists()
+    assert verify_shards(d) == []
+
+
+def test_members_keys_and_original_bytes(written):
+    root, originals, _ = written
+    d = root / "out" / "shards"
+    images = {r["image_id"]: r for r in pq.read_table(part_path(root / "out" / "ingest", 0)).to_pylist()}
+    clusters = {
+        r["image_id"]: r["cluster_ids"]
+        for r in pq.read_table(part_path(root / "out" / "cluster", 0)).to_pylist()
+    }
+    sources = {
+        r["image_id"]: r["sources"] for r in pq.read_table(part_path(root / "out" / "sample", 0)).to_pylist()
+    }
+    ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+    all_keys = []
+    for tar_path in sorted(d.glob("*.tar")):
+        members = read_tar(tar_path)
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
+        keys = [name.split(".", 1)[0] for name, _ in members[::2]]
+        assert keys == sorted(keys)
+        table = pq.read_table(tar_path.with_suffix(".parquet")).to_pylist()
+        assert [r["key"] for r in table] == keys
+        for (img_name, img), (json_name, side), row in zip(members[::2], members[1::2], table, strict=True):
+            key = row["key"]
+            meta = json.loads(side)
+            src = images[row["image_id"]]
+            assert img_name == f"{key}.{ext[src['format']]}" and json_name == f"{key}.json"
+            assert img == originals[row["image_id"]]  # the original bytes, never re-encoded
+            assert meta["uri"] == src["uri"] and meta["sha256"] == src["sha256"] == row["sha256"]
+            assert meta["image_id"] == row["image_id"] and meta["shard"] == tar_path.name
+            assert meta["sources"] == sources[row["image_id"]]
+            assert meta["cluster_ids"] == clusters.get(row["image_id"])  # None for as_is seed images
+        all_keys += keys
+    assert len(set(all_keys)) == len(all_keys)
+    assert all("." not in k and "/" not in k and 0 < len(k) < 128 for k in all_keys)
+
+
+def test_clusters_and_sources_spread(written):
+    """No shard holds more than its fair share of any coarse cluster or source set (tolerance: +1 sample,
+    i.e. at most ceil(count / shards))."""
+    root, _, _ = written
+    d = root / "out" / "shards"
+    tables = _shard_tables(d)
+    n = len(tables)
+    clusters = {
+        r["image_id"]: r["cluster_ids"][-1]
+        for r in pq.read_table(part_path(root / "out" / "cluster", 0)).to_pylist()
+    }
+    groups = {"cluster": lambda r: clusters.get(r["image_id"], -1), "sources": lambda r: tuple(r["sources"])}
+    for name, group_of in groups.items():
+        per_shard = [Counter(group_of(r) for r in t.to_pylist()) for t in tables]
+        total = sum(per_shard, Counter())
+        assert len(total) >= 3, name
+        for g, count in total.items():
+            fair = -(-count // n)
+            assert max(c[g] for c in per_shard) <= fair, (name, g, [c[g] for c in per_shard])
+    # A shard's samples are not one cluster run: every shard mixes at least two coarse clusters.
+    assert all(len({clusters.get(i, -1) for i in t["image_id"].to_pylist()}) >= 2 for t in tables)
+
+
+def test_rerun_identical_and_resume_after_kill(written, tmp_path):
+    root, _, _ = written
+    reference = tree_bytes(root / "out" / "shards")
+    # A second, fresh run on the same input gives the same bytes.
+    out2 = tmp_path / "out"
+    for stage in ("ingest", "cluster", "sample"):
+        (out2 / stage).mkdir(parents=True)
+        (out2 / stage / "part-00000.parquet").write_bytes(
+            (root / "out" / stage / "part-00000.parquet").read_bytes()
+        )
+    run_stage(out2, samples_per_shard=9, seed=3)
+    d2 = out2 / "shards"
+    assert tree_bytes(d2) == reference
+    # Simulate a kill: two shards never written, one tar moved in but its parquet not yet
+    # written (tar corrupted to prove it is redone), a temp file left behind, index not written.
+    (d2 / "lvd-000001.tar").unlink()
+    (d2 / "lvd-000001.parquet").unlink()
+    (d2 / "lvd-000004.tar").unlink()
+    (d2 / "lvd-000006.parquet").unlink()
+    with open(d2 / "lvd-000006.tar", "r+b") as f:
+        f.write(b"garbage")
+    (d2 / ".lvd-000002.tar.0123.tmp").write_bytes(b"half a shard")
+    (d2 / "index.json").unlink()
+    kept = {p.name: p.stat() for p in d2.glob("lvd-00000[0357].*")}
+    run_stage(out2, samples_per_shard=9, seed=3)
+    assert tree_bytes(d2) == reference
+    for name, st in kept.items():  # finished shards were kept, not rewritten
+        now = (d2 / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), name
+    # A different seed is a different plan: every shard is rewritten and the stale one beyond the
+    # new count disappears.
+    run_stage(out2, samples_per_shard=12, seed=4)
+    index = json.loads((d2 / "index.json").read_text())
+    assert sorted(p.name for p in d2.glob("lvd-*.tar")) == [r["shard"] for r in index["shards"]]
+    assert len(index["shards"]) == -(-index["total"]["samples"] // 12)
+
+
+def _tables(root: Path) -> tuple[pa.Table, pa.Table, pa.Table]:
+    out = root / "out"
+    return (
+        pq.read_table(part_path(out / "sample", 0)),
+        pq.read_table(part_path(out / "ingest", 0)),
+        pq.read_table(part_path(out / "cluster", 0)),
+    )
+
+
+def test_plan_by_bytes_is_deterministic(tmp_path):
+    from jobs.shard_writer import write_shard
+
+    make_inputs(tmp_path)
+    curated, images, clusters = _tables(tmp_path)
+    limit = 40 * 1024
+    plan = plan_shards(curated, images, clusters, samples_per_shard=1000, max_shard_bytes=limit, seed=1)
+    assert plan.equals(plan_shards(curated, images, clusters, 1000, limit, seed=1))
+    assert not plan["key"].equals(plan_shards(curated, images, clusters, 1000, limit, seed=2)["key"])
+    shards = plan["shard"].to_numpy()
+    counts = np.bincount(shards)
+    assert len(counts) > 1 and counts.max() - counts.min() <= 1
+    # The real tars stay under the byte target, and a limit this size does not need many more shards
+    # than the total bytes require.
+    out = tmp_path / "shards"
+    out.mkdir()
+    rows = plan.to_pylist()
+    sizes = [write_shard(out, s, [r for r in rows if r["shard"] == s])["bytes"] for s in range(len(counts))]
+    assert sizes == [(out / f"lvd-{s:06d}.tar").stat().st_size for s in range(len(counts))]
+    assert max(sizes) <= limit
+    assert len(counts) <= 2 * -(-sum(sizes) // limit)
+
+
+def test_plan_rejects_missing_and_failed_images(tmp_path):
+    make_inputs(tmp_path)
+    curated, images, clusters = _tables(tmp_path)
+    extra = pa.Table.from_pylist([{"image_id": 5, "sources": ["balanced"], "repeats": 1}], schema=CURATED)
+    with pytest.raises(ValueError, match="not in the images table"):
+        plan_shards(pa.concat_tables([curated, extra]), images, clusters, 10)
+    failed = images.set_column(
+        images.schema.get_field_index("status"), "status", pa.array(["error"] * images.num_rows)
+    )
+    with pytest.raises(ValueError, match="failed ingest"):
+        expand_samples(curated, failed, clusters)
+
+
+def test_changed_source_is_left_out_and_reported(tmp_path):
+    from jobs.shard_writer import write_shard
+
+    make_inputs(tmp_path)
+    curated, images, clusters = _tables(tmp_path)
+    plan = plan_shards(curated, images, clusters, samples_per_shard=100)
+    rows = plan.to_pylist()
+    victim = next(r for r in rows if r["kind"] == "file")
+    Path(victim["path"]).write_bytes(b"not the image ingest saw")
+    out = tmp_path / "shards"
+    out.mkdir()
+    meta = write_shard(out, 0, rows)
+    bad_keys = {r["key"] for r in rows if r["image_id"] == victim["image_id"]}
+    assert {e[0] for e in meta["errors"]} == bad_keys
+    assert meta["samples"] == len(rows) - len(bad_keys)
+    names = [n for n, _ in read_tar(out / "lvd-000000.tar")]
+    assert len(names) == 2 * meta["samples"] and not any(n.split(".")[0] in bad_keys for n in names)

@@ -1,0 +1,141 @@
+"""kNN classification of a backbone's CLS features on a labelled folder (DINO's weighted k-NN, k=20, T=0.07)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class LabelledSplit:
+    paths: list[Path]
+    labels: np.ndarray  # int64 class index per path
+    classes: list[str]
+
+
+def list_labelled_folder(split_dir: Path, classes: list[str] | None = None) -> LabelledSplit:
+    """`split_dir/<class>/<image>` (class folders sorted by name unless `classes` fixes the order)."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"no folder {split_dir}")
+    classes = classes or sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for idx, name in enumerate(classes):
+        folder = split_dir / name
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(p)
+                labels.append(idx)
+    if not paths:
+        raise ValueError(f"no images under {split_dir}/<class>/")
+    return LabelledSplit(paths, np.asarray(labels, dtype=np.int64), classes)
+
+
+def knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores [Q, C]: each of the k most cosine-similar training samples votes exp(sim / T) for its class.
+
+    Features are L2-normalised here; queries are processed in chunks to bound memory.
+    """
+    train = F.normalize(train_features.float(), dim=1)
+    query = F.normalize(query_features.float(), dim=1)
+    k = min(k, train.shape[0])
+    out = []
+    for start in range(0, query.shape[0], chunk):
+        sims = query[start : start + chunk] @ train.t()
+        top_sim, top_idx = sims.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        out.append(votes)
+    return torch.cat(out)
+
+
+def load_eval_backbone(path: str | Path) -> nn.Module:
+    """The backbone of a pretraining checkpoint (its teacher) or of any format the embed stage loads."""
+    path = Path(path)
+    obj = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    from training.train import CHECKPOINT_FORMAT
+
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        from training.config import PretrainConfig
+        from training.meta_arch import SSLMetaArch
+
+        cfg = PretrainConfig.model_validate(obj["config"])
+        backbone = SSLMetaArch.build_network(cfg, drop_path_rate=0.0).backbone
+        prefix = "backbone."
+        backbone.load_state_dict(
+            {k[len(prefix) :]: v for k, v in obj["teacher"].items() if k.startswith(prefix)}
+        )
+        return backbone.eval()
+    from embeddings.checkpoints import load_backbone
+
+    return load_backbone(path).eval()
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: nn.Module, paths: list[Path], image_size: int, resize_size: int, batch_size: int = 64
+) -> torch.Tensor:
+    """CLS features [N, D] with the evaluation preprocessing (resize shorter side, centre crop)."""
+    from embeddings.preprocess import PreprocessConfig, normalize, prepare_image
+
+    cfg = PreprocessConfig(resize_size=resize_size, image_size=image_size, patch_size=backbone.patch_size)
+    device = next(backbone.parameters()).device
+    feats = []
+    for start in range(0, len(paths), batch_size):
+        batch = np.stack([prepare_image(p.read_bytes(), cfg) for p in paths[start : start + batch_size]])
+        feats.append(backbone(normalize(batch).to(device)).float().cpu())
+    return torch.cat(feats)
+
+
+def evaluate_knn(
+    backbone: nn.Module,
+    data_dir: str | Path,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    image_size: int | None = None,
+    batch_size: int = 64,
+) -> dict[str, float | int]:
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy on `data_dir/val` with
+    `data_dir/train` as the memory bank. Default image size: the backbone's training resolution."""
+    data_dir = Path(data_dir)
+    train = list_labelled_folder(data_dir / "train")
+    val = list_labelled_folder(data_dir / "val", train.classes)
+    if image_size is None:
+        size = getattr(getattr(backbone, "patch_embed", None), "img_size", 224)
+        image_size = int(size[0] if isinstance(size, tuple | list) else size)
+    resize = int(round(image_size * 256 / 224))
+    train_f = extract_features(backbone, train.paths, image_size, resize, batch_size)
+    val_f = extract_features(backbone, val.paths, image_size, resize, batch_size)
+    scores = knn_scores(train_f, torch.from_numpy(train.labels), val_f, len(train.classes), k, temperature)
+    labels = torch.from_numpy(val.labels)
+    result: dict[str, float | int] = {
+        "top1": float((scores.argmax(1) == labels).float().mean()),
+        "n_train": len(train.paths),
+        "n_val": len(val.paths),
+        "classes": len(train.classes),
+        "k": k,
+        "image_size": image_size,
+    }
+    if len(train.classes) > 5:
+        top5 = scores.topk(5, dim=1).indices
+        result["top5"] = float((top5 == labels[:, None]).any(1).float().mean())
+    return result

@@ -1,0 +1,339 @@
+"""The pretraining loop: shards -> multi-crop + masks -> student/teacher step -> checkpoints, resumable.
+
+Reproducibility: the augmentation of sample i of step s on rank r is seeded by (seed, r, s, i), the
+masks by (seed, r, s), torch's RNG (drop path) is reseeded every step, and the data position is
+part of the checkpoint, so a run stopped and resumed computes the same steps as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from training.augment import MultiCrop, MultiCropConfig, augment_batch
+from training.config import PretrainConfig
+from training.launch import (
+    DistEnv,
+    autocast_context,
+    gather_objects,
+    load_model_state_dict,
+    load_optimizer_state_dict,
+    mean_across_ranks,
+    model_state_dict,
+    optimizer_state_dict,
+    resolve_strategy,
+    setup_distributed,
+    wrap_networks,
+)
+from training.masking import BlockMaskGenerator, sample_masks
+from training.meta_arch import SSLMetaArch
+from training.optim import apply_schedules, build_optimizer, fuse_groups, param_groups
+from training.schedules import Schedules, build_schedules
+
+log = logging.getLogger("lvd.train")
+
+CHECKPOINT_NAME = "checkpoint.pth"
+TEACHER_EXPORT_NAME = "teacher_backbone.pth"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_FORMAT = "lvd-pretrain-checkpoint"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stopped before the bad update and the last checkpoint is intact."""
+
+
+@dataclass
+class RunResult:
+    start_step: int
+    end_step: int
+    losses: list[dict[str, float]] = field(default_factory=list)  # one per step run in this call
+    checkpoint: Path | None = None
+    teacher_export: Path | None = None
+    images_per_second: float = 0.0
+    bad_samples: int = 0
+
+
+def keep_image(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Loader transform: the decoded RGB image itself; crops are made in the trainer (seeded per step)."""
+    return image
+
+
+def build_schedules_for(cfg: PretrainConfig, world_size: int) -> Schedules:
+    o, t = cfg.optim, cfg.teacher
+    return build_schedules(
+        total_steps=cfg.total_steps,
+        epoch_length=cfg.train.epoch_length,
+        global_batch_size=cfg.train.batch_size_per_gpu * world_size,
+        base_lr=o.base_lr,
+        min_lr=o.min_lr,
+        warmup_epochs=o.warmup_epochs,
+        weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end,
+        momentum_teacher=t.momentum_teacher,
+        final_momentum_teacher=t.final_momentum_teacher,
+        warmup_teacher_temp=t.warmup_teacher_temp,
+        teacher_temp=t.teacher_temp,
+        warmup_teacher_temp_epochs=t.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+    )
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace: never a half checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path, before_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] < before_step]
+
+
+def _endless(loader) -> Iterator[list[PIL.Image.Image]]:
+    while True:
+        yield from loader
+
+
+def export_teacher(cfg: PretrainConfig, teacher_state: dict, path: Path) -> Path:
+    """The teacher backbone in the embed stage's "lvd" format (embeddings.checkpoints.save_lvd_backbone)."""
+    from embeddings.checkpoints import save_lvd_backbone
+
+    backbone = SSLMetaArch.build_network(cfg, drop_path_rate=0.0).backbone
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in teacher_state.items() if k.startswith(prefix)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_lvd_backbone(backbone.eval(), path)
+    return path
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    shards: str | list[str],
+    output_dir: str | Path,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> RunResult:
+    """Train (or continue training) on WebDataset shards; checkpoints and metrics go to `output_dir`.
+
+    `stop_after`: stop at this global step (default: the schedule's end, cfg.total_steps). With
+    `resume`, an existing checkpoint in `output_dir` is continued, including its data position.
+    """
+    output_dir = Path(output_dir)
+    env: DistEnv = setup_distributed()
+    threads_before = torch.get_num_threads()
+    if cfg.compute.threads and env.device.type == "cpu":
+        torch.set_num_threads(cfg.compute.threads)
+    try:
+        return _pretrain(cfg, shards, output_dir, env, resume=resume, stop_after=stop_after, on_step=on_step)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _pretrain(
+    cfg: PretrainConfig,
+    shards: str | list[str],
+    output_dir: Path,
+    env: DistEnv,
+    *,
+    resume: bool,
+    stop_after: int | None,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+) -> RunResult:
+    total = cfg.total_steps
+    stop = total if stop_after is None else stop_after
+    if not 0 < stop <= total:
+        raise ValueError(f"stop_after={stop_after} outside the schedule's 1..{total} steps")
+    tc = cfg.train
+    torch.manual_seed(tc.seed)  # same initial weights on every rank
+    model = SSLMetaArch(cfg).to(env.device)
+    strategy = resolve_strategy(cfg.compute.distributed, env)
+    student, teacher = wrap_networks(model.student, model.teacher, strategy, env)
+    groups = param_groups(
+        model.student_modules(),
+        n_blocks=model.student.backbone.n_blocks,
+        layerwise_decay=cfg.optim.layerwise_decay,
+        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+    )
+    optimizer = build_optimizer(fuse_groups(groups), (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    schedules = build_schedules_for(cfg, env.world_size)
+
+    ckpt_path = output_dir / CHECKPOINT_NAME
+    step, data_state = 0, None
+    saved: dict[str, int | None] = {"step": None}  # step of the checkpoint on disk
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{ckpt_path} is not an lvd pretraining checkpoint")
+        if ckpt["world_size"] != env.world_size:
+            raise ValueError(f"checkpoint from {ckpt['world_size']} rank(s), this run has {env.world_size}")
+        load_model_state_dict(model.student, ckpt["student"], strategy)
+        load_model_state_dict(model.teacher, ckpt["teacher"], strategy)
+        model.dino_loss.load_state_dict(ckpt["dino_loss"])
+        model.ibot_loss.load_state_dict(ckpt["ibot_loss"])
+        load_optimizer_state_dict(model.student, optimizer, ckpt["optimizer"], strategy)
+        step, data_state = int(ckpt["step"]), ckpt["data"][env.rank]
+        saved["step"] = step
+        log.info("resuming %s at step %d", ckpt_path, step)
+    if step >= stop:
+        log.info("nothing to do: checkpoint at step %d, stop at %d", step, stop)
+
+    from training.data import build_loader
+
+    batch_size = tc.batch_size_per_gpu
+    loader = build_loader(
+        shards,
+        keep_image,
+        batch_size,
+        epoch_samples=tc.epoch_length * batch_size * env.world_size,
+        seed=tc.seed,
+        shuffle_buffer=tc.shuffle_buffer,
+        num_workers=tc.num_workers,
+        rank=env.rank,
+        world_size=env.world_size,
+        collate_fn=list,
+        state=data_state,
+    )
+    c = cfg.crops
+    multicrop = MultiCrop(
+        MultiCropConfig(
+            c.global_crops_size,
+            c.local_crops_size,
+            c.global_crops_scale,
+            c.local_crops_scale,
+            c.local_crops_number,
+        )
+    )
+    grid = c.global_crops_size // cfg.model.patch_size
+    mask_generator = BlockMaskGenerator((grid, grid), max_num_patches=int(0.5 * grid * grid))
+    autocast = autocast_context(env.device, cfg.compute.precision)
+    metrics_path = output_dir / METRICS_NAME
+    history = _read_metrics(metrics_path, step) if env.is_main else []
+    result = RunResult(start_step=step, end_step=step)
+
+    def save() -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "world_size": env.world_size,
+            "config": cfg.model_dump(mode="json"),
+            "student": model_state_dict(model.student, strategy),
+            "teacher": model_state_dict(model.teacher, strategy),
+            "dino_loss": model.dino_loss.state_dict(),
+            "ibot_loss": model.ibot_loss.state_dict(),
+            "optimizer": optimizer_state_dict(model.student, optimizer, strategy),
+            "data": gather_objects(loader.state_dict(), env),
+        }
+        if env.is_main:
+            save_atomic(state, ckpt_path)
+            _write_metrics(metrics_path, history)
+            result.checkpoint = ckpt_path
+        saved["step"] = step
+
+    model.train()
+    pool = ThreadPoolExecutor(tc.augment_threads) if tc.augment_threads > 1 else None
+    batches = _endless(loader)
+    t0, images_seen = time.perf_counter(), 0
+    try:
+        while step < stop:
+            images = next(batches)
+            crops = augment_batch(images, multicrop, seed=tc.seed, rank=env.rank, step=step, pool=pool)
+            crops = {k: v.to(env.device, non_blocking=True) for k, v in crops.items()}
+            mask_rng = np.random.default_rng([tc.seed, env.rank, step, 0x4D41534B])
+            masks = sample_masks(
+                2 * len(images),
+                mask_generator,
+                mask_rng,
+                cfg.ibot.mask_sample_probability,
+                tuple(cfg.ibot.mask_ratio_min_max),
+            ).to(env.device)
+            torch.manual_seed(step_seed(tc.seed, env.rank, step))  # drop path
+            values = schedules.at(step)
+            apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
+            optimizer.zero_grad(set_to_none=True)
+            losses = model.forward_backward(
+                crops, masks, values["teacher_temp"], student=student, teacher=teacher, autocast=autocast
+            )
+            stacked = mean_across_ranks(torch.stack([losses[k] for k in sorted(losses)]).float(), env)
+            row = {k: float(v) for k, v in zip(sorted(losses), stacked.tolist(), strict=True)}
+            if not all(math.isfinite(v) for v in row.values()):
+                where = (
+                    f"last good checkpoint: {ckpt_path} (step {saved['step']})"
+                    if saved["step"] is not None
+                    else "no checkpoint was written yet"
+                )
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step}: {row}; stopped before updating; {where}"
+                )
+            if cfg.optim.clip_grad > 0:
+                for module in model.student_modules().values():
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
+            optimizer.step()
+            model.update_teacher(values["momentum"])
+            step += 1
+            images_seen += len(images)
+            row = {
+                "step": step - 1,
+                **row,
+                **{k: values[k] for k in ("lr", "weight_decay", "momentum", "teacher_temp")},
+            }
+            result.losses.append(row)
+            history.append(row)
+            if on_step is not None:
+                on_step(step - 1, row)
+            if env.is_main and (step % tc.log_every == 0 or step == stop):
+                log.info(
+                    "step %d/%d loss %.4f (dino %.4f ibot %.4f koleo %.4f) lr %.2e",
+                    step,
+                    total,
+                    row["total"],
+                    row["dino"],
+                    row["ibot"],
+                    row["koleo"],
+                    row["lr"],
+                )
+            if step % tc.checkpoint_every == 0 or step == stop:
+                save()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    elapsed = time.perf_counter() - t0
+    result.end_step = step
+    result.images_per_second = images_seen * env.world_size / elapsed if elapsed > 0 and images_seen else 0.0
+    result.bad_samples = loader.bad_samples
+    teacher_state = model_state_dict(model.teacher, strategy)  # collective under FSDP: every rank
+    if env.is_main:
+        if result.checkpoint is None and ckpt_path.exists():
+            result.checkpoint = ckpt_path
+        result.teacher_export = export_teacher(cfg, teacher_state, output_dir / TEACHER_EXPORT_NAME)
+    return result
