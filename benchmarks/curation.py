@@ -36,6 +36,8 @@ from curation.kmeans import hierarchical_kmeans, kmeans, kmeans_assign  # noqa: 
 from curation.knn import exact_knn, normalize  # noqa: E402
 from curation.sampling import balanced_sample  # noqa: E402
 
+PARTS = ("dedup", "kmeans", "hier")
+
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
@@ -96,24 +98,22 @@ def bench_dedup(x, a, b, args) -> dict:
 
 
 def bench_kmeans(x, args) -> dict:
+    """Our k-means (FAISS fit on a capped sample, float64 update and assignment over all points) at each
+    points-per-centroid cap, against MiniBatchKMeans with sklearn's defaults (it too labels every point)."""
     from sklearn.cluster import MiniBatchKMeans
 
     k = args.kmeans_k
-    t0 = time.perf_counter()
-    ours = kmeans(x, k, niter=20, spherical=False, max_points_per_centroid=256, seed=0)
-    faiss_s = time.perf_counter() - t0
+    ours = {}
+    for cap in args.kmeans_cap:
+        t0 = time.perf_counter()
+        res = kmeans(x, k, niter=20, spherical=False, max_points_per_centroid=cap, seed=0)
+        ours[cap] = (time.perf_counter() - t0, res.objective)
     t0 = time.perf_counter()
     mbk = MiniBatchKMeans(n_clusters=k, batch_size=args.mb_batch, random_state=0).fit(x)
     mb_s = time.perf_counter() - t0
     # Both objectives by the same code: sum of squared distances of every point to its nearest centroid.
     _, d_mb = kmeans_assign(x, mbk.cluster_centers_.astype(np.float32), spherical=False)
-    return {
-        "k": k,
-        "faiss_seconds": faiss_s,
-        "faiss_objective": ours.objective,
-        "minibatch_seconds": mb_s,
-        "minibatch_objective": float(d_mb.astype(np.float64).sum()),
-    }
+    return {"k": k, "faiss": ours, "minibatch": (mb_s, float(d_mb.astype(np.float64).sum()))}
 
 
 def evenness(counts: np.ndarray) -> tuple[float, float]:
@@ -169,8 +169,12 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=64)
     ap.add_argument("--exact-sample", type=int, default=1000)
     ap.add_argument("--kmeans-k", type=int, default=1000)
+    ap.add_argument(
+        "--kmeans-cap", type=int, nargs="+", default=[256, 64], help="max points per centroid to compare"
+    )
     ap.add_argument("--mb-batch", type=int, default=1024, help="MiniBatchKMeans batch size (its default)")
     ap.add_argument("--leaf-k", type=int, default=1000)
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which benchmarks to run")
     args = ap.parse_args()
     pairs = args.pairs if args.pairs is not None else args.n // 100
 
@@ -182,66 +186,71 @@ def main() -> None:
         flush=True,
     )
 
-    d = bench_dedup(x, a, b, args)
-    print(
-        f"copy dedup ({d['index']}, nprobe {d['nprobe']}, k {args.k}): {d['seconds']:.1f} s, "
-        f"peak RSS {d['peak_rss_gib']:.2f} GiB, {d['edges']} edges, {d['copy_dropped']} dropped",
-        flush=True,
-    )
-    print(
-        f"  planted-pair recall {d['planted_recall']:.4f}; exact edges in a {args.exact_sample}-query sample: "
-        f"{d['sample_exact_edges']}, joined: {d['sample_edge_recall']}; IVF edge recall {d['ivf_recall']}",
-        flush=True,
-    )
-    print(
-        f"  exact flat search extrapolated to all {args.n} queries: {d['exact_seconds_extrapolated']:.0f} s",
-        flush=True,
-    )
+    d = bench_dedup(x, a, b, args) if "dedup" in args.parts else None
+    if d:
+        print(
+            f"copy dedup ({d['index']}, nprobe {d['nprobe']}, k {args.k}): {d['seconds']:.1f} s, "
+            f"peak RSS {d['peak_rss_gib']:.2f} GiB, {d['edges']} edges, {d['copy_dropped']} dropped",
+            flush=True,
+        )
+        print(
+            f"  planted-pair recall {d['planted_recall']:.4f}; exact edges in a {args.exact_sample}-query sample: "
+            f"{d['sample_exact_edges']}, joined: {d['sample_edge_recall']}; IVF edge recall {d['ivf_recall']}",
+            flush=True,
+        )
+        print(
+            f"  exact flat search extrapolated to all {args.n} queries: {d['exact_seconds_extrapolated']:.0f} s",
+            flush=True,
+        )
 
-    km = bench_kmeans(x, args)
-    print(
-        f"k-means k={km['k']}: FAISS {km['faiss_seconds']:.1f} s objective {km['faiss_objective']:.1f}; "
-        f"MiniBatchKMeans {km['minibatch_seconds']:.1f} s objective {km['minibatch_objective']:.1f}",
-        flush=True,
-    )
+    km = bench_kmeans(x, args) if "kmeans" in args.parts else None
+    if km:
+        mb_s, mb_obj = km["minibatch"]
+        print(
+            f"k-means k={km['k']} (20 iterations): MiniBatchKMeans {mb_s:.1f} s objective {mb_obj:.1f}",
+            flush=True,
+        )
+        for cap, (sec, obj) in km["faiss"].items():
+            print(f"  FAISS, at most {cap} points per centroid: {sec:.1f} s objective {obj:.1f}", flush=True)
 
-    h = bench_hierarchy(x, comp, args)
-    print(
-        f"hierarchical k-means {h['levels']}: {h['seconds']:.1f} s; balanced sample of {h['target']} "
-        f"(drew {h['drawn']}) in {h['sample_seconds']:.2f} s",
-        flush=True,
-    )
-    print(
-        f"  component coverage, balanced vs random: normalised entropy {h['balanced_entropy']:.3f} vs "
-        f"{h['random_entropy']:.3f}; share of the smaller half of components {h['balanced_small_half_share']:.3f} "
-        f"vs {h['random_small_half_share']:.3f} (uniform 0.5); components hit {h['components_hit_balanced']} vs "
-        f"{h['components_hit_random']}",
-        flush=True,
-    )
+    h = bench_hierarchy(x, comp, args) if "hier" in args.parts else None
+    if h:
+        print(
+            f"hierarchical k-means {h['levels']}: {h['seconds']:.1f} s; balanced sample of {h['target']} "
+            f"(drew {h['drawn']}) in {h['sample_seconds']:.2f} s",
+            flush=True,
+        )
+        print(
+            f"  component coverage, balanced vs random: normalised entropy {h['balanced_entropy']:.3f} vs "
+            f"{h['random_entropy']:.3f}; share of the smaller half of components {h['balanced_small_half_share']:.3f} "
+            f"vs {h['random_small_half_share']:.3f} (uniform 0.5); components hit {h['components_hit_balanced']} vs "
+            f"{h['components_hit_random']}",
+            flush=True,
+        )
+
     print(
         f"peak RSS of the whole run: {peak_rss_gib():.2f} GiB; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     )
 
     print("\nratios (targets at 1M: dedup < 600 s, planted recall >= 0.99, peak < 8 GiB, k-means >= 10x):")
-    print(
-        f"  copy-dedup speed-up vs exact flat search (extrapolated): {d['exact_seconds_extrapolated'] / d['seconds']:.1f}x"
-    )
-    print(f"  copy-dedup seconds / 600 s target: {d['seconds'] / 600:.3f}")
-    print(f"  planted-pair recall: {d['planted_recall']:.4f}")
-    print(f"  peak RSS / 8 GiB: {d['peak_rss_gib'] / 8:.3f}")
-    print(
-        f"  FAISS k-means speed-up vs MiniBatchKMeans: {km['minibatch_seconds'] / km['faiss_seconds']:.1f}x"
-    )
-    print(
-        f"  k-means objective FAISS / MiniBatchKMeans (<= 1 is no worse): {km['faiss_objective'] / km['minibatch_objective']:.4f}"
-    )
-    print(
-        f"  balanced / random normalised entropy of components: {h['balanced_entropy'] / h['random_entropy']:.3f}"
-    )
-    print(
-        f"  balanced / random share of the smaller half of components: "
-        f"{h['balanced_small_half_share'] / max(h['random_small_half_share'], 1e-12):.2f}x"
-    )
+    if d:
+        speedup = d["exact_seconds_extrapolated"] / d["seconds"]
+        print(f"  copy-dedup speed-up vs exact flat search (extrapolated): {speedup:.1f}x")
+        print(f"  copy-dedup seconds / 600 s target: {d['seconds'] / 600:.3f}")
+        print(f"  planted-pair recall: {d['planted_recall']:.4f}")
+        print(f"  peak RSS / 8 GiB: {d['peak_rss_gib'] / 8:.3f}")
+    if km:
+        for cap, (sec, obj) in km["faiss"].items():
+            print(
+                f"  FAISS k-means ({cap} points/centroid) vs MiniBatchKMeans: {mb_s / sec:.1f}x faster, "
+                f"objective ratio {obj / mb_obj:.4f} (<= 1 is no worse)"
+            )
+    if h:
+        print(
+            f"  balanced / random normalised entropy of components: {h['balanced_entropy'] / h['random_entropy']:.3f}"
+        )
+        small = h["balanced_small_half_share"] / max(h["random_small_half_share"], 1e-12)
+        print(f"  balanced / random share of the smaller half of components: {small:.2f}x")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 ("Automatic Data Curation for Self-Supervised Learning: A Clustering-Based Approach").
 
 One k-means = FAISS Lloyd iterations on a random sample capped at `max_points_per_centroid` per
-centroid, then one float64 centroid update over all points (means of float32 vectors summed in
-float64, so millions of points do not lose precision), then a chunked assignment of every point.
+centroid, a last centroid update over that sample with the sums in float64 (FAISS sums in float32),
+then a chunked assignment of every point: the only pass over all of them.
 
 Hierarchy: level 0 clusters the points; level l clusters the centroids of level l - 1 (unweighted,
 which is what spreads the top levels evenly over the data's support). A resampling step re-fits a
@@ -78,6 +78,14 @@ def _update(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, spherical: 
     return means.astype(np.float32)
 
 
+def fit_sample(n: int, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray | slice:
+    """Rows a k-means fit uses: all, or a seeded random k * max_points_per_centroid of them."""
+    cap = k * max_points_per_centroid
+    if n <= cap:
+        return slice(None)
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+
+
 def kmeans_fit(
     x: np.ndarray,
     k: int,
@@ -96,12 +104,7 @@ def kmeans_fit(
     n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for {n} points")
-    cap = k * max_points_per_centroid
-    if n > cap:
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
-        sample = np.ascontiguousarray(x[rows], dtype=np.float32)
-    else:
-        sample = np.ascontiguousarray(x, dtype=np.float32)
+    sample = np.ascontiguousarray(x[fit_sample(n, k, max_points_per_centroid, seed)], dtype=np.float32)
     km = faiss.Kmeans(
         d,
         k,
@@ -144,14 +147,17 @@ def kmeans(
     resample_size: int | None = None,
     nredo: int = 1,
 ) -> KMeansResult:
-    """Fit on a sample, refine the means over all rows in float64, assign all; then resampling steps.
+    """Fit on a capped sample, a float64 mean update over it, assign all rows; then resampling steps.
 
     resample_size: members nearest each centroid that a resampling step re-fits on
     (default: half the mean cluster size, so dense clusters weigh no more than sparse ones).
     """
     n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for {n} points")
+    xs = x[fit_sample(n, k, max_points_per_centroid, seed)]
     centroids = kmeans_fit(
-        x,
+        xs,
         k,
         niter=niter,
         spherical=spherical,
@@ -159,8 +165,9 @@ def kmeans(
         seed=seed,
         nredo=nredo,
     )
-    labels, _ = kmeans_assign(x, centroids, spherical=spherical)
-    centroids = _update(x, labels, centroids, spherical)
+    # A last update of the means over the fitting sample in float64, then one pass over every point.
+    sample_labels, _ = kmeans_assign(xs, centroids, spherical=spherical)
+    centroids = _update(xs, sample_labels, centroids, spherical)
     labels, dist = kmeans_assign(x, centroids, spherical=spherical)
     r = resample_size or max(1, n // (2 * k))
     for step in range(resampling_steps):
@@ -169,6 +176,14 @@ def kmeans(
         lab = labels[order]
         starts = np.searchsorted(lab, lab, side="left")
         subset = np.sort(order[np.arange(n) - starts < r])
+        if subset.size < k:  # most clusters empty (degenerate data): nothing to re-balance
+            log.warning(
+                "k-means: resampling found only %d points for k=%d; stopping after %d steps",
+                subset.size,
+                k,
+                step,
+            )
+            break
         xs = x[subset]
         centroids = kmeans_fit(
             xs,

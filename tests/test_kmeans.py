@@ -92,11 +92,13 @@ def test_resampling_refits_on_the_points_nearest_each_centroid():
     # Blob A: a dense core at 0 with a tail on [1, 3]; blob B far away at 10.
     core, tail, far = rng.normal(0, 0.1, 1000), rng.uniform(1, 3, 200), rng.normal(10, 0.1, 500)
     x = np.concatenate([core, tail, far]).astype(np.float32)[:, None]
-    plain = kmeans(x, 2, spherical=False, seed=0)
+    plain = kmeans(x, 2, spherical=False, seed=0, max_points_per_centroid=1000)  # fit on all points
     a = int(np.argmin(plain.centroids[:, 0]))
     members = x[:1200, 0].astype(np.float64)
     assert plain.centroids[a, 0] == pytest.approx(members.mean(), abs=1e-5)  # tail pulls it to ~0.33
-    resampled = kmeans(x, 2, spherical=False, seed=0, resampling_steps=1, resample_size=500)
+    resampled = kmeans(
+        x, 2, spherical=False, seed=0, max_points_per_centroid=1000, resampling_steps=1, resample_size=500
+    )
     # Reference: the mean of the 500 members of A nearest its plain centroid (all in the core).
     nearest = members[np.argsort(np.abs(members - plain.centroids[a, 0]))[:500]]
     ra = int(np.argmin(resampled.centroids[:, 0]))
@@ -105,3 +107,13 @@ def test_resampling_refits_on_the_points_nearest_each_centroid():
     assert np.array_equal(
         resampled.labels, (x[:, 0] > 5).astype(int) if ra == 0 else (x[:, 0] < 5).astype(int)
     )
+
+
+def test_resampling_on_degenerate_data_keeps_a_valid_clustering(caplog):
+    # 20 copies of one point and 2 of another: k=4 leaves clusters empty, so resampling has < k points.
+    x = np.concatenate([np.tile([[1.0, 0.0]], (20, 1)), np.tile([[0.0, 1.0]], (2, 1))]).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="lvd"):
+        res = kmeans(x, 4, spherical=True, seed=0, resampling_steps=3, resample_size=1)
+    assert "resampling found only" in caplog.text
+    # every point sits on its nearest centroid: the two distinct points end in different clusters
+    assert res.labels[0] != res.labels[-1] and np.allclose(res.distance, 0, atol=1e-6)

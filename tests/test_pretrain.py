@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import PIL.Image
@@ -18,6 +19,7 @@ from embeddings.preprocess import PreprocessConfig, normalize, prepare_image
 from jobs.cli import app
 from schemas.job_spec import ModelSpec
 from training.config import load_config
+from training.knn_eval import load_eval_backbone
 from training.meta_arch import SSLMetaArch
 from training.train import CHECKPOINT_NAME, METRICS_NAME, NonFiniteLossError, pretrain
 
@@ -174,6 +176,11 @@ def test_exported_teacher_embeds_in_embed_stage(full_run):
         ref = torch.nn.functional.normalize(backbone.eval()(normalize(crops)), dim=-1).numpy()
     np.testing.assert_allclose(vectors, ref, rtol=1e-4, atol=1e-5)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # `lvd eval knn` takes either file: the checkpoint's teacher equals the export.
+    from_ckpt = load_eval_backbone(out / CHECKPOINT_NAME).state_dict()
+    from_export = load_eval_backbone(result.teacher_export).state_dict()
+    assert from_ckpt.keys() == from_export.keys()
+    assert all(torch.equal(from_ckpt[k], from_export[k]) for k in from_ckpt)
 
 
 @pytest.mark.parametrize("name", ["tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"])
@@ -200,3 +207,56 @@ def test_total_steps_keeps_schedule_shape(steps):
     if steps >= cfg.optim.epochs:  # at least one step per epoch: warmup is the same fraction of the run
         assert warmup / steps == pytest.approx(cfg.optim.warmup_epochs / cfg.optim.epochs, rel=0.25)
     assert cfg.total_steps == 300  # the original is untouched
+
+
+_DIST_SCRIPT = """
+import json, os, sys
+from training.config import load_config
+from training.train import pretrain
+cfg = load_config("tiny", json.loads(sys.argv[1]))
+r = pretrain(cfg, sys.argv[2], sys.argv[3], resume=False)
+print("LOSSES", os.environ["RANK"], json.dumps([x["total"] for x in r.losses]), flush=True)
+"""
+
+
+def test_two_process_fsdp_run(job_dir, tmp_path):
+    """torchrun, 2 CPU processes (gloo), FSDP2: ranks agree on the all-reduced loss and the checkpoint
+    holds both ranks' data positions."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_DIST_SCRIPT)
+    overrides = {
+        **OVERRIDES,
+        "optim": {"epochs": 2 / 3, "warmup_epochs": 1},
+        "compute": {"threads": 1, "distributed": "fsdp"},
+    }
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = [*torchrun, str(script), json.dumps(overrides), str(job_dir / "shards"), str(tmp_path / "run")]
+    # Own process group, so a hang is cleaned up whole (torchrun's workers included).
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    out = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = {
+        line.split()[1]: json.loads(line.split(maxsplit=2)[2])
+        for line in out.stdout.splitlines()
+        if line.startswith("LOSSES")
+    }
+    assert set(losses) == {"0", "1"} and losses["0"] == losses["1"] and len(losses["0"]) == 2
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["world_size"] == 2 and [d["config"]["rank"] for d in ckpt["data"]] == [0, 1]
+    assert load_eval_backbone(tmp_path / "run" / "teacher_backbone.pth").n_blocks == 12

@@ -70,7 +70,12 @@ def knn_scores(
 def load_eval_backbone(path: str | Path) -> nn.Module:
     """The backbone of a pretraining checkpoint (its teacher) or of any format the embed stage loads."""
     path = Path(path)
-    obj = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    obj = None
+    if path.is_file():
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - not a torch.save file (e.g. TorchScript): the loaders below decide
+            obj = None
     from training.train import CHECKPOINT_FORMAT
 
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:

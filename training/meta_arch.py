@@ -13,6 +13,7 @@ from embeddings.vit import build_vit
 from training.config import PretrainConfig
 from training.heads import DINOHead
 from training.loss import DINOLoss, iBOTPatchLoss, koleo_loss
+from training.loss.dino_clstoken_loss import all_reduce
 
 
 def _local(t: Tensor) -> Tensor:
@@ -112,7 +113,10 @@ class SSLMetaArch(nn.Module):
         global_crops, local_crops = crops["global_crops"], crops.get("local_crops")
         n_global = 2
         batch = global_crops.shape[0] // n_global
-        n_masked = int(masks.sum())
+        # Whether there are iBOT targets is decided over all ranks: Sinkhorn-Knopp and the centre
+        # all-reduce, so every rank must take the same branch (a rank may hold no masked patch).
+        n_masked = all_reduce(masks.sum().to(torch.int64))
+        n_masked = int(n_masked)
 
         with torch.no_grad(), autocast:
             _, t_cls, t_patch = teacher(global_crops, None, masks, False)

@@ -241,6 +241,8 @@ def _pretrain(
     history = _read_metrics(metrics_path, step) if env.is_main else []
     result = RunResult(start_step=step, end_step=step)
 
+    consumed = loader.state_dict()  # data position of the last batch trained on
+
     def save() -> None:
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -252,7 +254,7 @@ def _pretrain(
             "dino_loss": model.dino_loss.state_dict(),
             "ibot_loss": model.ibot_loss.state_dict(),
             "optimizer": optimizer_state_dict(model.student, optimizer, strategy),
-            "data": gather_objects(loader.state_dict(), env),
+            "data": gather_objects(consumed, env),
         }
         if env.is_main:
             save_atomic(state, ckpt_path)
@@ -263,20 +265,29 @@ def _pretrain(
     model.train()
     pool = ThreadPoolExecutor(tc.augment_threads) if tc.augment_threads > 1 else None
     batches = _endless(loader)
+    ratio_range = tuple(cfg.ibot.mask_ratio_min_max)
+
+    def prepare(at: int) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, dict]:
+        """Inputs of step `at` and the loader position after its batch (a pure function of `at`)."""
+        images = next(batches)
+        position = loader.state_dict()
+        crops = augment_batch(images, multicrop, seed=tc.seed, rank=env.rank, step=at, pool=pool)
+        mask_rng = np.random.default_rng([tc.seed, env.rank, at, 0x4D41534B])
+        masks = sample_masks(
+            2 * len(images), mask_generator, mask_rng, cfg.ibot.mask_sample_probability, ratio_range
+        )
+        return len(images), crops, masks, position
+
+    # The next step's batch is read and cropped in a background thread while this step computes.
+    ahead = ThreadPoolExecutor(1)
+    pending = ahead.submit(prepare, step) if step < stop else None
     t0, images_seen = time.perf_counter(), 0
     try:
         while step < stop:
-            images = next(batches)
-            crops = augment_batch(images, multicrop, seed=tc.seed, rank=env.rank, step=step, pool=pool)
+            n_images, crops, masks, data_position = pending.result()
+            pending = ahead.submit(prepare, step + 1) if step + 1 < stop else None
             crops = {k: v.to(env.device, non_blocking=True) for k, v in crops.items()}
-            mask_rng = np.random.default_rng([tc.seed, env.rank, step, 0x4D41534B])
-            masks = sample_masks(
-                2 * len(images),
-                mask_generator,
-                mask_rng,
-                cfg.ibot.mask_sample_probability,
-                tuple(cfg.ibot.mask_ratio_min_max),
-            ).to(env.device)
+            masks = masks.to(env.device)
             torch.manual_seed(step_seed(tc.seed, env.rank, step))  # drop path
             values = schedules.at(step)
             apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
@@ -301,7 +312,8 @@ def _pretrain(
             optimizer.step()
             model.update_teacher(values["momentum"])
             step += 1
-            images_seen += len(images)
+            images_seen += n_images
+            consumed = data_position
             row = {
                 "step": step - 1,
                 **row,
@@ -325,6 +337,9 @@ def _pretrain(
             if step % tc.checkpoint_every == 0 or step == stop:
                 save()
     finally:
+        if pending is not None:
+            pending.cancel()
+        ahead.shutdown(wait=True)
         if pool is not None:
             pool.shutdown()
     elapsed = time.perf_counter() - t0

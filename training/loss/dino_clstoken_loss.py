@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _world_size() -> int:
+def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _all_reduce(x: Tensor, op=None) -> Tensor:
-    if _world_size() > 1:
+def all_reduce(x: Tensor, op=None) -> Tensor:
+    """In-place sum (or `op`) over ranks; a no-op in a single process."""
+    if world_size() > 1:
         dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
     return x
 
@@ -27,13 +28,13 @@ def sinkhorn_knopp(logits: Tensor, temperature: float, n_iterations: int = 3) ->
     """
     logits = logits.float() / temperature
     # exp() of a 0.04-temperature logit overflows without the shift; a constant shift cancels out.
-    shift = _all_reduce(logits.max().clone(), dist.ReduceOp.MAX if _world_size() > 1 else None)
+    shift = all_reduce(logits.max().clone(), dist.ReduceOp.MAX if world_size() > 1 else None)
     q = torch.exp(logits - shift).t()  # [K, B]
-    n_samples = _all_reduce(torch.tensor(q.shape[1], dtype=torch.float32, device=q.device)).item()
+    n_samples = all_reduce(torch.tensor(q.shape[1], dtype=torch.float32, device=q.device)).item()
     n_protos = q.shape[0]
-    q /= _all_reduce(q.sum())
+    q /= all_reduce(q.sum())
     for _ in range(n_iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))  # each prototype gets mass 1/K
+        q /= all_reduce(q.sum(dim=1, keepdim=True))  # each prototype gets mass 1/K
         q /= n_protos
         q /= q.sum(dim=0, keepdim=True)  # each sample gets mass 1/B
         q /= n_samples
@@ -73,8 +74,8 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:
-        batch_sum = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
-        batch_center = batch_sum / (teacher_logits.shape[0] * _world_size())
+        batch_sum = all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
+        batch_center = batch_sum / (teacher_logits.shape[0] * world_size())
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
     def forward(self, student_logits: list[Tensor], teacher_targets: list[Tensor]) -> Tensor:

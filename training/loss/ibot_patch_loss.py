@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.loss.dino_clstoken_loss import _all_reduce, sinkhorn_knopp
+from training.loss.dino_clstoken_loss import all_reduce, sinkhorn_knopp
 
 
 class iBOTPatchLoss(nn.Module):  # noqa: N801 - the method's name
@@ -38,10 +38,10 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 - the method's name
 
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:
-        n = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
+        n = all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
         if n.item() == 0:
             return
-        batch_center = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True)) / n
+        batch_center = all_reduce(teacher_logits.float().sum(dim=0, keepdim=True)) / n
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
     def forward(self, student_logits: Tensor, teacher_targets: Tensor, masks: Tensor) -> Tensor:
