@@ -39,10 +39,14 @@ def test_shards_hold_every_curated_sample_once_with_original_bytes(demo_run):
     spec, _, _, _ = demo_run
     out = Path(spec.output_dir)
     images = read_parts(out / "ingest", IMAGES)
-    sha_by_id = dict(zip(images.column("image_id").to_pylist(), images.column("sha256").to_pylist(), strict=True))
+    sha_by_id = dict(
+        zip(images.column("image_id").to_pylist(), images.column("sha256").to_pylist(), strict=True)
+    )
     curated = read_parts(out / "sample", CURATED)
     expected = {}
-    for image_id, repeats in zip(curated.column("image_id").to_pylist(), curated.column("repeats").to_pylist(), strict=True):
+    for image_id, repeats in zip(
+        curated.column("image_id").to_pylist(), curated.column("repeats").to_pylist(), strict=True
+    ):
         expected[image_id] = repeats
     index = json.loads((out / "shards" / "index.json").read_text())
     shard_files = sorted((out / "shards").glob("lvd-*.tar"))

@@ -14,7 +14,9 @@ from schemas.job_spec import load_job_spec
 
 def _lvd(*args: str) -> str:
     cmd = [str(Path(sys.executable).parent / "lvd"), *args]
-    return subprocess.run(cmd, env=head_env(), capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+    return subprocess.run(
+        cmd, env=head_env(), capture_output=True, text=True, check=True, timeout=120
+    ).stdout.strip()
 
 
 def test_submit_runs_the_job_on_the_cluster_and_cli_follows_it(tmp_path):
