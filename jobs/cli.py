@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-
-# Idle OpenMP threads that spin steal the other stage's cores (measured 3x slower FAISS k-means
-# on 2 cores); must be set before torch or faiss load their OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 
