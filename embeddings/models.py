@@ -82,6 +82,9 @@ def build_module(spec: ModelSpec) -> nn.Module:
             patch_size=spec.patch_size,
             num_register_tokens=spec.num_register_tokens,
             img_size=spec.image_size // spec.patch_size * spec.patch_size,
+            # LayerScale 1e-5 (the training init) leaves an untrained ViT near the identity, so every
+            # image gets almost the same CLS vector; 1.0 gives usable random features instead.
+            layerscale_init=1.0,
         )
 
 

@@ -13,7 +13,7 @@ from jobs.demo import build_demo
 from jobs.pipeline import STAGE_NAMES, funnel, run_job
 from jobs.shard_verify import verify_shards
 from schemas.job_spec import load_job_spec
-from schemas.tables import CURATED, IMAGES, read_parts
+from schemas.tables import CURATED, IMAGES, RETRIEVED, read_parts
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,24 @@ def test_rerun_skips_every_stage_quickly(demo_run):
     assert second_seconds < 0.1 * sum(r.seconds for r in first)
     curated = read_parts(Path(spec.output_dir) / "sample", CURATED)
     assert curated.num_rows == len(set(curated.column("image_id").to_pylist()))
+
+
+def test_sample_retrieval_finds_the_seed_sets_classes(demo_run):
+    """Seeds of two generated classes retrieve pool images of those classes (random-feature ViT)."""
+    spec, root, _, _ = demo_run
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    images = read_parts(Path(spec.output_dir) / "ingest", IMAGES).to_pandas()
+    label_of = {
+        image_id: manifest["labels"].get(str(Path(uri).relative_to(root / "data")))
+        for image_id, uri in zip(images.image_id, images.uri, strict=True)
+    }
+    retrieved = read_parts(Path(spec.output_dir) / "retrieve", RETRIEVED).to_pandas()
+    for name, seed in manifest["seeds"].items():
+        if seed["strategy"] != "sample":
+            continue
+        got = [label_of[i] for i in retrieved[retrieved.seed_set == name].image_id.unique()]
+        precision = sum(label in seed["classes"] for label in got) / len(got)
+        pool = [label_of[i] for i in images[images.dataset == "pool"].image_id]
+        share = sum(label in seed["classes"] for label in pool) / len(pool)
+        # Chance is the classes' share of the pool; a working embed + kNN does far better.
+        assert precision >= 3 * share, (name, precision, share)
