@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument(
         "--override",
         default="{}",
-        help='config overrides as JSON, e.g. \'{"model": {"layerscale_init": 0.1}}\'',
+        help='config overrides as JSON, e.g. the recipe\'s init: \'{"model": {"layerscale_init": 1e-5}}\'',
     )
     args = ap.parse_args()
     if args.threads:

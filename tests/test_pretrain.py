@@ -80,10 +80,12 @@ def test_run_logs_and_checkpoints(full_run):
     result, out = full_run
     assert (result.start_step, result.end_step) == (0, 6) and len(result.losses) == 6
     assert all(np.isfinite(r["total"]) for r in result.losses)
-    # Training lowers the objective (and its DINO term) from the first steps to the last.
+    # Training lowers the DINO term from the first steps to the last. (The total is not checked:
+    # over 6 steps of batch 4 it moves with the iBOT term, which depends on which crops were masked,
+    # e.g. 2.65 -> 3.47 -> 2.66 on consecutive steps; it only used to fall because KoLeo started at
+    # 18 when LayerScale 1e-5 made every CLS token alike, see configs/tiny.yaml.)
     first, last = result.losses[:2], result.losses[-2:]
-    for key in ("total", "dino"):
-        assert np.mean([r[key] for r in last]) < np.mean([r[key] for r in first]) - 0.02, key
+    assert np.mean([r["dino"] for r in last]) < np.mean([r["dino"] for r in first]) - 0.05
     rows = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(6))
     ckpt = torch.load(out / CHECKPOINT_NAME, weights_only=False)
@@ -207,6 +209,36 @@ def test_total_steps_keeps_schedule_shape(steps):
     if steps >= cfg.optim.epochs:  # at least one step per epoch: warmup is the same fraction of the run
         assert warmup / steps == pytest.approx(cfg.optim.warmup_epochs / cfg.optim.epochs, rel=0.25)
     assert cfg.total_steps == 300  # the original is untouched
+
+
+def _reference_sinkhorn(logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
+    """SwAV's Sinkhorn-Knopp in float64, written out here (not training.loss): rows sum to 1."""
+    q = torch.exp((logits.double() - logits.double().max()) / temperature)
+    q = q / q.sum()
+    b, k = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=0, keepdim=True) / k
+        q = q / q.sum(dim=1, keepdim=True) / b
+    return q * b
+
+
+def test_tiny_config_teacher_targets_are_not_uniform_at_init():
+    """With LayerScale 1e-5 every image's CLS token was the same at init (cosine 0.999999), so the
+    Sinkhorn-Knopp targets were exactly uniform and the DINO loss sat at log(K) for whole CPU runs."""
+    cfg = load_config("tiny")
+    torch.manual_seed(cfg.train.seed)
+    model = SSLMetaArch(cfg)
+    size = cfg.crops.global_crops_size
+    images = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cls = model.teacher.backbone(images)
+        logits = model.teacher.dino_head(cls)
+    cls = torch.nn.functional.normalize(cls, dim=-1)
+    off_diagonal = (cls @ cls.t())[~torch.eye(len(cls), dtype=torch.bool)]
+    assert off_diagonal.mean() < 0.95
+    q = _reference_sinkhorn(logits, cfg.teacher.warmup_teacher_temp)
+    entropy = -(q * q.clamp_min(1e-300).log()).sum(-1).mean().item()
+    assert entropy < np.log(cfg.dino.head_n_prototypes) - 0.05  # it was log(K) - 1e-7
 
 
 _DIST_SCRIPT = """
