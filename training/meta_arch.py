@@ -13,7 +13,7 @@ from embeddings.vit import build_vit
 from training.config import PretrainConfig
 from training.heads import DINOHead
 from training.loss import DINOLoss, iBOTPatchLoss, koleo_loss
-from training.loss.dino_clstoken_loss import all_reduce
+from training.loss.teacher_targets import all_reduce
 
 
 def _local(t: Tensor) -> Tensor:
