@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from curation.knn import build_index, recall_against_exact, search, search_chunks
+from curation.knn import build_index, recall_against_exact
+from curation.knn_ray import search_auto, search_chunks_auto
 from curation.union_find import connected_components
 
 log = logging.getLogger("lvd")
@@ -63,10 +64,12 @@ def copy_detection_edges(
     chunk_size: int = 65_536,
     recall_sample: int = 1000,
     seed: int = 0,
+    search_actors: int = 0,
 ) -> CopyEdges:
     """Edges (i, j) between each row and those of its k nearest neighbours with cosine > threshold.
 
     `vectors` are L2-normalised float32. Only thresholded edges are kept, chunk by chunk.
+    `search_actors` > 0 searches the chunks on that many Ray actors when Ray is up.
     """
     n = vectors.shape[0]
     if n < 2:
@@ -74,7 +77,8 @@ def copy_detection_edges(
         return CopyEdges(empty, empty, np.zeros(0, np.float32), True, None)
     idx, info = build_index(vectors, factory=index, exact_below=exact_below, nprobe=nprobe, seed=seed)
     src, dst, sims = [], [], []
-    for start, s, i in search_chunks(idx, vectors, k + 1, chunk_size):  # +1: a row finds itself
+    chunks = search_chunks_auto(idx, vectors, k + 1, chunk_size, search_actors, nprobe)
+    for start, s, i in chunks:  # k + 1: a row finds itself
         rows = np.arange(start, start + s.shape[0], dtype=np.int64)[:, None]
         hit = (s > threshold) & (i >= 0) & (i != rows)
         r, c = np.nonzero(hit)
@@ -120,13 +124,14 @@ def eval_overlap(
     nprobe: int = 16,
     exact_below: int = 1_000_000,
     chunk_size: int = 65_536,
+    search_actors: int = 0,
 ) -> np.ndarray:
     """Which pool rows have an eval image with cosine > threshold (nearest eval vector per pool row)."""
     matched = np.zeros(pool_vectors.shape[0], dtype=bool)
     if eval_vectors.shape[0] == 0 or pool_vectors.shape[0] == 0:
         return matched
     idx, _ = build_index(eval_vectors, factory=index, exact_below=exact_below, nprobe=nprobe)
-    sims, ids = search(idx, pool_vectors, 1, chunk_size)
+    sims, ids = search_auto(idx, pool_vectors, 1, chunk_size, search_actors, nprobe)
     return (sims[:, 0] > threshold) & (ids[:, 0] >= 0)
 
 
@@ -168,6 +173,7 @@ def dedup_pool(
     chunk_size: int = 65_536,
     keep_rule: str = "largest_then_smallest_id",
     seed: int = 0,
+    search_actors: int = 0,
 ) -> DedupResult:
     """Exact, copy-detection and eval-overlap dedup of a pool (rows of L2-normalised `vectors`)."""
     image_ids = np.asarray(image_ids, dtype=np.int64)
@@ -180,7 +186,13 @@ def dedup_pool(
     exact_rep = exact_duplicate_of(sha256, image_ids) if sha256 is not None else rows
     is_exact_dup = exact_rep != rows
     unique_rows = np.flatnonzero(~is_exact_dup)
-    search_params = dict(index=index, nprobe=nprobe, exact_below=exact_below, chunk_size=chunk_size)
+    search_params = dict(
+        index=index,
+        nprobe=nprobe,
+        exact_below=exact_below,
+        chunk_size=chunk_size,
+        search_actors=search_actors,
+    )
     # Exact copies have the same vector: search only one of each, join the rest by their hash edge.
     searched = vectors if unique_rows.size == n else vectors[unique_rows]  # no copy when all are distinct
     edges = copy_detection_edges(searched, k=k, threshold=threshold, seed=seed, **search_params)

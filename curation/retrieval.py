@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.kmeans import kmeans_assign
-from curation.knn import search
+from curation.knn_ray import search_auto
 from schemas.tables import RETRIEVED
 
 
@@ -55,12 +55,14 @@ def retrieve_by_sample(
     *,
     k: int = 4,
     chunk_size: int = 65_536,
+    search_actors: int = 0,
 ) -> pa.Table:
     """The k nearest pool images of every seed image (rank 0 = nearest, score = cosine).
 
-    `pool_index` holds the L2-normalised pool vectors in the order of `pool_ids`.
+    `pool_index` holds the L2-normalised pool vectors in the order of `pool_ids`. `search_actors` > 0
+    searches on that many Ray actors when Ray is up.
     """
-    sims, idx = search(pool_index, seed_vectors, k, chunk_size)
+    sims, idx = search_auto(pool_index, seed_vectors, k, chunk_size, search_actors)
     valid = idx >= 0
     seed_of = np.repeat(np.asarray(seed_ids, dtype=np.int64), idx.shape[1]).reshape(idx.shape)
     rank = np.broadcast_to(np.arange(idx.shape[1], dtype=np.int32), idx.shape)

@@ -104,6 +104,9 @@ class DedupSpec(_Strict):
     nprobe: int = Field(64, ge=1)
     exact_below: int = Field(1_000_000, ge=0, description="Use exact (flat) search below this many vectors.")
     chunk_size: int = Field(65_536, ge=1, description="Query rows per search call; bounds memory.")
+    search_actors: int = Field(
+        0, ge=0, description="Ray actors searching query chunks in parallel (0: in the driver)."
+    )
     keep_rule: Literal["largest_then_smallest_id", "smallest_id"] = "largest_then_smallest_id"
 
 

@@ -1,4 +1,5 @@
-"""dedup stage: exact, copy-detection and eval-overlap dedup of the pool (FAISS, in-process).
+"""dedup stage: exact, copy-detection and eval-overlap dedup of the pool (FAISS in-process, or
+searched on Ray actors when `dedup.search_actors` > 0).
 
 Reads ok pool images with a vector of the copy-detection model (the retrieval model's when the
 spec has none) and writes one DEDUP row per such image. Images without a vector (failed decode or
@@ -39,6 +40,8 @@ def run(ctx: StageContext) -> dict:
     _, eval_vectors = load_vectors(ctx.input_dir("embed"), model, eval_ids)
 
     params = spec.dedup.model_dump()
+    if spec.dedup.search_actors > 0:
+        ctx.ray()  # the kNN searches run on Ray actors
     result = dedup_pool(
         ids,
         vectors,

@@ -46,6 +46,13 @@ class _Pool:
             )
         return self._index
 
+    def search_actors(self) -> int:
+        """Ray actors for kNN search (spec.dedup.search_actors), starting Ray when there are any."""
+        n = self.ctx.spec.dedup.search_actors
+        if n > 0:
+            self.ctx.ray()
+        return n
+
     def clustering(self, num_clusters: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(labels, distances, centroids) of the pool rows."""
         if num_clusters not in self._clusterings:
@@ -94,7 +101,16 @@ def run(ctx: StageContext) -> dict:
             if pool.ids.size == 0 or ids.size == 0:
                 table = RETRIEVED.empty_table()
             elif seed.strategy == "sample":
-                table = retrieve_by_sample(pool.index(), pool.ids, vectors, ids, seed.name, k=seed.k)
+                table = retrieve_by_sample(
+                    pool.index(),
+                    pool.ids,
+                    vectors,
+                    ids,
+                    seed.name,
+                    k=seed.k,
+                    chunk_size=spec.dedup.chunk_size,
+                    search_actors=pool.search_actors(),
+                )
             else:
                 labels, distance, centroids = pool.clustering(seed.num_clusters)
                 table = retrieve_by_cluster(
