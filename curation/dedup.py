@@ -19,6 +19,10 @@ import pandas as pd
 from curation.knn import build_index, recall_against_exact
 from curation.knn_ray import search_auto, search_chunks_auto
 from curation.union_find import connected_components
+from schemas.job_spec import DedupSpec
+
+# One source of truth for defaults: the job spec (these functions are also called directly).
+DEDUP_DEFAULTS = DedupSpec()
 
 log = logging.getLogger("lvd")
 
@@ -58,8 +62,8 @@ def copy_detection_edges(
     *,
     k: int = 64,
     threshold: float = 0.6,
-    index: str = "IVF4096,Flat",
-    nprobe: int = 16,
+    index: str = DEDUP_DEFAULTS.index,
+    nprobe: int = DEDUP_DEFAULTS.nprobe,
     exact_below: int = 1_000_000,
     chunk_size: int = 65_536,
     recall_sample: int = 1000,
@@ -120,8 +124,8 @@ def eval_overlap(
     eval_vectors: np.ndarray,
     *,
     threshold: float = 0.45,
-    index: str = "IVF4096,Flat",
-    nprobe: int = 16,
+    index: str = DEDUP_DEFAULTS.index,
+    nprobe: int = DEDUP_DEFAULTS.nprobe,
     exact_below: int = 1_000_000,
     chunk_size: int = 65_536,
     search_actors: int = 0,
@@ -167,8 +171,8 @@ def dedup_pool(
     k: int = 64,
     threshold: float = 0.6,
     eval_threshold: float = 0.45,
-    index: str = "IVF4096,Flat",
-    nprobe: int = 16,
+    index: str = DEDUP_DEFAULTS.index,
+    nprobe: int = DEDUP_DEFAULTS.nprobe,
     exact_below: int = 1_000_000,
     chunk_size: int = 65_536,
     keep_rule: str = "largest_then_smallest_id",

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from schemas.job_spec import DedupSpec
+
+# One source of truth for defaults: the job spec (these functions are also called directly).
+DEDUP_DEFAULTS = DedupSpec()
+
 log = logging.getLogger("lvd")
 
 ADD_CHUNK = 262_144  # vectors per index.add call: bounds the temporary copies FAISS makes
@@ -59,9 +64,9 @@ class IndexInfo:
 def build_index(
     xb: np.ndarray,
     *,
-    factory: str = "IVF4096,Flat",
+    factory: str = DEDUP_DEFAULTS.index,
     exact_below: int = 1_000_000,
-    nprobe: int = 16,
+    nprobe: int = DEDUP_DEFAULTS.nprobe,
     train_size: int | None = None,
     seed: int = 0,
 ) -> tuple[faiss.Index, IndexInfo]:

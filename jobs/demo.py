@@ -224,7 +224,7 @@ def near_duplicate(rng: np.random.Generator, data: bytes) -> bytes:
 # Bad and odd files
 
 
-def _bomb_png(width: int, height: int) -> bytes:
+def bomb_png(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares width x height pixels (a decompression bomb's header)."""
     import struct
     import zlib
@@ -250,7 +250,7 @@ def bad_files(rng: np.random.Generator) -> dict[str, tuple[bytes, str]]:
         "truncated.jpg": (jpeg[: len(jpeg) * 3 // 5], "truncated image"),
         "truncated.png": (png[: len(png) // 2], "truncated image"),
         "notes.jpg": (b"this is a text file, not a JPEG\n" * 4, "not an image"),
-        "bomb.png": (_bomb_png(12_000, 12_000), "decompression bomb"),
+        "bomb.png": (bomb_png(12_000, 12_000), "decompression bomb"),
     }
 
 

@@ -7,11 +7,9 @@ import hashlib
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 import tarfile
-import zlib
 from pathlib import Path
 
 import fsspec
@@ -32,27 +30,13 @@ from curation.ingest import (
     probe_image,
     stable_image_id,
 )
+from jobs.demo import bomb_png
 from jobs.pipeline import StageContext
 from schemas.job_spec import Source, parse_job_spec
 from schemas.tables import IMAGES, part_path, read_parts
 
 MAX_PIXELS = 1_000_000
 MAX_BYTES = 1_000_000
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG header declaring width x height, with almost no pixel data behind it."""
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
 
 
 def rows_by_uri(table: pa.Table) -> dict[str, dict]:
