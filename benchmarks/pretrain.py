@@ -31,7 +31,7 @@ from training.meta_arch import SSLMetaArch  # noqa: E402
 from training.train import pretrain  # noqa: E402
 
 
-def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int) -> str:
+def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int, class_colours: bool) -> str:
     """Unlabelled training images from the demo's class generators as lvd-style WebDataset shards."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -40,7 +40,8 @@ def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int) -> st
         with wds.TarWriter(str(out / f"lvd-{s:06d}.tar")) as w:
             for i in range(s * per_shard, min(n_images, (s + 1) * per_shard)):
                 buf = io.BytesIO()
-                generate_image(rng, int(rng.integers(len(CLASS_NAMES)))).save(buf, "JPEG", quality=90)
+                label = int(rng.integers(len(CLASS_NAMES)))
+                generate_image(rng, label, class_colours).save(buf, "JPEG", quality=90)
                 w.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "json": b"{}"})
     return str(out / f"lvd-{{000000..{n_shards - 1:06d}}}.tar")
 
@@ -93,6 +94,12 @@ def main() -> None:
     ap.add_argument(
         "--per-class", type=int, default=25, help="labelled train (and val) images per class for kNN"
     )
+    ap.add_argument(
+        "--class-colours",
+        action="store_true",
+        help="give each class its own hues (default: random hues, so only the patterns tell classes apart;"
+        " with class hues an untrained network already separates them by colour)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lvd-bench-pretrain"))
     ap.add_argument(
@@ -106,8 +113,10 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
 
-    shards = write_pool_shards(args.work / "shards", args.pool, 128, seed=1)
-    labelled = build_labelled_folder(args.work / "labelled", args.per_class, seed=2)
+    shards = write_pool_shards(args.work / "shards", args.pool, 128, seed=1, class_colours=args.class_colours)
+    labelled = build_labelled_folder(
+        args.work / "labelled", args.per_class, seed=2, class_colours=args.class_colours
+    )
     epoch_length = max(1, args.pool // args.batch)
     overrides: dict = {
         "train": {

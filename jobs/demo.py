@@ -86,8 +86,10 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return out
 
 
-def _palette(rng: np.random.Generator, label: int, n: int) -> np.ndarray:
+def _palette(rng: np.random.Generator, label: int, n: int, class_colours: bool = True) -> np.ndarray:
     centre, spread = CLASS_HUES[label]
+    if not class_colours:  # same hue spread around a random centre: colour says nothing of the class
+        centre = rng.uniform(0.0, 1.0)
     h = centre + rng.uniform(-spread, spread, n)
     s = rng.uniform(0.5, 1.0, n)
     v = rng.uniform(0.45, 1.0, n)
@@ -181,14 +183,17 @@ def _sunburst(rng, h, w, colours):
 _CLASSES: tuple[Callable, ...] = (_discs, _stripes, _checker, _rings, _polygons, _blobs, _grid, _sunburst)
 
 
-def generate_image(rng: np.random.Generator, label: int) -> Image.Image:
+def generate_image(rng: np.random.Generator, label: int, class_colours: bool = True) -> Image.Image:
     """One image of class `label`: its pattern in its palette, shaded by a random field.
+
+    class_colours=False draws the palette's hue at random, so only the pattern tells the classes apart
+    (a colour histogram, or an untrained network's colour statistics, then scores near chance).
 
     The random 10x10-cell shading and lighting give every image its own low-frequency layout, so distinct
     images of one class are not copies of each other at the copy-detection model's 16x16 scale.
     """
     h, w = (int(v) for v in rng.integers(96, 201, 2))
-    colours = _palette(rng, label, 6)
+    colours = _palette(rng, label, 6, class_colours)
     base = _CLASSES[label](rng, h, w, colours)
     shade = 0.4 * _smooth_field(rng, h, w, 12)[..., None]
     light = 0.2 * _smooth_field(rng, h, w, 12)[..., None]
@@ -534,14 +539,20 @@ def build_demo(out: Path, n_images: int = 600, seed: int = 0) -> Path:
 
 
 def build_labelled_folder(
-    out: Path, n_per_class: int, seed: int = 0, val_per_class: int | None = None
+    out: Path,
+    n_per_class: int,
+    seed: int = 0,
+    val_per_class: int | None = None,
+    class_colours: bool = True,
 ) -> Path:
-    """`out/{train,val}/<class>/NNNN.png` from the demo's class generators (for kNN evaluation)."""
+    """`out/{train,val}/<class>/NNNN.png` from the demo's class generators (for kNN evaluation);
+    class_colours=False: random hues, classes differ by pattern only."""
     out = Path(out)
     rng = np.random.default_rng([seed, 1])
     splits = {"train": n_per_class, "val": n_per_class if val_per_class is None else val_per_class}
     for split, count in splits.items():
         for label, name in enumerate(CLASS_NAMES):
             for j in range(count):
-                _write(out / split / name / f"{j:04d}.png", encode(generate_image(rng, label), "png"))
+                image = generate_image(rng, label, class_colours)
+                _write(out / split / name / f"{j:04d}.png", encode(image, "png"))
     return out

@@ -124,6 +124,12 @@ class ClusteringSpec(_Strict):
     niter: int = Field(20, ge=1)
     spherical: bool = True
     max_points_per_centroid: int = Field(256, ge=1)
+    assign_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Precision of the nearest-centroid passes over all points. auto: bfloat16 matmul on a "
+        "CPU with native bf16 and no GPU (3.4x the fp32 speed; near ties may go to the runner-up), else "
+        "FAISS float32.",
+    )
     seed: int = 0
 
     @field_validator("levels")

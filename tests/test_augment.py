@@ -98,3 +98,35 @@ def test_grayscale_and_solarize_are_reachable():
         pix = g[1][:, 7, 7] * IMAGENET_STD + IMAGENET_MEAN
         grey += bool(np.allclose(pix, pix[0], atol=2 / 255))
     assert 2 <= grey <= 30
+
+
+def _high_frequency_energy(x: np.ndarray) -> float:
+    return float(np.abs(np.diff(x, axis=1)).mean())  # differences along the width
+
+
+def test_blur_scales_with_crop_size():
+    """The recipe's blur (sigma 0.1-2 px at 224/98 px) shrinks with the crop: at a quarter of the size a
+    stripe pattern 3 px apart keeps its contrast; an unscaled blur would flatten it."""
+    from training.augment import MultiCrop, MultiCropConfig, gaussian_blur
+
+    mc = MultiCrop(MultiCropConfig(global_crops_size=56, local_crops_size=28))
+    assert mc.global_blur == pytest.approx(56 / 224) and mc.local_blur == pytest.approx(28 / 98)
+    assert MultiCrop(MultiCropConfig()).global_blur == 1.0
+    stripes = np.zeros((56, 56, 3), dtype=np.uint8)
+    stripes[:, ::3] = 255
+    img = PIL.Image.fromarray(stripes)
+    sharp = _high_frequency_energy(np.asarray(img, dtype=np.float64))
+    scaled = [
+        _high_frequency_energy(
+            np.asarray(gaussian_blur(img, np.random.default_rng(s), mc.global_blur), dtype=np.float64)
+        )
+        for s in range(20)
+    ]
+    unscaled = [
+        _high_frequency_energy(
+            np.asarray(gaussian_blur(img, np.random.default_rng(s), 1.0), dtype=np.float64)
+        )
+        for s in range(20)
+    ]
+    assert min(scaled) > 0.5 * sharp
+    assert np.mean(unscaled) < 0.5 * np.mean(scaled)

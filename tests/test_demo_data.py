@@ -163,3 +163,28 @@ def test_labelled_folder(tmp_path):
         for c in classes:
             files = sorted((out / split / c).glob("*.png"))
             assert len(files) == n and all(decodes(f.read_bytes()) for f in files)
+
+
+def _hue_histogram(img: Image.Image) -> np.ndarray:
+    hsv = np.asarray(img.convert("HSV"), dtype=np.float64)
+    weight = hsv[..., 1] * hsv[..., 2]  # grey pixels carry no hue
+    hist = np.bincount((hsv[..., 0] // 16).astype(int).ravel(), weight.ravel(), minlength=16)
+    return hist / hist.sum()
+
+
+@pytest.mark.parametrize("class_colours", [True, False])
+def test_class_colours_decide_whether_hue_tells_the_class(class_colours):
+    """A 1-nearest-neighbour classifier on hue histograms: near-perfect with class hues, near chance
+    (1/8) with random hues, where only the pattern tells the classes apart."""
+    from jobs.demo import generate_image
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(len(CLASS_NAMES)), 12)
+    feats = np.stack([_hue_histogram(generate_image(rng, int(c), class_colours)) for c in labels])
+    dist = np.abs(feats[:, None] - feats[None]).sum(-1)
+    np.fill_diagonal(dist, np.inf)
+    accuracy = float((labels[dist.argmin(1)] == labels).mean())
+    if class_colours:
+        assert accuracy > 0.9
+    else:
+        assert accuracy < 0.4

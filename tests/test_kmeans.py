@@ -24,14 +24,49 @@ def test_assign_matches_brute_force_both_metrics():
     x = rng.standard_normal((500, 16)).astype(np.float32)
     c = rng.standard_normal((7, 16)).astype(np.float32)
     d2 = ((x[:, None, :] - c[None]) ** 2).sum(-1)
-    labels, dist = kmeans_assign(x, c, spherical=False, chunk_size=64)
+    labels, dist = kmeans_assign(x, c, spherical=False, chunk_size=64, assign_dtype="float32")
     assert np.array_equal(labels, d2.argmin(1))
     assert np.allclose(dist, d2.min(1), rtol=1e-4, atol=1e-4)
     xn, cn = normalize(x), normalize(c)
-    labels, dist = kmeans_assign(xn, cn, spherical=True, chunk_size=64)
+    labels, dist = kmeans_assign(xn, cn, spherical=True, chunk_size=64, assign_dtype="float32")
     cos = xn @ cn.T
     assert np.array_equal(labels, cos.argmax(1))
     assert np.allclose(dist, 1 - cos.max(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_bf16_assign_is_nearest_up_to_bf16_ties_with_exact_distances(spherical):
+    """bf16 picks the nearest centroid except within bf16 rounding of a tie; the distance it returns is
+    the float32 one to the centroid it picked; on separated blobs it is the exact assignment."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20_000, 64)).astype(np.float32)
+    c = rng.standard_normal((300, 64)).astype(np.float32)
+    if spherical:
+        x, c = normalize(x), normalize(c)
+    d = (1 - x @ c.T) if spherical else ((x[:, None, :] - c[None]) ** 2).sum(-1)
+    labels, dist = kmeans_assign(x, c, spherical=spherical, assign_dtype="bfloat16")
+    picked = d[np.arange(len(x)), labels]
+    assert np.allclose(dist, picked, rtol=1e-4, atol=1e-4)
+    assert (labels == d.argmin(1)).mean() > 0.9
+    # bf16 keeps 8 significant bits: a wrong pick is a near tie, never a far centroid.
+    slack = 2.0**-6 * (1.0 if spherical else (x * x).sum(1) + (c * c).sum(1).max())
+    assert np.all(picked - d.min(1) <= slack)
+    centers = 10 * rng.standard_normal((6, 32))
+    blobs, _ = _blobs(rng, centers, 100, 0.5)
+    blob_centroids = centers.astype(np.float32)
+    if spherical:
+        blobs, blob_centroids = normalize(blobs), normalize(blob_centroids)
+    exact = kmeans_assign(blobs, blob_centroids, spherical=spherical, assign_dtype="float32")[0]
+    fast = kmeans_assign(blobs, blob_centroids, spherical=spherical, assign_dtype="bfloat16")[0]
+    assert np.array_equal(exact, fast)
+
+
+def test_assign_dtype_auto_resolves_and_bad_value_is_refused():
+    from curation.kmeans import cpu_has_native_bf16, resolve_assign_dtype
+
+    assert resolve_assign_dtype("auto") == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    with pytest.raises(ValueError, match="assign_dtype"):
+        resolve_assign_dtype("float16")
 
 
 def test_mean_by_label_in_float64():

@@ -79,8 +79,12 @@ def color_jitter(
     return img
 
 
-def gaussian_blur(img: PIL.Image.Image, rng: np.random.Generator, sigma: tuple[float, float] = (0.1, 2.0)):
-    return img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*sigma)))
+BLUR_SIGMA = (0.1, 2.0)  # pixels, at the recipe's crop sizes (MultiCropConfig's defaults)
+
+
+def gaussian_blur(img: PIL.Image.Image, rng: np.random.Generator, scale: float = 1.0) -> PIL.Image.Image:
+    """Blur with sigma drawn from BLUR_SIGMA x `scale` (the crop's size over the recipe's size)."""
+    return img.filter(ImageFilter.GaussianBlur(radius=scale * rng.uniform(*BLUR_SIGMA)))
 
 
 def to_normalized_array(img: PIL.Image.Image) -> np.ndarray:
@@ -103,6 +107,12 @@ class MultiCrop:
 
     def __init__(self, cfg: MultiCropConfig) -> None:
         self.cfg = cfg
+        # The recipe's blur is in pixels of 224/98 px crops. Smaller crops get a proportionally smaller
+        # blur: at 56 px an unscaled sigma of 2 px wipes out the fine patterns (stripes 3 px apart) and
+        # training then taught invariance to exactly what tells the generated classes apart.
+        ref = MultiCropConfig()
+        self.global_blur = cfg.global_crops_size / ref.global_crops_size
+        self.local_blur = cfg.local_crops_size / ref.local_crops_size
 
     def _flip_and_colour(self, img: PIL.Image.Image, rng: np.random.Generator) -> PIL.Image.Image:
         if rng.random() < 0.5:
@@ -124,10 +134,10 @@ class MultiCrop:
             crop = random_resized_crop(img, cfg.global_crops_size, cfg.global_crops_scale, rng)
             crop = self._flip_and_colour(crop, rng)
             if i == 0:
-                crop = gaussian_blur(crop, rng)  # p = 1.0
+                crop = gaussian_blur(crop, rng, self.global_blur)  # p = 1.0
             else:
                 if rng.random() < 0.1:
-                    crop = gaussian_blur(crop, rng)
+                    crop = gaussian_blur(crop, rng, self.global_blur)
                 if rng.random() < 0.2:
                     crop = ImageOps.solarize(crop, threshold=128)
             globals_.append(to_normalized_array(crop))
@@ -136,7 +146,7 @@ class MultiCrop:
             crop = random_resized_crop(img, cfg.local_crops_size, cfg.local_crops_scale, rng)
             crop = self._flip_and_colour(crop, rng)
             if rng.random() < 0.5:
-                crop = gaussian_blur(crop, rng)
+                crop = gaussian_blur(crop, rng, self.local_blur)
             locals_.append(to_normalized_array(crop))
         return globals_, locals_
 

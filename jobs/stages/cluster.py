@@ -42,6 +42,7 @@ def run(ctx: StageContext) -> dict:
         spherical=cfg.spherical,
         max_points_per_centroid=cfg.max_points_per_centroid,
         seed=cfg.seed,
+        assign_dtype=cfg.assign_dtype,
     )
     clusters = pa.table(
         {

@@ -81,6 +81,7 @@ class _Pool:
                     spherical=cfg.spherical,
                     max_points_per_centroid=cfg.max_points_per_centroid,
                     seed=cfg.seed,
+                    assign_dtype=cfg.assign_dtype,
                 )
                 self._clusterings[num_clusters] = (res.labels, res.distance, res.centroids)
         return self._clusterings[num_clusters]
