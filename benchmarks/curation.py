@@ -184,7 +184,14 @@ def main() -> None:
     ap.add_argument(
         "--kmeans-configs",
         nargs="+",
-        default=["256:20:float32", "256:20:bfloat16", "32:10:float32", "32:10:bfloat16"],
+        default=[
+            "256:20:float32",
+            "256:20:bfloat16",
+            "32:20:bfloat16",
+            "32:10:bfloat16",
+            "32:6:float32",
+            "32:6:bfloat16",
+        ],
         help="cap:niter:assign_dtype (max points per centroid in the fit, Lloyd iterations, precision of "
         "the assignment passes); the job spec's default is 256:20:auto",
     )

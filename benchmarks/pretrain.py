@@ -22,7 +22,7 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.demo import CLASS_NAMES, build_labelled_folder, generate_image  # noqa: E402
+from jobs.demo import CLASS_NAMES, COLOURS, build_labelled_folder, generate_image  # noqa: E402
 from training.augment import MultiCrop, MultiCropConfig, augment_batch  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.knn_eval import evaluate_knn, load_eval_backbone  # noqa: E402
@@ -31,7 +31,7 @@ from training.meta_arch import SSLMetaArch  # noqa: E402
 from training.train import pretrain  # noqa: E402
 
 
-def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int, class_colours: bool) -> str:
+def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int, colours: str) -> str:
     """Unlabelled training images from the demo's class generators as lvd-style WebDataset shards."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -41,7 +41,7 @@ def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int, class
             for i in range(s * per_shard, min(n_images, (s + 1) * per_shard)):
                 buf = io.BytesIO()
                 label = int(rng.integers(len(CLASS_NAMES)))
-                generate_image(rng, label, class_colours).save(buf, "JPEG", quality=90)
+                generate_image(rng, label, colours).save(buf, "JPEG", quality=90)
                 w.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "json": b"{}"})
     return str(out / f"lvd-{{000000..{n_shards - 1:06d}}}.tar")
 
@@ -95,10 +95,11 @@ def main() -> None:
         "--per-class", type=int, default=25, help="labelled train (and val) images per class for kNN"
     )
     ap.add_argument(
-        "--class-colours",
-        action="store_true",
-        help="give each class its own hues (default: random hues, so only the patterns tell classes apart;"
-        " with class hues an untrained network already separates them by colour)",
+        "--colours",
+        choices=COLOURS,
+        default="grey",
+        help="class: each class its own hues (an untrained network already separates them by colour); "
+        "random: random hues; grey: no colour. With random or grey only the patterns tell classes apart.",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lvd-bench-pretrain"))
@@ -113,10 +114,8 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
 
-    shards = write_pool_shards(args.work / "shards", args.pool, 128, seed=1, class_colours=args.class_colours)
-    labelled = build_labelled_folder(
-        args.work / "labelled", args.per_class, seed=2, class_colours=args.class_colours
-    )
+    shards = write_pool_shards(args.work / "shards", args.pool, 128, seed=1, colours=args.colours)
+    labelled = build_labelled_folder(args.work / "labelled", args.per_class, seed=2, colours=args.colours)
     epoch_length = max(1, args.pool // args.batch)
     overrides: dict = {
         "train": {

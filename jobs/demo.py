@@ -26,6 +26,7 @@ import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +42,8 @@ CLASS_NAMES = ("discs", "stripes", "checker", "rings", "polygons", "blobs", "gri
 # Unbalanced on purpose: the head classes dominate the pool, the tail ones are rare.
 CLASS_WEIGHTS = np.array([0.26, 0.2, 0.15, 0.11, 0.09, 0.08, 0.06, 0.05])
 # (hue centre in [0, 1), hue spread) of each class's palette.
+Colours = Literal["class", "random", "grey"]
+COLOURS = ("class", "random", "grey")
 CLASS_HUES = (
     (0.0, 0.05),
     (0.6, 0.06),
@@ -86,9 +89,9 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return out
 
 
-def _palette(rng: np.random.Generator, label: int, n: int, class_colours: bool = True) -> np.ndarray:
+def _palette(rng: np.random.Generator, label: int, n: int, colours: str = "class") -> np.ndarray:
     centre, spread = CLASS_HUES[label]
-    if not class_colours:  # same hue spread around a random centre: colour says nothing of the class
+    if colours != "class":  # same hue spread around a random centre: colour says nothing of the class
         centre = rng.uniform(0.0, 1.0)
     h = centre + rng.uniform(-spread, spread, n)
     s = rng.uniform(0.5, 1.0, n)
@@ -183,22 +186,25 @@ def _sunburst(rng, h, w, colours):
 _CLASSES: tuple[Callable, ...] = (_discs, _stripes, _checker, _rings, _polygons, _blobs, _grid, _sunburst)
 
 
-def generate_image(rng: np.random.Generator, label: int, class_colours: bool = True) -> Image.Image:
+def generate_image(rng: np.random.Generator, label: int, colours: Colours = "class") -> Image.Image:
     """One image of class `label`: its pattern in its palette, shaded by a random field.
 
-    class_colours=False draws the palette's hue at random, so only the pattern tells the classes apart
-    (a colour histogram, or an untrained network's colour statistics, then scores near chance).
+    colours: "class" (each class its own hues), "random" (hues drawn at random, so only the pattern tells
+    the classes apart) or "grey" (random hues, then greyscale: no colour at all).
 
     The random 10x10-cell shading and lighting give every image its own low-frequency layout, so distinct
     images of one class are not copies of each other at the copy-detection model's 16x16 scale.
     """
     h, w = (int(v) for v in rng.integers(96, 201, 2))
-    colours = _palette(rng, label, 6, class_colours)
-    base = _CLASSES[label](rng, h, w, colours)
+    if colours not in COLOURS:
+        raise ValueError(f"colours must be one of {COLOURS}, got {colours!r}")
+    palette = _palette(rng, label, 6, colours)
+    base = _CLASSES[label](rng, h, w, palette)
     shade = 0.4 * _smooth_field(rng, h, w, 12)[..., None]
     light = 0.2 * _smooth_field(rng, h, w, 12)[..., None]
     out = np.clip(base * (1.0 + shade) + light + 0.03 * rng.standard_normal(base.shape), 0, 1)
-    return Image.fromarray((out * 255).astype(np.uint8))
+    image = Image.fromarray((out * 255).astype(np.uint8))
+    return image.convert("L").convert("RGB") if colours == "grey" else image
 
 
 def encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
@@ -543,16 +549,16 @@ def build_labelled_folder(
     n_per_class: int,
     seed: int = 0,
     val_per_class: int | None = None,
-    class_colours: bool = True,
+    colours: Colours = "class",
 ) -> Path:
     """`out/{train,val}/<class>/NNNN.png` from the demo's class generators (for kNN evaluation);
-    class_colours=False: random hues, classes differ by pattern only."""
+    colours: as in generate_image."""
     out = Path(out)
     rng = np.random.default_rng([seed, 1])
     splits = {"train": n_per_class, "val": n_per_class if val_per_class is None else val_per_class}
     for split, count in splits.items():
         for label, name in enumerate(CLASS_NAMES):
             for j in range(count):
-                image = generate_image(rng, label, class_colours)
+                image = generate_image(rng, label, colours)
                 _write(out / split / name / f"{j:04d}.png", encode(image, "png"))
     return out

@@ -172,19 +172,31 @@ def _hue_histogram(img: Image.Image) -> np.ndarray:
     return hist / hist.sum()
 
 
-@pytest.mark.parametrize("class_colours", [True, False])
-def test_class_colours_decide_whether_hue_tells_the_class(class_colours):
+@pytest.mark.parametrize("colours", ["class", "random"])
+def test_colours_decide_whether_hue_tells_the_class(colours):
     """A 1-nearest-neighbour classifier on hue histograms: near-perfect with class hues, near chance
     (1/8) with random hues, where only the pattern tells the classes apart."""
     from jobs.demo import generate_image
 
     rng = np.random.default_rng(5)
     labels = np.repeat(np.arange(len(CLASS_NAMES)), 12)
-    feats = np.stack([_hue_histogram(generate_image(rng, int(c), class_colours)) for c in labels])
+    feats = np.stack([_hue_histogram(generate_image(rng, int(c), colours)) for c in labels])
     dist = np.abs(feats[:, None] - feats[None]).sum(-1)
     np.fill_diagonal(dist, np.inf)
     accuracy = float((labels[dist.argmin(1)] == labels).mean())
-    if class_colours:
+    if colours == "class":
         assert accuracy > 0.9
     else:
         assert accuracy < 0.4
+
+
+def test_grey_images_have_no_colour_and_bad_choice_is_refused():
+    from jobs.demo import generate_image
+
+    rng = np.random.default_rng(6)
+    for label in range(len(CLASS_NAMES)):
+        rgb = np.asarray(generate_image(rng, label, "grey"), dtype=np.int16)
+        assert rgb.std() > 10  # a pattern, not a flat image
+        assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+    with pytest.raises(ValueError, match="colours"):
+        generate_image(rng, 0, "sepia")
