@@ -10,8 +10,10 @@ loses its kept image too, as "eval-overlap" (so the whole component is gone).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -69,26 +71,33 @@ def copy_detection_edges(
     recall_sample: int = 1000,
     seed: int = 0,
     search_actors: int = 0,
+    work_dir: Path | None = None,
 ) -> CopyEdges:
     """Edges (i, j) between each row and those of its k nearest neighbours with cosine > threshold.
 
     `vectors` are L2-normalised float32. Only thresholded edges are kept, chunk by chunk.
     `search_actors` > 0 searches the chunks on that many Ray actors when Ray is up.
+    `work_dir`: each searched chunk's edges are saved there, and chunks found there are not searched
+    again, so a killed run resumes where it stopped (the caller keeps the inputs and settings fixed).
     """
     n = vectors.shape[0]
     if n < 2:
         empty = np.zeros(0, np.int64)
         return CopyEdges(empty, empty, np.zeros(0, np.float32), True, None)
     idx, info = build_index(vectors, factory=index, exact_below=exact_below, nprobe=nprobe, seed=seed)
-    src, dst, sims = [], [], []
-    chunks = search_chunks_auto(idx, vectors, k + 1, chunk_size, search_actors, nprobe)
+    done = load_edge_chunks(work_dir) if work_dir is not None else {}
+    if done:
+        log.info("dedup: %d of %d kNN chunks done by an earlier run", len(done), -(-n // chunk_size))
+    edges = dict(done)
+    chunks = search_chunks_auto(idx, vectors, k + 1, chunk_size, search_actors, nprobe, skip=done)
     for start, s, i in chunks:  # k + 1: a row finds itself
         rows = np.arange(start, start + s.shape[0], dtype=np.int64)[:, None]
         hit = (s > threshold) & (i >= 0) & (i != rows)
         r, c = np.nonzero(hit)
-        src.append(rows[r, 0])
-        dst.append(i[r, c])
-        sims.append(s[r, c])
+        edges[start] = (rows[r, 0], i[r, c].astype(np.int64), s[r, c])
+        if work_dir is not None:
+            save_edge_chunk(work_dir, start, *edges[start])
+    src, dst, sims = (list(parts) for parts in zip(*(edges[start] for start in sorted(edges)), strict=True))
     recall = None
     if not info.exact:
         recall = recall_against_exact(
@@ -96,6 +105,28 @@ def copy_detection_edges(
         )
         log.info("dedup: IVF %s nprobe %d, edge recall vs exact on a sample: %s", index, nprobe, recall)
     return CopyEdges(np.concatenate(src), np.concatenate(dst), np.concatenate(sims), info.exact, recall)
+
+
+EDGE_CHUNK_GLOB = "edges-*.npz"
+
+
+def save_edge_chunk(work_dir: Path, start: int, src: np.ndarray, dst: np.ndarray, sims: np.ndarray) -> None:
+    """One searched chunk's edges, written to a temp name and renamed (never a half file)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    final = work_dir / f"edges-{start:012d}.npz"
+    tmp = work_dir / f".tmp-{final.name}"
+    with open(tmp, "wb") as f:
+        np.savez(f, src=src, dst=dst, sims=sims)
+    os.replace(tmp, final)
+
+
+def load_edge_chunks(work_dir: Path) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Edges of the chunks an earlier run finished, by first query row."""
+    out = {}
+    for path in sorted(Path(work_dir).glob(EDGE_CHUNK_GLOB)):
+        with np.load(path) as z:
+            out[int(path.stem.split("-")[1])] = (z["src"], z["dst"], z["sims"])
+    return out
 
 
 def choose_kept(
@@ -178,8 +209,11 @@ def dedup_pool(
     keep_rule: str = "largest_then_smallest_id",
     seed: int = 0,
     search_actors: int = 0,
+    work_dir: Path | None = None,
 ) -> DedupResult:
-    """Exact, copy-detection and eval-overlap dedup of a pool (rows of L2-normalised `vectors`)."""
+    """Exact, copy-detection and eval-overlap dedup of a pool (rows of L2-normalised `vectors`).
+
+    work_dir: where the copy-detection search saves its finished chunks (see copy_detection_edges)."""
     image_ids = np.asarray(image_ids, dtype=np.int64)
     n = image_ids.size
     if vectors.shape[0] != n:
@@ -199,7 +233,9 @@ def dedup_pool(
     )
     # Exact copies have the same vector: search only one of each, join the rest by their hash edge.
     searched = vectors if unique_rows.size == n else vectors[unique_rows]  # no copy when all are distinct
-    edges = copy_detection_edges(searched, k=k, threshold=threshold, seed=seed, **search_params)
+    edges = copy_detection_edges(
+        searched, k=k, threshold=threshold, seed=seed, work_dir=work_dir, **search_params
+    )
     src = np.concatenate([rows[is_exact_dup], unique_rows[edges.src]])
     dst = np.concatenate([exact_rep[is_exact_dup], unique_rows[edges.dst]])
     labels = connected_components(n, src, dst)

@@ -9,7 +9,7 @@ sees any.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 
 import faiss
@@ -103,11 +103,14 @@ def build_index(
 
 
 def search_chunks(
-    index: faiss.Index, xq: np.ndarray, k: int, chunk_size: int = 65_536
+    index: faiss.Index, xq: np.ndarray, k: int, chunk_size: int = 65_536, skip: Container[int] = ()
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(first query row, similarities, neighbour ids) per chunk of `chunk_size` queries."""
+    """(first query row, similarities, neighbour ids) per chunk of `chunk_size` queries, except the
+    chunks whose first row is in `skip` (done by an earlier, interrupted run)."""
     k = min(k, index.ntotal)
     for start in range(0, xq.shape[0], chunk_size):
+        if start in skip:
+            continue
         sims, ids = index.search(np.ascontiguousarray(xq[start : start + chunk_size]), k)
         yield start, sims, ids
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 import faiss
 import numpy as np
@@ -59,6 +59,7 @@ def search_chunks_parallel(
     chunk_size: int = 65_536,
     n_actors: int = 2,
     nprobe: int | None = None,
+    skip: Container[int] = (),
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Like `search_chunks`, with the chunks searched by `n_actors` Ray actors (Ray must be up).
 
@@ -70,7 +71,7 @@ def search_chunks_parallel(
         raise ValueError(f"n_actors must be >= 1, got {n_actors}")
     k = min(k, index.ntotal)
     n = xq.shape[0]
-    starts = list(range(0, n, chunk_size))
+    starts = [start for start in range(0, n, chunk_size) if start not in skip]
     n_actors = min(n_actors, len(starts))
     if n_actors == 0:
         return
@@ -129,15 +130,16 @@ def search_chunks_auto(
     chunk_size: int = 65_536,
     n_actors: int = 0,
     nprobe: int | None = None,
+    skip: Container[int] = (),
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Ray actors when `n_actors` > 0 and Ray is initialised, else the in-process search."""
     if n_actors > 0 and ray_ready():
-        return search_chunks_parallel(index, xq, k, chunk_size, n_actors, nprobe)
+        return search_chunks_parallel(index, xq, k, chunk_size, n_actors, nprobe, skip)
     if n_actors > 0:
         log.warning(
             "knn: %d search actors asked for but Ray is not initialised; searching in-process", n_actors
         )
-    return search_chunks(index, xq, k, chunk_size)
+    return search_chunks(index, xq, k, chunk_size, skip)
 
 
 def search_auto(

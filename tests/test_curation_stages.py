@@ -182,6 +182,7 @@ def test_stages_on_a_tiny_pool(world):
         "kept": N_POOL - 5,
     }
     assert s["dedup"]["ivf_recall"] is None and s["dedup"]["model"] == "copy_detection"
+    assert not (out / "dedup" / dedup.COPY_EDGES_DIR).exists()  # resume files go once the table is written
     d = {r["image_id"]: r for r in read_parts(out / "dedup", DEDUP).to_pylist()}
     assert d[1001] == {
         "image_id": 1001,

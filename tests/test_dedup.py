@@ -102,3 +102,30 @@ def test_recall_is_one_when_every_list_is_probed():
     sims, ids = exact_knn(x[:5], x, 4)
     ref = np.argsort(-(x[:5] @ x.T), axis=1)[:, :4]
     assert np.array_equal(ids, ref)
+
+
+def test_interrupted_search_resumes_from_saved_chunks(tmp_path):
+    """Chunks saved by an earlier run are loaded, not searched again; missing ones are searched.
+
+    A saved chunk is replaced by a planted edge no search would find: the resumed run must return it.
+    The chunks that were deleted (as a kill would leave them) must come back equal to a clean run."""
+    from curation.dedup import copy_detection_edges, load_edge_chunks, save_edge_chunk
+
+    x, *_ = _planted_pool()
+    common = dict(k=8, threshold=0.6, chunk_size=50)
+    clean = copy_detection_edges(x, **common)
+    work = tmp_path / "edges"
+    first = copy_detection_edges(x, work_dir=work, **common)
+    assert sorted(load_edge_chunks(work)) == [0, 50, 100, 150]
+    assert np.array_equal(first.src, clean.src) and np.array_equal(first.dst, clean.dst)
+
+    (work / "edges-000000000100.npz").unlink()
+    (work / "edges-000000000150.npz").unlink()
+    (work / ".tmp-edges-000000000150.npz").write_bytes(b"half a file")  # a kill mid-write
+    planted = (np.array([60]), np.array([199]), np.array([0.99], np.float32))
+    save_edge_chunk(work, 50, *planted)
+    resumed = copy_detection_edges(x, work_dir=work, **common)
+    got = set(zip(resumed.src.tolist(), resumed.dst.tolist(), strict=True))
+    want = {(s, d) for s, d in zip(clean.src.tolist(), clean.dst.tolist(), strict=True) if not 50 <= s < 100}
+    assert got == want | {(60, 199)}
+    assert sorted(load_edge_chunks(work)) == [0, 50, 100, 150]

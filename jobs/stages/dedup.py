@@ -3,12 +3,15 @@ searched on Ray actors when `dedup.search_actors` > 0).
 
 Reads ok pool images with a vector of the copy-detection model (the retrieval model's when the
 spec has none) and writes one DEDUP row per such image. Images without a vector (failed decode or
-embed) were recorded upstream and take no part.
+embed) were recorded upstream and take no part. The kNN search saves each finished chunk's edges in
+`_copy_edges/`, so a killed dedup resumes its search instead of starting over; the folder goes once
+the table is written.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +22,8 @@ from jobs.pipeline import StageContext
 from schemas.tables import DEDUP, POOL, read_parts
 
 log = logging.getLogger("lvd")
+
+COPY_EDGES_DIR = "_copy_edges"
 
 
 def run(ctx: StageContext) -> dict:
@@ -49,6 +54,7 @@ def run(ctx: StageContext) -> dict:
         width=pool["width"].to_numpy(zero_copy_only=False),
         height=pool["height"].to_numpy(zero_copy_only=False),
         eval_vectors=eval_vectors if eval_vectors.size else None,
+        work_dir=ctx.stage_dir / COPY_EDGES_DIR,
         **params,
     )
     table = pa.table(
@@ -61,6 +67,7 @@ def run(ctx: StageContext) -> dict:
         }
     )
     write_parts(table, ctx.stage_dir, DEDUP)
+    shutil.rmtree(ctx.stage_dir / COPY_EDGES_DIR, ignore_errors=True)
     summary = {
         **result.counts(),
         "copy_edges": result.copy_edges,
