@@ -31,13 +31,9 @@ class DINOHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        # Prototypes: direction learned (original1), norm g (original0) fixed at 1 so logits are cosines
-        # (DINO's norm_last_layer). A trainable g is a 2-D weight to the optimiser and took weight decay:
-        # in a 2000-step tiny run it shrank to 0.56, halving every logit, so the Sinkhorn-Knopp targets
-        # stayed near uniform (entropy 6.46 of log K 6.93) and the DINO term never left its plateau.
+        # Prototypes: direction learned (original1), norm g (original0) starts at 1 so logits are cosines.
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
