@@ -139,10 +139,10 @@ def main() -> None:
 
     peak = matmul_flops()
     print(f"matmul 2048^3 fp32: {peak / 1e9:.1f} GFLOP/s")
-    from jobs.demo import generate_image as gen
-
     rng = np.random.default_rng(3)
-    step_flops = flops_per_step(cfg, [gen(rng, i % len(CLASS_NAMES)) for i in range(args.batch)])
+    step_flops = flops_per_step(
+        cfg, [generate_image(rng, i % len(CLASS_NAMES), args.colours) for i in range(args.batch)]
+    )
     print(f"FLOPs per step (teacher fwd + student fwd/bwd): {step_flops / 1e9:.1f} GFLOP")
 
     torch.manual_seed(cfg.train.seed)

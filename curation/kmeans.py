@@ -70,15 +70,21 @@ def resolve_assign_dtype(assign_dtype: AssignDtype) -> Literal["float32", "bfloa
 
 
 def _assign_bf16(
-    x: np.ndarray, centroids: np.ndarray, spherical: bool, labels: np.ndarray, dist: np.ndarray
+    x: np.ndarray,
+    centroids: np.ndarray,
+    spherical: bool,
+    labels: np.ndarray,
+    dist: np.ndarray,
+    chunk_size: int,
 ) -> None:
     """Nearest centroid by a bf16 matmul (argmax of x.c - |c|^2/2 for L2, the bias as an extra column),
-    then the float32 distance to it."""
+    then the float32 distance to it; at most BF16_CHUNK rows at a time."""
     c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
     weights = c if spherical else torch.cat([c, -0.5 * (c * c).sum(1, keepdim=True)], 1)
     weights = weights.bfloat16().T.contiguous()
-    for start in range(0, x.shape[0], BF16_CHUNK):
-        xc = torch.from_numpy(np.ascontiguousarray(x[start : start + BF16_CHUNK], dtype=np.float32))
+    chunk_size = min(chunk_size, BF16_CHUNK)
+    for start in range(0, x.shape[0], chunk_size):
+        xc = torch.from_numpy(np.ascontiguousarray(x[start : start + chunk_size], dtype=np.float32))
         xb = xc.bfloat16()
         if not spherical:
             xb = torch.cat([xb, torch.ones(xb.shape[0], 1, dtype=torch.bfloat16)], 1)
@@ -102,7 +108,7 @@ def kmeans_assign(
     labels = np.empty(x.shape[0], dtype=np.int64)
     dist = np.empty(x.shape[0], dtype=np.float32)
     if resolve_assign_dtype(assign_dtype) == "bfloat16":
-        _assign_bf16(x, centroids, spherical, labels, dist)
+        _assign_bf16(x, centroids, spherical, labels, dist, chunk_size)
         return labels, dist
     index = _flat_index(centroids, spherical)
     for start in range(0, x.shape[0], chunk_size):

@@ -26,7 +26,7 @@ import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +43,7 @@ CLASS_NAMES = ("discs", "stripes", "checker", "rings", "polygons", "blobs", "gri
 CLASS_WEIGHTS = np.array([0.26, 0.2, 0.15, 0.11, 0.09, 0.08, 0.06, 0.05])
 # (hue centre in [0, 1), hue spread) of each class's palette.
 Colours = Literal["class", "random", "grey"]
-COLOURS = ("class", "random", "grey")
+COLOURS: tuple[str, ...] = get_args(Colours)
 CLASS_HUES = (
     (0.0, 0.05),
     (0.6, 0.06),
