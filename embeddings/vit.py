@@ -25,7 +25,9 @@ class ArchConfig(NamedTuple):
 
 
 ARCHS: dict[str, ArchConfig] = {
-    "vit_tiny": ArchConfig(192, 12, 3, "mlp"),  # small enough to pretrain on a CPU
+    "vit_tiny": ArchConfig(192, 12, 3, "mlp"),  # DeiT-Ti
+    # ViT-Tiny's width, 4 blocks: the tiny pretraining config, which must learn within a CPU session.
+    "vit_tiny_d4": ArchConfig(192, 4, 3, "mlp"),
     "vit_small": ArchConfig(384, 12, 6, "mlp"),
     "vit_base": ArchConfig(768, 12, 12, "mlp"),
     "vit_large": ArchConfig(1024, 24, 16, "mlp"),

@@ -62,7 +62,9 @@ class SeedSet(ImageSet):
 class ModelSpec(_Strict):
     """An embedding model. `weights` is a local path or URL; None means random init (testing only)."""
 
-    arch: Literal["vit_small", "vit_base", "vit_large", "vit_giant2", "vit_tiny", "torchscript"] = "vit_small"
+    arch: Literal[
+        "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_tiny", "vit_tiny_d4", "torchscript"
+    ] = "vit_small"
     weights: str | None = None
     format: Literal["auto", "dinov2", "hf", "lvd", "torchscript"] = "auto"
     patch_size: int = Field(14, ge=1)

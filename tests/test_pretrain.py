@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from embeddings.models import load_embedding_model
 from embeddings.preprocess import PreprocessConfig, normalize, prepare_image
+from embeddings.vit import ARCHS
 from jobs.cli import app
 from schemas.job_spec import ModelSpec
 from training.config import load_config
@@ -23,7 +24,7 @@ from training.knn_eval import load_eval_backbone
 from training.meta_arch import SSLMetaArch
 from training.train import CHECKPOINT_NAME, METRICS_NAME, NonFiniteLossError, pretrain
 
-# vit_tiny at 56 px global / 28 px local crops, batch 4: a step takes a fraction of a second on CPU.
+# The tiny config (4-block ViT-Tiny, 64/32 px crops), batch 4: a step takes a fraction of a second on CPU.
 OVERRIDES = {
     "train": {
         "batch_size_per_gpu": 4,
@@ -157,22 +158,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(job_dir, tmp_path, monkey
 
 def test_exported_teacher_embeds_in_embed_stage(full_run):
     result, out = full_run
+    cfg = load_config("tiny", OVERRIDES)
+    size, patch = cfg.crops.global_crops_size, cfg.model.patch_size
     spec = ModelSpec(
-        arch="vit_tiny",
+        arch=cfg.model.arch,
         weights=str(result.teacher_export),
         format="lvd",
-        image_size=56,
-        resize_size=64,
+        patch_size=patch,
+        image_size=size,
+        resize_size=size + 8,
         dtype="float32",
     )
     model = load_embedding_model(spec, "cpu")
     assert model.dim == 192
     rng = np.random.default_rng(5)
-    crops = np.stack([prepare_image(_image(rng), PreprocessConfig(64, 56, 14)) for _ in range(3)])
+    crops = np.stack([prepare_image(_image(rng), PreprocessConfig(size + 8, size, patch)) for _ in range(3)])
     vectors = model.embed_uint8(crops)
     # Reference: the teacher backbone from the training checkpoint, run directly.
     ckpt = torch.load(out / CHECKPOINT_NAME, weights_only=False)
-    backbone = SSLMetaArch.build_network(load_config("tiny", OVERRIDES), 0.0).backbone
+    backbone = SSLMetaArch.build_network(cfg, 0.0).backbone
     backbone.load_state_dict({k[9:]: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")})
     with torch.no_grad():
         ref = torch.nn.functional.normalize(backbone.eval()(normalize(crops)), dim=-1).numpy()
@@ -188,7 +192,7 @@ def test_exported_teacher_embeds_in_embed_stage(full_run):
 @pytest.mark.parametrize("name", ["tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"])
 def test_builtin_configs_validate(name):
     cfg = load_config(name)
-    assert cfg.model.arch == ("vit_tiny" if name == "tiny" else name)
+    assert cfg.model.arch == ("vit_tiny_d4" if name == "tiny" else name)
     assert cfg.optim.clip_grad == 3.0 and cfg.dino.koleo_loss_weight == 0.1
     assert cfg.total_steps == round(cfg.optim.epochs * cfg.train.epoch_length)
 
@@ -291,4 +295,6 @@ def test_two_process_fsdp_run(job_dir, tmp_path):
     assert set(losses) == {"0", "1"} and losses["0"] == losses["1"] and len(losses["0"]) == 2
     ckpt = torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=False)
     assert ckpt["world_size"] == 2 and [d["config"]["rank"] for d in ckpt["data"]] == [0, 1]
-    assert load_eval_backbone(tmp_path / "run" / "teacher_backbone.pth").n_blocks == 12
+    # The export is whole (every block gathered from the shards), not one rank's part.
+    depth = ARCHS[load_config("tiny").model.arch].depth
+    assert load_eval_backbone(tmp_path / "run" / "teacher_backbone.pth").n_blocks == depth

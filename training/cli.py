@@ -33,7 +33,9 @@ def pretrain(
     config: str = typer.Option(
         "tiny", help="Config name (tiny, vit_small, vit_base, vit_large, vit_giant2) or YAML path."
     ),
-    arch: str = typer.Option(None, help="Override the config's backbone (vit_tiny/small/base/large/giant2)."),
+    arch: str = typer.Option(
+        None, help="Override the config's backbone (vit_tiny/tiny_d4/small/base/large/giant2)."
+    ),
     output: Path = typer.Option(
         Path("pretrain-out"), "--output", help="Checkpoints, metrics and the teacher export."
     ),

@@ -110,6 +110,44 @@ def extract_features(
     return torch.cat(feats)
 
 
+@dataclass
+class KnnValScores:
+    scores: torch.Tensor  # [n_val, C] class votes
+    labels: torch.Tensor  # [n_val] true class
+    n_train: int
+    classes: list[str]
+    image_size: int
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """Per validation image: is the top-scoring class the true one (for paired comparisons)."""
+        return self.scores.argmax(1) == self.labels
+
+
+def knn_val_scores(
+    backbone: nn.Module,
+    data_dir: str | Path,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    image_size: int | None = None,
+    batch_size: int = 64,
+) -> KnnValScores:
+    """kNN class scores of `data_dir/val` with `data_dir/train` as the memory bank.
+    Default image size: the backbone's training resolution."""
+    data_dir = Path(data_dir)
+    train = list_labelled_folder(data_dir / "train")
+    val = list_labelled_folder(data_dir / "val", train.classes)
+    if image_size is None:
+        size = getattr(getattr(backbone, "patch_embed", None), "img_size", 224)
+        image_size = int(size[0] if isinstance(size, tuple | list) else size)
+    resize = int(round(image_size * 256 / 224))
+    train_f = extract_features(backbone, train.paths, image_size, resize, batch_size)
+    val_f = extract_features(backbone, val.paths, image_size, resize, batch_size)
+    scores = knn_scores(train_f, torch.from_numpy(train.labels), val_f, len(train.classes), k, temperature)
+    return KnnValScores(scores, torch.from_numpy(val.labels), len(train.paths), train.classes, image_size)
+
+
 def evaluate_knn(
     backbone: nn.Module,
     data_dir: str | Path,
@@ -121,26 +159,18 @@ def evaluate_knn(
 ) -> dict[str, float | int]:
     """Top-1 (and top-5 when there are more than 5 classes) accuracy on `data_dir/val` with
     `data_dir/train` as the memory bank. Default image size: the backbone's training resolution."""
-    data_dir = Path(data_dir)
-    train = list_labelled_folder(data_dir / "train")
-    val = list_labelled_folder(data_dir / "val", train.classes)
-    if image_size is None:
-        size = getattr(getattr(backbone, "patch_embed", None), "img_size", 224)
-        image_size = int(size[0] if isinstance(size, tuple | list) else size)
-    resize = int(round(image_size * 256 / 224))
-    train_f = extract_features(backbone, train.paths, image_size, resize, batch_size)
-    val_f = extract_features(backbone, val.paths, image_size, resize, batch_size)
-    scores = knn_scores(train_f, torch.from_numpy(train.labels), val_f, len(train.classes), k, temperature)
-    labels = torch.from_numpy(val.labels)
+    v = knn_val_scores(
+        backbone, data_dir, k=k, temperature=temperature, image_size=image_size, batch_size=batch_size
+    )
     result: dict[str, float | int] = {
-        "top1": float((scores.argmax(1) == labels).float().mean()),
-        "n_train": len(train.paths),
-        "n_val": len(val.paths),
-        "classes": len(train.classes),
+        "top1": float(v.correct.float().mean()),
+        "n_train": v.n_train,
+        "n_val": len(v.labels),
+        "classes": len(v.classes),
         "k": k,
-        "image_size": image_size,
+        "image_size": v.image_size,
     }
-    if len(train.classes) > 5:
-        top5 = scores.topk(5, dim=1).indices
-        result["top5"] = float((top5 == labels[:, None]).any(1).float().mean())
+    if len(v.classes) > 5:
+        top5 = v.scores.topk(5, dim=1).indices
+        result["top5"] = float((top5 == v.labels[:, None]).any(1).float().mean())
     return result
