@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs.demo import CLASS_NAMES, COLOURS, build_labelled_folder, generate_image  # noqa: E402
 from training.augment import MultiCrop, MultiCropConfig, augment_batch  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.knn_eval import KnnValScores, knn_val_scores, load_eval_backbone  # noqa: E402
+from training.knn_eval import knn_val_scores, load_eval_backbone  # noqa: E402
 from training.masking import BlockMaskGenerator, sample_masks  # noqa: E402
 from training.meta_arch import SSLMetaArch  # noqa: E402
 from training.train import pretrain  # noqa: E402
@@ -88,10 +88,6 @@ def flops_per_step(cfg, images) -> float:
     with counter:
         model.forward_backward(crops, masks, 0.04)
     return float(counter.get_total_flops())
-
-
-def top1(v: KnnValScores) -> float:
-    return float(v.correct.float().mean())
 
 
 def main() -> None:
@@ -155,7 +151,7 @@ def main() -> None:
     torch.manual_seed(cfg.train.seed)
     random_backbone = SSLMetaArch(cfg).teacher.backbone.eval()  # the run's own initial weights
     knn_random = knn_val_scores(random_backbone, labelled)
-    print(f"kNN random init: top-1 {top1(knn_random):.4f} on {len(knn_random.labels)} val images")
+    print(f"kNN random init: top-1 {knn_random.top1:.4f} on {len(knn_random.labels)} val images")
 
     stamps: list[float] = []
     result = pretrain(
@@ -182,7 +178,7 @@ def main() -> None:
     print(f"matmul peak (best before/after training): {peak / 1e9:.1f} GFLOP/s")
 
     knn_trained = knn_val_scores(load_eval_backbone(result.teacher_export), labelled)
-    print(f"kNN trained teacher: top-1 {top1(knn_trained):.4f}")
+    print(f"kNN trained teacher: top-1 {knn_trained.top1:.4f}")
     # Paired on the same val images (McNemar): only images where the two models disagree count.
     gained = int((knn_trained.correct & ~knn_random.correct).sum())
     lost = int((knn_random.correct & ~knn_trained.correct).sum())
@@ -192,8 +188,8 @@ def main() -> None:
     print("--- ratios ---")
     print(f"achieved FLOP/s / matmul FLOP/s: {achieved / peak:.3f}")
     print(
-        f"kNN top-1 trained / random init: {top1(knn_trained):.3f} / {top1(knn_random):.3f} = "
-        f"{top1(knn_trained) / max(top1(knn_random), 1e-9):.2f} (McNemar z {z:+.2f}; |z| > 2 is beyond noise)"
+        f"kNN top-1 trained / random init: {knn_trained.top1:.3f} / {knn_random.top1:.3f} = "
+        f"{knn_trained.top1 / max(knn_random.top1, 1e-9):.2f} (McNemar z {z:+.2f}; |z| > 2 is beyond noise)"
     )
 
 

@@ -123,6 +123,10 @@ class KnnValScores:
         """Per validation image: is the top-scoring class the true one (for paired comparisons)."""
         return self.scores.argmax(1) == self.labels
 
+    @property
+    def top1(self) -> float:
+        return float(self.correct.float().mean())
+
 
 def knn_val_scores(
     backbone: nn.Module,
@@ -163,7 +167,7 @@ def evaluate_knn(
         backbone, data_dir, k=k, temperature=temperature, image_size=image_size, batch_size=batch_size
     )
     result: dict[str, float | int] = {
-        "top1": float(v.correct.float().mean()),
+        "top1": v.top1,
         "n_train": v.n_train,
         "n_val": len(v.labels),
         "classes": len(v.classes),
