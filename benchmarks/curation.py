@@ -20,21 +20,18 @@ import argparse
 import math
 import os
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Before FAISS/sklearn load OpenMP: on a shared, oversubscribed machine spinning OpenMP threads
 # starve each other (measured 3x slower FAISS k-means at load 8 on 2 cores). Override to compare.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from curation.dedup import dedup_pool  # noqa: E402
-from curation.kmeans import hierarchical_kmeans, kmeans, kmeans_assign  # noqa: E402
-from curation.knn import exact_knn, normalize  # noqa: E402
-from curation.sampling import balanced_sample  # noqa: E402
+from lvd.curation.dedup import dedup_pool
+from lvd.curation.kmeans import hierarchical_kmeans, kmeans, kmeans_assign
+from lvd.curation.knn import exact_knn, normalize
+from lvd.curation.sampling import balanced_sample
 
 PARTS = ("dedup", "kmeans", "hier")
 

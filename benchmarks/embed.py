@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -27,15 +26,13 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from embeddings.models import load_embedding_model  # noqa: E402
-from embeddings.preprocess import preprocess_image  # noqa: E402
-from jobs.engines import ensure_ray  # noqa: E402
-from jobs.pipeline import StageContext  # noqa: E402
-from jobs.stages import embed  # noqa: E402
-from schemas.job_spec import parse_job_spec  # noqa: E402
-from schemas.tables import IMAGES, part_path, write_parquet_atomic  # noqa: E402
+from lvd.embeddings.models import load_embedding_model
+from lvd.embeddings.preprocess import preprocess_image
+from lvd.jobs.engines import ensure_ray
+from lvd.jobs.stage import StageContext
+from lvd.jobs.stages import embed
+from lvd.schemas.job_spec import parse_job_spec
+from lvd.schemas.tables import IMAGES, part_path, write_parquet_atomic
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +23,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from curation.ingest import ingest_unit, probe_image  # noqa: E402
-from jobs.engines import ensure_ray, shutdown_ray  # noqa: E402
-from jobs.pipeline import StageContext  # noqa: E402
-from jobs.stages import ingest as ingest_stage  # noqa: E402
-from schemas.job_spec import parse_job_spec  # noqa: E402
+from lvd.curation.ingest import ingest_unit, probe_image
+from lvd.jobs.engines import ensure_ray, shutdown_ray
+from lvd.jobs.stage import StageContext
+from lvd.jobs.stages import ingest as ingest_stage
+from lvd.schemas.job_spec import parse_job_spec
 
 
 def photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:

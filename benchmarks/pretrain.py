@@ -16,7 +16,6 @@ import argparse
 import io
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -24,15 +23,13 @@ import numpy as np
 import torch
 import webdataset as wds
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.demo import CLASS_NAMES, COLOURS, build_labelled_folder, generate_image  # noqa: E402
-from training.augment import MultiCrop, MultiCropConfig, augment_batch  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.knn_eval import knn_val_scores, load_eval_backbone  # noqa: E402
-from training.masking import BlockMaskGenerator, sample_masks  # noqa: E402
-from training.meta_arch import SSLMetaArch  # noqa: E402
-from training.train import pretrain  # noqa: E402
+from lvd.jobs.demo import CLASS_NAMES, COLOURS, build_labelled_folder, generate_image
+from lvd.training.augment import MultiCrop, MultiCropConfig, augment_batch
+from lvd.training.config import load_config
+from lvd.training.knn_eval import knn_val_scores, load_eval_backbone
+from lvd.training.masking import BlockMaskGenerator, sample_masks
+from lvd.training.meta_arch import SSLMetaArch
+from lvd.training.train import pretrain
 
 
 def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int, colours: str) -> str:

@@ -17,7 +17,6 @@ import hashlib
 import io
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -29,13 +28,11 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.engines import get_spark, stop_spark  # noqa: E402
-from jobs.shard_writer import image_extension, plan_shards, read_sources, sample_json, shard_name  # noqa: E402
-from jobs.stages.shards import write_shards_spark  # noqa: E402
-from schemas.job_spec import parse_job_spec  # noqa: E402
-from schemas.tables import CLUSTERS, CURATED, IMAGES  # noqa: E402
+from lvd.jobs.engines import get_spark, stop_spark
+from lvd.jobs.shard_writer import image_extension, plan_shards, read_sources, sample_json, shard_name
+from lvd.jobs.stages.shards import write_shards_spark
+from lvd.schemas.job_spec import parse_job_spec
+from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES
 
 MB = 1e6
 

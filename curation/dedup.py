@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from curation.knn import build_index, recall_against_exact
-from curation.knn_ray import search_auto, search_chunks_auto
-from curation.union_find import connected_components
-from schemas.job_spec import DedupSpec
+from lvd.curation.knn import build_index, recall_against_exact
+from lvd.curation.knn_ray import search_auto, search_chunks_auto
+from lvd.curation.union_find import connected_components
+from lvd.schemas.job_spec import DedupSpec
 
 # One source of truth for defaults: the job spec (these functions are also called directly).
 DEDUP_DEFAULTS = DedupSpec()

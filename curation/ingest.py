@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, UnidentifiedImageError
 
-from schemas.job_spec import Source
-from schemas.tables import IMAGES
+from lvd.schemas.job_spec import Source
+from lvd.schemas.tables import IMAGES
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 TAR_EXTENSIONS = (".tar",)

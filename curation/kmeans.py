@@ -30,7 +30,8 @@ import faiss
 import numpy as np
 import torch
 
-from curation.knn import use_gpu
+from lvd.curation.knn import use_gpu
+from lvd.curation.seeded import KMEANS_SAMPLE, keyed_uniform
 
 log = logging.getLogger("lvd")
 
@@ -144,12 +145,16 @@ def _update(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, spherical: 
     return means.astype(np.float32)
 
 
-def fit_sample(n: int, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray | slice:
-    """Rows a k-means fit uses: all, or a seeded random k * max_points_per_centroid of them."""
-    cap = k * max_points_per_centroid
+def fit_sample(ids: np.ndarray, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray | slice:
+    """Rows a k-means fit uses: all, or about k * max_points_per_centroid of them.
+
+    Each point is in the sample when its id-keyed uniform draw is under cap / n, so a worker decides
+    for its own points without seeing the others (FAISS trims a sample that comes out over the cap).
+    """
+    n, cap = len(ids), k * max_points_per_centroid
     if n <= cap:
         return slice(None)
-    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+    return np.flatnonzero(keyed_uniform(ids, seed, KMEANS_SAMPLE) < cap / n)
 
 
 def kmeans_fit(
@@ -162,15 +167,18 @@ def kmeans_fit(
     seed: int = 0,
     init_centroids: np.ndarray | None = None,
     nredo: int = 1,
+    ids: np.ndarray | None = None,
 ) -> np.ndarray:
-    """FAISS k-means centroids (k, d) float32, fitted on at most k * max_points_per_centroid rows.
+    """FAISS k-means centroids (k, d) float32, fitted on about k * max_points_per_centroid rows.
 
     nredo: independent runs from random inits, the best objective kept (ignored with init_centroids).
+    ids: the points' ids, which key the fit sample (row numbers when None).
     """
     n, d = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for {n} points")
-    sample = np.ascontiguousarray(x[fit_sample(n, k, max_points_per_centroid, seed)], dtype=np.float32)
+    ids = np.arange(n) if ids is None else ids
+    sample = np.ascontiguousarray(x[fit_sample(ids, k, max_points_per_centroid, seed)], dtype=np.float32)
     km = faiss.Kmeans(
         d,
         k,
@@ -213,17 +221,20 @@ def kmeans(
     resample_size: int | None = None,
     nredo: int = 1,
     assign_dtype: AssignDtype = "auto",
+    ids: np.ndarray | None = None,
 ) -> KMeansResult:
     """Fit on a capped sample, a float64 mean update over it, assign all rows; then resampling steps.
 
     resample_size: members nearest each centroid that a resampling step re-fits on
     (default: half the mean cluster size, so dense clusters weigh no more than sparse ones).
     assign_dtype: of the assignment passes (module docstring); the fit itself is FAISS float32.
+    ids: the points' ids, which key the fit samples (row numbers when None).
     """
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for {n} points")
-    xs = x[fit_sample(n, k, max_points_per_centroid, seed)]
+    ids = np.arange(n) if ids is None else np.asarray(ids)
+    xs = x[fit_sample(ids, k, max_points_per_centroid, seed)]
     centroids = kmeans_fit(
         xs,
         k,
@@ -261,6 +272,7 @@ def kmeans(
             max_points_per_centroid=max_points_per_centroid,
             seed=seed + 1 + step,
             init_centroids=centroids,
+            ids=ids[subset],
         )
         sub_labels, _ = kmeans_assign(xs, centroids, spherical=spherical, assign_dtype=assign_dtype)
         centroids = _update(xs, sub_labels, centroids, spherical)
@@ -295,9 +307,11 @@ def hierarchical_kmeans(
     max_points_per_centroid: int = 256,
     seed: int = 0,
     assign_dtype: AssignDtype = "auto",
+    ids: np.ndarray | None = None,
 ) -> Hierarchy:
     """`levels` = [(k, resampling_steps), ...], finest first, k decreasing. Each k is clamped to the
-    number of points (or centroids) below it, with a warning."""
+    number of points (or centroids) below it, with a warning. ids: of the points (level 0), keying
+    its fit samples; the upper levels key theirs by centroid number."""
     if not levels:
         raise ValueError("hierarchical_kmeans needs at least one level")
     if x.shape[0] == 0:
@@ -324,6 +338,7 @@ def hierarchical_kmeans(
             resampling_steps=steps,
             nredo=1 if level == 0 else UPPER_LEVEL_REDO,
             assign_dtype=assign_dtype,
+            ids=ids if level == 0 else None,
         )
         if level == 0:
             point_labels.append(res.labels)

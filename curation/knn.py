@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from schemas.job_spec import DedupSpec
+from lvd.schemas.job_spec import DedupSpec
 
 # One source of truth for defaults: the job spec (these functions are also called directly).
 DEDUP_DEFAULTS = DedupSpec()

@@ -15,7 +15,7 @@ from collections.abc import Container, Iterator
 import faiss
 import numpy as np
 
-from curation.knn import _set_nprobe, _to_gpu, search, search_chunks, use_gpu
+from lvd.curation.knn import _set_nprobe, _to_gpu, search, search_chunks, use_gpu
 
 log = logging.getLogger("lvd")
 

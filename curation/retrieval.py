@@ -13,9 +13,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from curation.kmeans import kmeans_assign
-from curation.knn_ray import search_auto
-from schemas.tables import RETRIEVED
+from lvd.curation.kmeans import kmeans_assign
+from lvd.curation.knn_ray import search_auto
+from lvd.schemas.tables import RETRIEVED
 
 
 def _rows(

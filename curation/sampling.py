@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lvd.curation.seeded import LEAF_PICK, keyed_uniform
+
 
 def water_fill(capacity: np.ndarray, budget: int) -> np.ndarray:
     """Split `budget` across children with these capacities; returns the integer allocation.
@@ -52,12 +54,18 @@ def _group_by(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def balanced_sample(
-    labels: np.ndarray, target: int, *, max_repeats: int = 1, seed: int = 0
+    labels: np.ndarray,
+    target: int,
+    *,
+    max_repeats: int = 1,
+    seed: int = 0,
+    ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw `target` samples from points clustered by `labels` (n, levels), finest level first.
 
     Returns (rows, repeats): the point rows drawn and how many times each is drawn (1..max_repeats),
-    with repeats.sum() == min(target, n * max_repeats).
+    with repeats.sum() == min(target, n * max_repeats). ids: the points' ids, which key the pick
+    inside each leaf (row numbers when None), so one leaf's pick needs only that leaf's points.
     """
     labels = np.asarray(labels, dtype=np.int64)
     if labels.ndim == 1:
@@ -89,8 +97,8 @@ def balanced_sample(
 
     # Leaves: every member gets budget // size copies, and a seeded random budget % size of them one more.
     leaf = labels[:, 0]
-    key = np.random.default_rng(seed).random(n)
-    order = np.lexsort((key, leaf))
+    ids = np.arange(n) if ids is None else np.asarray(ids, dtype=np.int64)
+    order = np.lexsort((ids, keyed_uniform(ids, seed, LEAF_PICK), leaf))
     sorted_leaf = leaf[order]
     rank = np.arange(n) - np.searchsorted(sorted_leaf, sorted_leaf, side="left")
     b, s = budget[sorted_leaf], size[0][sorted_leaf]

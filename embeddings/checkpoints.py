@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from embeddings.layers import swiglu_hidden_features
-from embeddings.vit import ARCHS, DinoVisionTransformer, build_vit
+from lvd.embeddings.layers import swiglu_hidden_features
+from lvd.embeddings.vit import ARCHS, DinoVisionTransformer, build_vit
 
 LVD_FORMAT = "lvd-backbone"
 FORMATS = ("auto", "dinov2", "hf", "lvd", "torchscript")

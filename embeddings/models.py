@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from embeddings.checkpoints import CheckpointError, load_backbone
-from embeddings.preprocess import PreprocessConfig, normalize
-from embeddings.vit import DinoVisionTransformer, build_vit
-from schemas.job_spec import ModelSpec
+from lvd.embeddings.checkpoints import CheckpointError, load_backbone
+from lvd.embeddings.preprocess import PreprocessConfig, normalize
+from lvd.embeddings.vit import DinoVisionTransformer, build_vit
+from lvd.schemas.job_spec import ModelSpec
 
 # Random-init models (weights: None, for tests) are seeded so every replica computes the same vectors.
 RANDOM_INIT_SEED = 0

@@ -1,35 +1,18 @@
-"""The `embeddings` tables on disk: one parquet file per ingest part and model, side by side.
-
-    <out>/embed/part-NNNNN-retrieval.parquet       (the ok images of ingest part NNNNN)
-    <out>/embed/part-NNNNN-copy_detection.parquet  (only when the spec names a copy-detection model)
-
-Models of different widths cannot share one fixed-size-list column, hence a file per model; every
-file still has the `model` column, so readers may glob `part-*.parquet` and filter on it.
+"""The `embeddings` table's rows: one parquet file per ingest part and model (names in
+`lvd.schemas.layout`). Models of different widths cannot share one fixed-size-list column, hence a
+file per model; every file still has the `model` column.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.tables import embeddings_schema
-
-RETRIEVAL = "retrieval"
-COPY_DETECTION = "copy_detection"
-
-
-def embedding_part_path(embed_dir: str | Path, index: int, model: str) -> Path:
-    return Path(embed_dir) / f"part-{index:05d}-{model}.parquet"
-
-
-def model_parts(embed_dir: str | Path, model: str) -> list[Path]:
-    """The model's part files, in part order."""
-    pattern = re.compile(rf"part-\d+-{re.escape(model)}\.parquet")
-    return sorted(p for p in Path(embed_dir).glob(f"part-*-{model}.parquet") if pattern.fullmatch(p.name))
+from lvd.schemas.layout import RETRIEVAL, list_parts
+from lvd.schemas.tables import embeddings_schema
 
 
 def embeddings_table(
@@ -72,9 +55,9 @@ def read_embeddings(
 
     With no copy-detection table (the spec named none) the retrieval vectors stand in for it.
     """
-    parts = model_parts(embed_dir, model)
+    parts = list_parts(embed_dir, model)
     if not parts and model != RETRIEVAL and fallback_to_retrieval:
-        parts = model_parts(embed_dir, RETRIEVAL)
+        parts = list_parts(embed_dir, RETRIEVAL)
     if not parts:
         raise FileNotFoundError(f"no embeddings for model {model!r} in {embed_dir}")
     ids, vecs = zip(

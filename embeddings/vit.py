@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from embeddings.layers import Block, Mlp, PatchEmbed, SwiGLUFFN, swiglu_hidden_features
+from lvd.embeddings.layers import Block, Mlp, PatchEmbed, SwiGLUFFN, swiglu_hidden_features
 
 
 class ArchConfig(NamedTuple):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from schemas.job_spec import JobSpecError, load_job_spec
+from lvd.schemas.job_spec import JobSpecError, load_job_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 shards_app = typer.Typer(no_args_is_help=True, help="Inspect and verify WebDataset shard folders.")
@@ -40,7 +40,7 @@ def schema(
 ) -> None:
     """Print the job spec's JSON Schema (or an Arrow table schema)."""
     if table:
-        from schemas import tables
+        from lvd.schemas import tables
 
         obj = getattr(tables, table.upper(), None)
         if obj is None:
@@ -48,7 +48,7 @@ def schema(
             raise typer.Exit(2)
         typer.echo(str(obj))
         return
-    from schemas.job_spec import JobSpec
+    from lvd.schemas.job_spec import JobSpec
 
     typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
 
@@ -70,7 +70,7 @@ def run(
     """Run a job here: Ray in-process (or the cluster it was submitted to), Spark local[*] by default."""
     _setup_logging(verbose)
     spec = _load_spec(job)
-    from jobs.runner import run_and_report
+    from lvd.jobs.runner import run_and_report
 
     run_and_report(spec, force=force, until=until)
 
@@ -84,8 +84,8 @@ def demo(
 ) -> None:
     """Generate an offline pool and seed set, write a job spec for it, run it and print the funnel."""
     _setup_logging(verbose)
-    from jobs.demo import build_demo
-    from jobs.runner import run_and_report
+    from lvd.jobs.demo import build_demo
+    from lvd.jobs.runner import run_and_report
 
     job_path = build_demo(out, n_images=images)
     typer.echo(f"demo job spec: {job_path}")
@@ -100,7 +100,7 @@ def submit(
 ) -> None:
     """Submit a job to a running Ray cluster through the Ray Jobs API."""
     spec = _load_spec(job)
-    from jobs.submit import submit_job
+    from lvd.jobs.submit import submit_job
 
     job_id = submit_job(spec, address=address, wait=wait)
     typer.echo(job_id)
@@ -109,7 +109,7 @@ def submit(
 @app.command()
 def status(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
     """Status of a submitted job."""
-    from jobs.submit import job_status
+    from lvd.jobs.submit import job_status
 
     typer.echo(job_status(job_id, address=address))
 
@@ -117,7 +117,7 @@ def status(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) ->
 @app.command()
 def logs(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
     """Logs of a submitted job."""
-    from jobs.submit import job_logs
+    from lvd.jobs.submit import job_logs
 
     typer.echo(job_logs(job_id, address=address))
 
@@ -125,7 +125,7 @@ def logs(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> N
 @app.command()
 def stop(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
     """Stop a submitted job."""
-    from jobs.submit import stop_job
+    from lvd.jobs.submit import stop_job
 
     typer.echo("stopped" if stop_job(job_id, address=address) else "not running")
 
@@ -133,7 +133,7 @@ def stop(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> N
 @shards_app.command("verify")
 def shards_verify(directory: Path) -> None:
     """Check a shard folder against its index: counts, checksums, keys, adjacency, decodability."""
-    from jobs.shard_verify import verify_shards
+    from lvd.jobs.shard_verify import verify_shards
 
     problems = verify_shards(directory)
     for p in problems:
@@ -145,7 +145,7 @@ def shards_verify(directory: Path) -> None:
 
 
 # Training commands live with the training package; their modules import torch lazily.
-from training.cli import eval_knn, pretrain  # noqa: E402
+from lvd.training.cli import eval_knn, pretrain  # noqa: E402
 
 app.command("pretrain")(pretrain)
 eval_app.command("knn")(eval_knn)

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from schemas.job_spec import JobSpec
+from lvd.schemas.job_spec import JobSpec
 
 log = logging.getLogger("lvd")
 

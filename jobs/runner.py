@@ -2,39 +2,29 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import typer
 
-from jobs.pipeline import StageReport, funnel, run_job
-from schemas.job_spec import JobSpec
-
-FUNNEL_ROWS = (
-    ("images in", "images_in"),
-    ("errors (unreadable / corrupt)", "errors"),
-    ("exact duplicates", "exact_duplicates"),
-    ("near duplicates (copy detection)", "near_duplicates"),
-    ("eval-set overlap", "eval_overlap"),
-    ("clustered", "clustered"),
-    ("retrieved by seeds", "retrieved"),
-    ("curated images", "curated"),
-    ("curated samples (with repeats)", "curated_samples"),
-    ("shards written", "shards_written"),
-)
+from lvd.jobs.pipeline import StageReport, funnel, run_job, stage_summaries
+from lvd.schemas.job_spec import JobSpec
 
 
 def _print_stage(report: StageReport) -> None:
     state = "skipped (done)" if report.skipped else f"{report.seconds:8.1f} s"
-    typer.echo(f"  {report.name:<9} {state}  {json.dumps(report.summary, sort_keys=True, default=str)[:160]}")
+    rows = ", ".join(f"{label} {value}" for label, value in report.summary.funnel())
+    typer.echo(f"  {report.name:<9} {state}  {rows}")
 
 
-def format_funnel(f: dict) -> str:
+def format_funnel(out_dir: Path) -> str:
+    """The funnel rows of every finished stage, then each stage's seconds."""
     lines = ["funnel:"]
-    lines += [f"  {label:<34} {f.get(key, 0):>10}" for label, key in FUNNEL_ROWS]
+    lines += [f"  {label:<34} {value:>10}" for _, label, value in funnel(out_dir)]
     lines.append("stage seconds (last run that did the work):")
     lines += [
-        f"  {name:<9} {secs if secs is not None else '-':>8}" for name, secs in f["stage_seconds"].items()
+        f"  {name:<9} {secs if secs is not None else '-':>8}"
+        for name, (_, secs) in stage_summaries(out_dir).items()
     ]
     return "\n".join(lines)
 
@@ -48,7 +38,5 @@ def run_and_report(spec: JobSpec, force: Iterable[str] = (), until: str | None =
         raise typer.Exit(2) from None
     typer.echo(f"this run: {sum(r.seconds for r in reports):.1f} s in stages")
     if until is None:
-        from pathlib import Path
-
-        typer.echo(format_funnel(funnel(Path(spec.output_dir))))
+        typer.echo(format_funnel(Path(spec.output_dir)))
     return reports

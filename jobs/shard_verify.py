@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,9 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
+from lvd.schemas import layout
+
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
-SHARD_NAME = re.compile(r"^lvd-(\d{6})\.tar$")
 MAX_KEY = 128
 
 
@@ -117,7 +117,7 @@ def verify_tar(path: Path, seen_keys: dict[str, str]) -> tuple[list[str], list[s
 
 def _read_index(directory: Path) -> tuple[list[dict[str, Any]] | None, list[str]]:
     try:
-        doc = json.loads((directory / "index.json").read_text())
+        doc = json.loads((directory / layout.SHARD_INDEX_JSON).read_text())
         rows = doc["shards"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return None, [f"index.json missing or unreadable: {err}"]
@@ -131,7 +131,7 @@ def _read_index(directory: Path) -> tuple[list[dict[str, Any]] | None, list[str]
     if total != want:
         problems.append(f"index.json: total {total} does not add up to its rows {want}")
     try:
-        if pq.read_table(directory / "index.parquet").to_pylist() != rows:
+        if pq.read_table(directory / layout.SHARD_INDEX_PARQUET).to_pylist() != rows:
             problems.append("index.parquet and index.json list different shards")
     except OSError as err:
         problems.append(f"index.parquet missing or unreadable: {err}")
@@ -147,12 +147,12 @@ def verify_shards(directory: str | Path) -> list[str]:
     if rows is None:
         return problems
     listed = [r["shard"] for r in rows]
-    expected = [f"lvd-{i:06d}.tar" for i in range(len(rows))]
+    expected = [layout.shard_name(i) for i in range(len(rows))]
     if listed != expected:
         problems.append(
-            f"index lists {listed[:3]}... instead of lvd-000000.tar .. lvd-{len(rows) - 1:06d}.tar"
+            f"index lists {listed[:3]}... instead of {layout.shard_name(0)} .. {layout.shard_name(len(rows) - 1)}"
         )
-    on_disk = sorted(p.name for p in directory.glob("*.tar") if SHARD_NAME.match(p.name))
+    on_disk = sorted(p.name for p in directory.glob("*.tar") if layout.is_shard_tar(p.name))
     for name in sorted(set(on_disk) - set(listed)):
         problems.append(f"{name}: on disk but not in the index")
     seen_keys: dict[str, str] = {}

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import tarfile
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.image_io import read_image_bytes
-from schemas.tables import SHARD_INDEX, SHARD_SAMPLES, write_parquet_atomic
+from lvd.curation.image_io import read_image_bytes
+from lvd.curation.seeded import SHARD_ORDER, keyed_bits
+from lvd.schemas import layout
+from lvd.schemas.layout import shard_name, shard_table_name
+from lvd.schemas.tables import SHARD_INDEX, SHARD_SAMPLES, write_json_atomic, write_parquet_atomic
 
-SHARD_PREFIX = "lvd-"
 META_KEY = b"lvd.shard"  # per-shard parquet metadata: tar size, sha256, plan digest, errors
 TAR_BLOCK = 512
 TAR_RECORD = 10240
@@ -65,14 +66,6 @@ PLAN = pa.schema(
 
 class ShardPlanError(ValueError):
     """The curated table cannot be sharded (missing or failed images, duplicate ids)."""
-
-
-def shard_name(shard: int) -> str:
-    return f"{SHARD_PREFIX}{shard:06d}.tar"
-
-
-def shard_table_name(shard: int) -> str:
-    return f"{SHARD_PREFIX}{shard:06d}.parquet"
 
 
 def sample_keys(shard: pa.Array, position: pa.Array, image_id: pa.Array, repeat: pa.Array) -> pa.Array:
@@ -176,12 +169,12 @@ def spread_order(coarse: np.ndarray, source: np.ndarray, fine: np.ndarray, image
     """Sample order whose round-robin deal spreads clusters and sources evenly.
 
     Samples of one (coarse cluster, sources) group are contiguous, so dealing them round robin
-    gives every shard floor or ceil of the group's share; a seeded per-image rank orders the
-    group and keeps an image's repeats adjacent (so they land in different shards).
+    gives every shard floor or ceil of the group's share; a seeded per-image key orders the group
+    and keeps an image's repeats adjacent (so they land in different shards). The key is a pure
+    function of the image id, so executors that each hold a slice of the samples agree on it.
     """
-    uniq, inverse = np.unique(image_id, return_inverse=True)
-    image_rank = np.random.default_rng([seed, 1]).permutation(len(uniq))[inverse]
-    return np.lexsort((repeat, image_rank, fine, source, coarse))
+    image_key = keyed_bits(image_id, seed, SHARD_ORDER)
+    return np.lexsort((repeat, image_id, image_key, fine, source, coarse))
 
 
 def plan_shards(
@@ -292,7 +285,7 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
 
 def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, str]:
     """Write `members` as a deterministic tar at `path` (temp then rename); returns (bytes, sha256)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = layout.temp_path(path)
     try:
         with open(tmp, "wb", buffering=1 << 20) as f:
             writer = _HashingWriter(f)
@@ -415,40 +408,28 @@ def remove_stale(out_dir: str | Path, n_shards: int) -> None:
     """Drop temp files of a killed run, shards beyond this plan's count, and the old index."""
     out_dir = Path(out_dir)
     for p in out_dir.iterdir():
-        name = p.name
-        if name.startswith(".") and name.endswith(".tmp"):
+        number = layout.shard_number(p.name)
+        if layout.is_temp(p.name) or (number is not None and number >= n_shards):
             p.unlink(missing_ok=True)
-        elif name.startswith(SHARD_PREFIX) and name.endswith((".tar", ".parquet")):
-            number = name[len(SHARD_PREFIX) :].split(".")[0]
-            if not number.isdigit() or int(number) >= n_shards:
-                p.unlink(missing_ok=True)
-    for name in ("index.json", "index.parquet"):
+    for name in (layout.SHARD_INDEX_JSON, layout.SHARD_INDEX_PARQUET):
         (out_dir / name).unlink(missing_ok=True)
-
-
-def brace_pattern(n_shards: int) -> str:
-    if n_shards == 0:
-        return ""
-    return f"{SHARD_PREFIX}{{{0:06d}..{n_shards - 1:06d}}}.tar"
 
 
 def write_index(out_dir: str | Path, results: list[dict[str, Any]]) -> dict[str, Any]:
     """index.parquet (SHARD_INDEX) and index.json (same rows, totals, brace pattern), written last."""
-    from jobs.pipeline import write_json_atomic
-
     out_dir = Path(out_dir)
     rows = sorted(({k: r[k] for k in SHARD_INDEX.names} for r in results), key=lambda r: r["shard"])
     expected = [shard_name(i) for i in range(len(rows))]
     if [r["shard"] for r in rows] != expected:
-        raise ValueError("shard results are not lvd-000000 .. without gaps")
+        raise ValueError(f"shard results are not {shard_name(0)} .. without gaps")
     total = {
         "shards": len(rows),
         "samples": sum(r["samples"] for r in rows),
         "bytes": sum(r["bytes"] for r in rows),
     }
     write_parquet_atomic(
-        pa.Table.from_pylist(rows, schema=SHARD_INDEX), out_dir / "index.parquet", SHARD_INDEX
+        pa.Table.from_pylist(rows, schema=SHARD_INDEX), out_dir / layout.SHARD_INDEX_PARQUET, SHARD_INDEX
     )
-    doc = {"shards": rows, "total": total, "pattern": brace_pattern(len(rows))}
-    write_json_atomic(out_dir / "index.json", doc)
+    doc = {"shards": rows, "total": total, "pattern": layout.shard_pattern(len(rows))}
+    write_json_atomic(out_dir / layout.SHARD_INDEX_JSON, doc)
     return doc

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from schemas.job_spec import JobSpec
+from lvd.schemas.job_spec import JobSpec
 
 
 def _client(address: str):
@@ -30,7 +30,7 @@ def submit_job(spec: JobSpec, address: str, wait: bool = False, extra_args: str 
     with tempfile.TemporaryDirectory(prefix="lvd-submit-") as tmp:
         (Path(tmp) / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         client.submit_job(
-            entrypoint=f"python -m jobs.cli run job.yaml {extra_args}".strip(),
+            entrypoint=f"python -m lvd.jobs.cli run job.yaml {extra_args}".strip(),
             submission_id=submission_id,
             runtime_env={"working_dir": tmp, "env_vars": {"PYTHONUNBUFFERED": "1"}},
             metadata={"lvd_job": spec.name, "output_dir": spec.output_dir},

@@ -92,14 +92,11 @@ class EmbeddingSpec(_Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
 
 
-class DedupSpec(_Strict):
-    k: int = Field(64, ge=1, description="Nearest neighbours per image in the copy-detection graph.")
-    threshold: float = Field(0.6, gt=-1, le=1, description="Cosine above which two images are copies.")
-    eval_threshold: float = Field(
-        0.45, gt=-1, le=1, description="Cosine above which a pool image matches an eval image."
-    )
-    # Measured at 1M x 384 (benchmarks/curation.py): planted-pair recall 1.0 in 128 s; IVF4096,Flat at
-    # nprobe 16 took 15x longer for recall ~0.9. PQ64 needs the dimension divisible by 64.
+class SearchSpec(_Strict):
+    """How a FAISS kNN search runs: the index (a factory string) and where the queries go."""
+
+    # The default index was measured at 1M x 384 (benchmarks/curation.py); PQ64 needs the dimension
+    # divisible by 64.
     index: str = Field(
         "IVF2048,PQ64x4fs,RFlat", description="FAISS index factory string used above exact_below vectors."
     )
@@ -109,7 +106,19 @@ class DedupSpec(_Strict):
     search_actors: int = Field(
         0, ge=0, description="Ray actors searching query chunks in parallel (0: in the driver)."
     )
+
+
+class DedupSpec(SearchSpec):
+    k: int = Field(64, ge=1, description="Nearest neighbours per image in the copy-detection graph.")
+    threshold: float = Field(0.6, gt=-1, le=1, description="Cosine above which two images are copies.")
+    eval_threshold: float = Field(
+        0.45, gt=-1, le=1, description="Cosine above which a pool image matches an eval image."
+    )
     keep_rule: Literal["largest_then_smallest_id", "smallest_id"] = "largest_then_smallest_id"
+
+
+class RetrievalSpec(SearchSpec):
+    """The search of sample-based seed sets over the kept pool."""
 
 
 class ClusterLevel(_Strict):
@@ -186,6 +195,7 @@ class JobSpec(_Strict):
     ingest: IngestSpec = IngestSpec()
     embedding: EmbeddingSpec = EmbeddingSpec()
     dedup: DedupSpec = DedupSpec()
+    retrieval: RetrievalSpec = RetrievalSpec()
     clustering: ClusteringSpec = ClusteringSpec()
     sampling: SamplingSpec = SamplingSpec()
     shards: ShardSpec = ShardSpec()

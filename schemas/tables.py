@@ -1,22 +1,18 @@
-"""Arrow schemas of the tables between stages (DESIGN.md section 2), and their atomic parquet I/O.
+"""Arrow schemas of the tables between stages, and their atomic writes.
 
-A stage folder holds `part-NNNNN.parquet` files and, written last, `_marker.json`.
-Every writer goes through `write_parquet_atomic`, which validates the table against its
-schema and renames a finished temp file into place, so a killed job never leaves a
-half part that looks whole.
+Where each table lives is `lvd.schemas.layout`'s business. Every writer goes through
+`write_parquet_atomic` (or `write_json_atomic`), which writes a hidden temp file and renames it into
+place, so a killed job never leaves a half file that looks whole.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-# Which set an image belongs to: "pool", "seed:<name>" or "eval:<name>".
-POOL = "pool"
 
 IMAGES = pa.schema(
     [
@@ -143,10 +139,12 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def write_parquet_atomic(table: pa.Table, path: str | Path, schema: pa.Schema) -> pa.Table:
     """Validate against `schema`, write to a temp name beside `path`, then rename into place."""
+    from lvd.schemas.layout import temp_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = conform(table, schema)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_path(path)
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
@@ -155,18 +153,26 @@ def write_parquet_atomic(table: pa.Table, path: str | Path, schema: pa.Schema) -
     return table
 
 
-def part_path(stage_dir: str | Path, index: int) -> Path:
-    return Path(stage_dir) / f"part-{index:05d}.parquet"
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    from lvd.schemas.layout import temp_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_parts(
-    stage_dir: str | Path, schema: pa.Schema | None = None, columns: list[str] | None = None
+    parts: list[Path] | list[str], schema: pa.Schema | None = None, columns: list[str] | None = None
 ) -> pa.Table:
-    """All `part-*.parquet` of a stage folder as one table (temp files are never matched)."""
-    parts = sorted(Path(stage_dir).glob("part-*.parquet"))
+    """Part files as one table; with no parts, `schema`'s empty table (an error without a schema)."""
     if not parts:
         if schema is None:
-            raise FileNotFoundError(f"no parquet parts in {stage_dir}")
+            raise FileNotFoundError("no parquet parts to read")
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty
     tables = [pq.read_table(p, columns=columns) for p in parts]

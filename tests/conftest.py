@@ -66,8 +66,8 @@ def tiny_images() -> Callable[..., list[Path]]:
 def ray_local() -> Iterator[None]:
     """A local Ray instance with 2 CPUs for the whole session (through jobs.engines.ensure_ray),
     shut down at the end. Stages call ensure_ray too; it reuses this instance."""
-    from jobs.engines import ensure_ray, shutdown_ray
-    from schemas.job_spec import parse_job_spec
+    from lvd.jobs.engines import ensure_ray, shutdown_ray
+    from lvd.schemas.job_spec import parse_job_spec
 
     spec = parse_job_spec(
         {

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from training.augment import (
+from lvd.training.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiCrop,
@@ -107,7 +107,7 @@ def _high_frequency_energy(x: np.ndarray) -> float:
 def test_blur_scales_with_crop_size():
     """The recipe's blur (sigma 0.1-2 px at 224/98 px) shrinks with the crop: at a quarter of the size a
     stripe pattern 3 px apart keeps its contrast; an unscaled blur would flatten it."""
-    from training.augment import MultiCrop, MultiCropConfig, gaussian_blur
+    from lvd.training.augment import MultiCrop, MultiCropConfig, gaussian_blur
 
     mc = MultiCrop(MultiCropConfig(global_crops_size=56, local_crops_size=28))
     assert mc.global_blur == pytest.approx(56 / 224) and mc.local_blur == pytest.approx(28 / 98)

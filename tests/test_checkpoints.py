@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from embeddings.checkpoints import (
+from lvd.embeddings.checkpoints import (
     CheckpointError,
     detect_format,
     fetch,
@@ -17,9 +17,9 @@ from embeddings.checkpoints import (
     load_hf_dinov2,
     save_lvd_backbone,
 )
-from embeddings.models import load_embedding_model
-from embeddings.vit import build_vit
-from schemas.job_spec import ModelSpec
+from lvd.embeddings.models import load_embedding_model
+from lvd.embeddings.vit import build_vit
+from lvd.schemas.job_spec import ModelSpec
 
 transformers = pytest.importorskip("transformers")  # a dev dependency, always installed here
 

@@ -5,20 +5,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.knn import normalize
-from jobs.pipeline import StageContext
-from jobs.stages import cluster, dedup, retrieve, sample
-from schemas.job_spec import parse_job_spec
-from schemas.tables import (
+from lvd.curation.knn import normalize
+from lvd.jobs.stage import StageContext
+from lvd.jobs.stages import cluster, dedup, retrieve, sample
+from lvd.schemas import layout
+from lvd.schemas.job_spec import parse_job_spec
+from lvd.schemas.tables import (
     CENTROIDS,
-    CLUSTERS,
-    CURATED,
-    DEDUP,
     IMAGES,
-    RETRIEVED,
     embeddings_schema,
-    part_path,
-    read_parts,
     write_parquet_atomic,
 )
 
@@ -103,7 +98,7 @@ def world(tmp_path):
             )
             for i in ids
         ]
-    write_parquet_atomic(_images(rows), part_path(tmp_path / "out" / "ingest", 0), IMAGES)
+    write_parquet_atomic(_images(rows), layout.table_part(tmp_path / "out", layout.IMAGES, 0), IMAGES)
 
     # retrieval vectors: 3 blobs of 40 pool images in 32-d; copy-detection vectors: random 128-d
     centers = normalize(rng.standard_normal((3, 32)))
@@ -122,13 +117,14 @@ def world(tmp_path):
     eval_copy = _unit_near(rng, copy[4], 0.3)  # the eval image is a copy of 1004
     sid = list(seed_retr)
     tables = [
-        _embeddings(pool_ids, retr, "retrieval", 32),
-        _embeddings(sid, np.stack([seed_retr[i] for i in sid]), "retrieval", 32),
-        _embeddings(pool_ids, copy, "copy_detection", 128),
-        _embeddings(eval_ids, eval_copy[None], "copy_detection", 128),
+        (0, _embeddings(pool_ids, retr, "retrieval", 32)),
+        (1, _embeddings(sid, np.stack([seed_retr[i] for i in sid]), "retrieval", 32)),
+        (0, _embeddings(pool_ids, copy, "copy_detection", 128)),
+        (1, _embeddings(eval_ids, eval_copy[None], "copy_detection", 128)),
     ]
-    for i, t in enumerate(tables):
-        write_parquet_atomic(t, part_path(tmp_path / "out" / "embed", i), t.schema)
+    for i, t in tables:
+        model = t["model"][0].as_py()
+        write_parquet_atomic(t, layout.table_part(tmp_path / "out", layout.EMBEDDINGS, i, model), t.schema)
     src = [{"uri": "/nowhere"}]
     spec = parse_job_spec(
         {
@@ -158,7 +154,7 @@ def world(tmp_path):
 
 
 def _run(spec, out, name, module):
-    ctx = StageContext(spec=spec, out_dir=out, stage=name)
+    ctx = StageContext(spec=spec, out_dir=out, stage=module.STAGE)
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     return module.run(ctx)
 
@@ -174,16 +170,13 @@ def test_stages_on_a_tiny_pool(world):
     spec, out, retr, pool_ids = world
     s = _run_all(spec, out)
 
-    assert s["dedup"]["images"] == N_POOL - 2  # 1005 failed to decode, 1006 to embed
-    assert {k: s["dedup"][k] for k in ("exact", "copy", "eval_overlap", "kept")} == {
-        "exact": 1,
-        "copy": 1,
-        "eval_overlap": 1,
-        "kept": N_POOL - 5,
-    }
-    assert s["dedup"]["ivf_recall"] is None and s["dedup"]["model"] == "copy_detection"
-    assert not (out / "dedup" / dedup.COPY_EDGES_DIR).exists()  # resume files go once the table is written
-    d = {r["image_id"]: r for r in read_parts(out / "dedup", DEDUP).to_pylist()}
+    assert s["dedup"].images == N_POOL - 2  # 1005 failed to decode, 1006 to embed
+    d = s["dedup"]
+    assert (d.exact, d.copy, d.eval_overlap, d.kept) == (1, 1, 1, N_POOL - 5)
+    assert s["dedup"].ivf_recall is None and s["dedup"].model == "copy_detection"
+    # resume files go once the table is written
+    assert [p.name for p in layout.stage_dir(out, "dedup").iterdir() if p.is_dir()] == []
+    d = {r["image_id"]: r for r in layout.read_table(out, layout.DEDUP).to_pylist()}
     assert d[1001] == {
         "image_id": 1001,
         "component_id": 1000,
@@ -202,10 +195,10 @@ def test_stages_on_a_tiny_pool(world):
     assert 1005 not in d and 1006 not in d
     kept = sorted(i for i, r in d.items() if r["keep"])
 
-    assert s["cluster"] == {"images": N_POOL - 5, "levels": [6, 3], "requested_levels": [6, 3]}
-    cl = read_parts(out / "cluster", CLUSTERS)
+    assert s["cluster"] == cluster.ClusterSummary(images=N_POOL - 5, levels=[6, 3], requested_levels=[6, 3])
+    cl = layout.read_table(out, layout.CLUSTERS)
     assert sorted(cl["image_id"].to_pylist()) == kept
-    cent = pq.read_table(out / "cluster" / "centroids.parquet")
+    cent = layout.read_table(out, layout.CENTROIDS)
     assert cent.schema.equals(CENTROIDS, check_metadata=False)
     lv0 = cent.filter(pa.compute.equal(cent["level"], 0)).to_pylist()
     assert len(lv0) == 6 and sum(r["size"] for r in lv0) == len(kept)
@@ -213,13 +206,13 @@ def test_stages_on_a_tiny_pool(world):
     parent = {r["cluster_id"]: r["parent_id"] for r in lv0}
     assert all(parent[c[0]] == c[1] for c in cl["cluster_ids"].to_pylist())
 
-    assert s["retrieve"]["per_seed_set"]["core"] == 3 and s["retrieve"]["per_seed_set"]["near"] == 6
-    assert 0 < s["retrieve"]["per_seed_set"]["clus"] <= 10
-    rt = read_parts(out / "retrieve", RETRIEVED)
+    assert s["retrieve"].per_seed_set["core"] == 3 and s["retrieve"].per_seed_set["near"] == 6
+    assert 0 < s["retrieve"].per_seed_set["clus"] <= 10
+    rt = layout.read_table(out, layout.RETRIEVED)
     near = rt.filter(pa.compute.equal(rt["seed_set"], "near"))
     # brute force over the kept pool: the 3 nearest of seed 3001 (made next to pool row 50)
     kept_rows = np.searchsorted(pool_ids, kept)
-    seed_part = pq.read_table(part_path(out / "embed", 1))
+    seed_part = pq.read_table(layout.table_part(out, layout.EMBEDDINGS, 1, "retrieval"))
     seed_vec = seed_part.filter(pa.compute.equal(seed_part["image_id"], 3001))
     q = normalize(np.array(seed_vec["vector"][0].as_py(), dtype=np.float32)[None])
     ref = np.array(kept)[np.argsort(-(normalize(retr[kept_rows]) @ q[0]))[:3]]
@@ -228,9 +221,9 @@ def test_stages_on_a_tiny_pool(world):
     clus = rt.filter(pa.compute.equal(rt["seed_set"], "clus"))["image_id"].to_numpy()
     assert (clus < 1040).all() and set(clus) <= set(kept)  # the seeds sit in blob 0: rows 0..39
 
-    cur = read_parts(out / "sample", CURATED)
+    cur = layout.read_table(out, layout.CURATED)
     assert cur["image_id"].to_pylist() == sorted(set(cur["image_id"].to_pylist()))
-    assert s["sample"]["balanced"] == 30
+    assert s["sample"].balanced == 30
     retrieved_ids = set(rt["image_id"].to_pylist())
     by_id = {r["image_id"]: r for r in cur.to_pylist()}
     assert retrieved_ids <= set(by_id)
@@ -240,17 +233,18 @@ def test_stages_on_a_tiny_pool(world):
     # balanced images appear as often as drawn (retrieval adds no extra copy), retrieved-only ones once
     assert sum(r["repeats"] for r in by_id.values() if "balanced" in r["sources"]) == 30
     assert all(r["repeats"] == 1 for r in by_id.values() if "balanced" not in r["sources"])
-    assert s["sample"]["samples"] == sum(r["repeats"] for r in by_id.values())
-    assert s["sample"]["images"] == len(by_id) and s["sample"]["retrieved"] == len(retrieved_ids)
+    assert s["sample"].samples == sum(r["repeats"] for r in by_id.values())
+    assert s["sample"].images == len(by_id) and s["sample"].retrieved == len(retrieved_ids)
 
 
 def test_rerun_is_deterministic(world, tmp_path):
     spec, out, _, _ = world
     _run_all(spec, out)
-    first = {st: read_parts(out / st) for st in ("dedup", "cluster", "retrieve", "sample")}
-    cent = pq.read_table(out / "cluster" / "centroids.parquet")
+    tables = (layout.DEDUP, layout.CLUSTERS, layout.RETRIEVED, layout.CURATED)
+    first = {t: layout.read_table(out, t) for t in tables}
+    cent = layout.read_table(out, layout.CENTROIDS)
     _run_all(spec, out)
-    for st, table in first.items():
-        assert read_parts(out / st).equals(table), st
-        assert len(list((out / st).glob("part-*.parquet"))) == (3 if st == "retrieve" else 1)
-    assert pq.read_table(out / "cluster" / "centroids.parquet").equals(cent)
+    for t, table in first.items():
+        assert layout.read_table(out, t).equals(table), t.name
+        assert len(layout.list_parts(layout.table_dir(out, t))) == (3 if t == layout.RETRIEVED else 1)
+    assert layout.read_table(out, layout.CENTROIDS).equals(cent)

@@ -1,7 +1,7 @@
 import numpy as np
 
-from curation.dedup import dedup_pool, exact_duplicate_of
-from curation.knn import build_index, exact_knn, normalize, recall_against_exact
+from lvd.curation.dedup import dedup_pool, exact_duplicate_of
+from lvd.curation.knn import build_index, exact_knn, normalize, recall_against_exact
 
 
 def _near(rng, v, noise):
@@ -109,7 +109,7 @@ def test_interrupted_search_resumes_from_saved_chunks(tmp_path):
 
     A saved chunk is replaced by a planted edge no search would find: the resumed run must return it.
     The chunks that were deleted (as a kill would leave them) must come back equal to a clean run."""
-    from curation.dedup import copy_detection_edges, load_edge_chunks, save_edge_chunk
+    from lvd.curation.dedup import copy_detection_edges, load_edge_chunks, save_edge_chunk
 
     x, *_ = _planted_pool()
     common = dict(k=8, threshold=0.6, chunk_size=50)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.ingest import check_sources
-from jobs.demo import CLASS_NAMES, build_demo, build_labelled_folder
-from schemas.job_spec import load_job_spec
+from lvd.curation.ingest import check_sources
+from lvd.jobs.demo import CLASS_NAMES, build_demo, build_labelled_folder
+from lvd.schemas.job_spec import load_job_spec
 
 N_IMAGES = 120
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -176,7 +176,7 @@ def _hue_histogram(img: Image.Image) -> np.ndarray:
 def test_colours_decide_whether_hue_tells_the_class(colours):
     """A 1-nearest-neighbour classifier on hue histograms: near-perfect with class hues, near chance
     (1/8) with random hues, where only the pattern tells the classes apart."""
-    from jobs.demo import generate_image
+    from lvd.jobs.demo import generate_image
 
     rng = np.random.default_rng(5)
     labels = np.repeat(np.arange(len(CLASS_NAMES)), 12)
@@ -191,7 +191,7 @@ def test_colours_decide_whether_hue_tells_the_class(colours):
 
 
 def test_grey_images_have_no_colour_and_bad_choice_is_refused():
-    from jobs.demo import generate_image
+    from lvd.jobs.demo import generate_image
 
     rng = np.random.default_rng(6)
     for label in range(len(CLASS_NAMES)):

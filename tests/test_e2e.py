@@ -9,11 +9,11 @@ import pyarrow.compute as pc
 import pytest
 import webdataset as wds
 
-from jobs.demo import build_demo
-from jobs.pipeline import STAGE_NAMES, funnel, run_job
-from jobs.shard_verify import verify_shards
-from schemas.job_spec import load_job_spec
-from schemas.tables import CURATED, IMAGES, RETRIEVED, read_parts
+from lvd.jobs.demo import build_demo
+from lvd.jobs.pipeline import STAGE_NAMES, funnel, run_job
+from lvd.jobs.shard_verify import verify_shards
+from lvd.schemas import layout
+from lvd.schemas.job_spec import load_job_spec
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +31,18 @@ def test_every_stage_ran_and_wrote_its_marker(demo_run):
     assert [r.name for r in first] == list(STAGE_NAMES)
     assert not any(r.skipped for r in first)
     for name in STAGE_NAMES:
-        marker = json.loads((Path(spec.output_dir) / name / "_marker.json").read_text())
+        marker = json.loads((layout.stage_dir(spec.output_dir, name) / layout.MARKER).read_text())
         assert marker["stage"] == name
 
 
 def test_shards_hold_every_curated_sample_once_with_original_bytes(demo_run):
     spec, _, _, _ = demo_run
     out = Path(spec.output_dir)
-    images = read_parts(out / "ingest", IMAGES)
+    images = layout.read_table(out, layout.IMAGES)
     sha_by_id = dict(
         zip(images.column("image_id").to_pylist(), images.column("sha256").to_pylist(), strict=True)
     )
-    curated = read_parts(out / "sample", CURATED)
+    curated = layout.read_table(out, layout.CURATED)
     expected = {}
     for image_id, repeats in zip(
         curated.column("image_id").to_pylist(), curated.column("repeats").to_pylist(), strict=True
@@ -67,7 +67,7 @@ def test_shards_hold_every_curated_sample_once_with_original_bytes(demo_run):
 
 def test_bad_inputs_recorded_and_job_completes(demo_run):
     spec, root, _, _ = demo_run
-    images = read_parts(Path(spec.output_dir) / "ingest", IMAGES)
+    images = layout.read_table(spec.output_dir, layout.IMAGES)
     errors = images.filter(pc.equal(images.column("status"), "error"))
     planted = json.loads((root / "data" / "manifest.json").read_text())
     assert errors.num_rows >= planted["corrupt"]
@@ -76,10 +76,10 @@ def test_bad_inputs_recorded_and_job_completes(demo_run):
 
 def test_funnel_is_consistent(demo_run):
     spec, _, _, _ = demo_run
-    f = funnel(Path(spec.output_dir))
-    assert f["images_in"] > f["errors"] > 0
-    assert f["exact_duplicates"] > 0 and f["near_duplicates"] > 0
-    assert f["curated"] > 0 and f["shards_written"] > 0
+    f = {label: value for _, label, value in funnel(Path(spec.output_dir))}
+    assert f["images in"] > f["errors (unreadable / corrupt)"] > 0
+    assert f["exact duplicates"] > 0 and f["near duplicates (copy detection)"] > 0
+    assert f["curated images"] > 0 and f["shards written"] > 0
 
 
 def test_rerun_skips_every_stage_quickly(demo_run):
@@ -89,7 +89,7 @@ def test_rerun_skips_every_stage_quickly(demo_run):
     second_seconds = time.perf_counter() - t0
     assert all(r.skipped for r in second)
     assert second_seconds < 0.1 * sum(r.seconds for r in first)
-    curated = read_parts(Path(spec.output_dir) / "sample", CURATED)
+    curated = layout.read_table(spec.output_dir, layout.CURATED)
     assert curated.num_rows == len(set(curated.column("image_id").to_pylist()))
 
 
@@ -97,12 +97,12 @@ def test_sample_retrieval_finds_the_seed_sets_classes(demo_run):
     """Seeds of two generated classes retrieve pool images of those classes (random-feature ViT)."""
     spec, root, _, _ = demo_run
     manifest = json.loads((root / "data" / "manifest.json").read_text())
-    images = read_parts(Path(spec.output_dir) / "ingest", IMAGES).to_pandas()
+    images = layout.read_table(spec.output_dir, layout.IMAGES).to_pandas()
     label_of = {
         image_id: manifest["labels"].get(str(Path(uri).relative_to(root / "data")))
         for image_id, uri in zip(images.image_id, images.uri, strict=True)
     }
-    retrieved = read_parts(Path(spec.output_dir) / "retrieve", RETRIEVED).to_pandas()
+    retrieved = layout.read_table(spec.output_dir, layout.RETRIEVED).to_pandas()
     for name, seed in manifest["seeds"].items():
         if seed["strategy"] != "sample":
             continue

@@ -8,14 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import jobs.stages.embed as embed
-from curation.stage_io import load_vectors
-from embeddings.models import load_embedding_model
-from embeddings.preprocess import preprocess_image
-from embeddings.store import embedding_part_path, read_embeddings
-from jobs.pipeline import StageContext
-from schemas.job_spec import parse_job_spec
-from schemas.tables import IMAGES, embeddings_schema, part_path, write_parquet_atomic
+import lvd.jobs.stages.embed as embed
+from lvd.curation.stage_io import load_vectors
+from lvd.embeddings.models import load_embedding_model
+from lvd.embeddings.preprocess import preprocess_image
+from lvd.embeddings.store import read_embeddings
+from lvd.jobs.stage import StageContext
+from lvd.schemas import layout
+from lvd.schemas.job_spec import parse_job_spec
+from lvd.schemas.tables import IMAGES, embeddings_schema, write_parquet_atomic
 
 RETRIEVAL = {"arch": "vit_tiny", "image_size": 56, "resize_size": 64, "batch_size": 4}
 COPY = {"arch": "vit_tiny", "image_size": 28, "resize_size": 32, "batch_size": 4, "dtype": "float32"}
@@ -44,7 +45,6 @@ def job(tmp_path):
             shape = (30 + 7 * i, 45) if mode == "L" else (30 + 7 * i, 45, 3)
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(p)
         files.append(p)
-    ingest = tmp_path / "out" / "ingest"
     part0 = [_row(i, files[i]) for i in range(5)]
     part1 = [
         _row(5, files[5], dataset="seed:s"),
@@ -52,7 +52,11 @@ def job(tmp_path):
         _row(7, files[7], "error"),
     ]
     for index, rows in enumerate([part0, part1, []]):
-        write_parquet_atomic(pa.Table.from_pylist(rows, IMAGES), part_path(ingest, index), IMAGES)
+        write_parquet_atomic(
+            pa.Table.from_pylist(rows, IMAGES),
+            layout.table_part(tmp_path / "out", layout.IMAGES, index),
+            IMAGES,
+        )
     spec = parse_job_spec(
         {
             "name": "t",
@@ -68,27 +72,27 @@ def job(tmp_path):
 
 def test_two_models_in_one_pass_with_a_failure_recorded_and_resume(job, ray_local):
     spec, files = job
-    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage="embed")
+    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage=embed.STAGE)
     summary = embed.run(ctx)
     # 7 ok rows (the ingest error row is not embedded); the corrupt file is recorded, not fatal.
-    assert summary["images"] == 7 and summary["errors"] == 1
-    assert summary["decoded"] == 7  # each image read and decoded once for both models
-    assert summary["models"] == ["retrieval", "copy_detection"]
-    assert summary["dims"] == {"retrieval": 192, "copy_detection": 192}
+    assert summary.images == 7 and summary.errors == 1
+    assert summary.decoded == 7  # each image read and decoded once for both models
+    assert summary.models == ["retrieval", "copy_detection"]
+    assert summary.dims == {"retrieval": 192, "copy_detection": 192}
 
     stage = ctx.stage_dir
     for name, dtype in (("retrieval", "float16"), ("copy_detection", "float32")):
-        t0 = pq.read_table(embedding_part_path(stage, 0, name))
+        t0 = pq.read_table(layout.part_path(stage, 0, name))
         assert t0.schema.equals(embeddings_schema(192, dtype))
         assert t0.column("image_id").to_pylist() == [1000, 1001, 1002, 1003, 1004]
         assert t0.column("model").to_pylist() == [name] * 5
         assert t0.column("vector").null_count == 1 and t0.column("vector")[2].as_py() is None
         assert "cannot decode image" in t0.column("error")[2].as_py()
-        assert pq.read_table(embedding_part_path(stage, 1, name)).column("image_id").to_pylist() == [
+        assert pq.read_table(layout.part_path(stage, 1, name)).column("image_id").to_pylist() == [
             1005,
             1006,
         ]
-        assert pq.read_table(embedding_part_path(stage, 2, name)).num_rows == 0
+        assert pq.read_table(layout.part_path(stage, 2, name)).num_rows == 0
 
     # Vectors equal the bare computation: same bytes, same preprocessing, same (seeded) model.
     for name, mspec, tol in (
@@ -102,18 +106,18 @@ def test_two_models_in_one_pass_with_a_failure_recorded_and_resume(job, ray_loca
         np.testing.assert_allclose(vecs, ref, atol=tol)
         np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=tol)
         # The reader the curation stages use sees the same vectors.
-        got_ids, got = load_vectors(stage, name, np.arange(1000, 1010))
+        got_ids, got = load_vectors(layout.list_parts(stage, name), name, np.arange(1000, 1010))
         assert got_ids.tolist() == ids.tolist()
         np.testing.assert_allclose(got, vecs, atol=tol)
 
     # Rerun: nothing to do. Lose one part: only that part is redone, same content.
     again = embed.run(ctx)
-    assert again["parts_written"] == 0 and again["decoded"] == 0 and again["images"] == 7
-    before = pq.read_table(embedding_part_path(stage, 1, "copy_detection"))
-    embedding_part_path(stage, 1, "copy_detection").unlink()
+    assert again.parts_written == 0 and again.decoded == 0 and again.images == 7
+    before = pq.read_table(layout.part_path(stage, 1, "copy_detection"))
+    layout.part_path(stage, 1, "copy_detection").unlink()
     resumed = embed.run(ctx)
-    assert resumed["parts_written"] == 1 and resumed["decoded"] == 2
-    assert pq.read_table(embedding_part_path(stage, 1, "copy_detection")).equals(before)
+    assert resumed.parts_written == 1 and resumed.decoded == 2
+    assert pq.read_table(layout.part_path(stage, 1, "copy_detection")).equals(before)
 
 
 def test_decode_batch_reads_each_image_once_for_two_preprocessings(job):
@@ -153,8 +157,8 @@ def test_decode_batch_reads_each_image_once_for_two_preprocessings(job):
 def test_a_bad_checkpoint_fails_before_any_work(job, tmp_path):
     import torch
 
-    from embeddings.checkpoints import CheckpointError
-    from embeddings.vit import build_vit
+    from lvd.embeddings.checkpoints import CheckpointError
+    from lvd.embeddings.vit import build_vit
 
     spec, _ = job
     sd = build_vit("vit_tiny", img_size=56).state_dict()
@@ -162,7 +166,9 @@ def test_a_bad_checkpoint_fails_before_any_work(job, tmp_path):
     torch.save(sd, tmp_path / "bad.pth")
     bad = spec.embedding.retrieval.model_copy(update={"weights": str(tmp_path / "bad.pth")})
     spec = spec.model_copy(update={"embedding": spec.embedding.model_copy(update={"retrieval": bad})})
-    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage="embed")
+    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage=embed.STAGE)
     with pytest.raises(CheckpointError, match="blocks.0.attn.qkv.weight_typo"):
         embed.run(ctx)
-    assert not ctx.stage_dir.exists() or not any(ctx.stage_dir.rglob("part-*.parquet"))
+    assert not ctx.stage_dir.exists() or not any(
+        layout.list_parts(ctx.stage_dir, m) for m in ("retrieval", "copy_detection")
+    )

@@ -3,6 +3,7 @@ Ray stage resumes without duplicating rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -19,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.image_io import read_image_bytes
-from curation.ingest import (
+from lvd.curation.image_io import read_image_bytes
+from lvd.curation.ingest import (
     SourceError,
     WorkUnit,
     check_sources,
@@ -30,10 +31,10 @@ from curation.ingest import (
     probe_image,
     stable_image_id,
 )
-from jobs.demo import bomb_png
-from jobs.pipeline import StageContext
-from schemas.job_spec import Source, parse_job_spec
-from schemas.tables import IMAGES, part_path, read_parts
+from lvd.jobs.demo import bomb_png
+from lvd.jobs.stage import StageContext
+from lvd.schemas import layout
+from lvd.schemas.job_spec import Source, parse_job_spec
 
 MAX_PIXELS = 1_000_000
 MAX_BYTES = 1_000_000
@@ -295,7 +296,7 @@ def _spec(tmp_path: Path, files_per_part: int):
 def test_stage_resumes_without_duplicates_and_recreates_a_lost_part(
     tmp_path, tiny_images, image_bytes, ray_local
 ):
-    from jobs.stages import ingest as stage
+    from lvd.jobs.stages import ingest as stage
 
     tiny_images(tmp_path / "pool", 5)
     (tmp_path / "pool" / "bad.jpg").write_bytes(b"")
@@ -309,39 +310,37 @@ def test_stage_resumes_without_duplicates_and_recreates_a_lost_part(
     tiny_images(tmp_path / "eval", 1, seed=300)
 
     spec = _spec(tmp_path, files_per_part=2)
-    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage="ingest")
+    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage=stage.STAGE)
     first = stage.run(ctx)
     # pool folder: 6 files in 3 parts; tar: 1 part; seed: 1; eval: 1
-    assert first["parts"] == first["parts_written"] == 6
-    assert (first["images"], first["errors"], first["pool_images"], first["pool_errors"]) == (12, 1, 9, 1)
-    assert first["errors_by_reason"] == {"empty file": 1}
-    table = read_parts(ctx.stage_dir, IMAGES)
+    assert first.parts == first.parts_written == 6
+    assert (first.images, first.errors, first.pool_images, first.pool_errors) == (12, 1, 9, 1)
+    assert first.errors_by_reason == {"empty file": 1}
+    table = layout.read_table(ctx.out_dir, layout.IMAGES)
     ids = sorted(table.column("image_id").to_pylist())
     assert len(set(ids)) == 12
     datasets = table.column("dataset").to_pylist()
     assert (datasets.count("pool"), datasets.count("seed:s"), datasets.count("eval:e")) == (9, 2, 1)
 
     again = stage.run(ctx)
-    assert again["parts_written"] == 0
-    assert {k: v for k, v in again.items() if k != "parts_written"} == {
-        k: v for k, v in first.items() if k != "parts_written"
-    }
-    assert sorted(read_parts(ctx.stage_dir, IMAGES).column("image_id").to_pylist()) == ids
+    assert again.parts_written == 0
+    assert dataclasses.replace(again, parts_written=0) == dataclasses.replace(first, parts_written=0)
+    assert sorted(layout.read_table(ctx.out_dir, layout.IMAGES).column("image_id").to_pylist()) == ids
 
-    lost = part_path(ctx.stage_dir, 1)
+    lost = layout.table_part(ctx.out_dir, layout.IMAGES, 1)
     before = pq.read_table(lost)
     lost.unlink()
     third = stage.run(ctx)
-    assert third["parts_written"] == 1
+    assert third.parts_written == 1
     assert pq.read_table(lost).equals(before)
-    assert sorted(read_parts(ctx.stage_dir, IMAGES).column("image_id").to_pylist()) == ids
+    assert sorted(layout.read_table(ctx.out_dir, layout.IMAGES).column("image_id").to_pylist()) == ids
 
     # Another plan (other chunking) must not resume the old parts: same rows, none twice.
     spec = _spec(tmp_path, files_per_part=4)
-    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage="ingest")
+    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage=stage.STAGE)
     fourth = stage.run(ctx)
-    assert fourth["parts"] == fourth["parts_written"] == 5
-    assert sorted(read_parts(ctx.stage_dir, IMAGES).column("image_id").to_pylist()) == ids
+    assert fourth.parts == fourth.parts_written == 5
+    assert sorted(layout.read_table(ctx.out_dir, layout.IMAGES).column("image_id").to_pylist()) == ids
     assert json.loads((ctx.stage_dir / "_plan.json").read_text())["units"] == 5
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import yaml
 
-from schemas.job_spec import JobSpecError, load_job_spec, parse_job_spec
+from lvd.schemas.job_spec import JobSpecError, load_job_spec, parse_job_spec
 
 MINIMAL = {
     "name": "t",

@@ -3,8 +3,8 @@ import logging
 import numpy as np
 import pytest
 
-from curation.kmeans import hierarchical_kmeans, kmeans, kmeans_assign, kmeans_fit, mean_by_label
-from curation.knn import normalize
+from lvd.curation.kmeans import hierarchical_kmeans, kmeans, kmeans_assign, kmeans_fit, mean_by_label
+from lvd.curation.knn import normalize
 
 
 def _blobs(rng, centers, per, spread):
@@ -62,7 +62,7 @@ def test_bf16_assign_is_nearest_up_to_bf16_ties_with_exact_distances(spherical):
 
 
 def test_assign_dtype_auto_resolves_and_bad_value_is_refused():
-    from curation.kmeans import cpu_has_native_bf16, resolve_assign_dtype
+    from lvd.curation.kmeans import cpu_has_native_bf16, resolve_assign_dtype
 
     assert resolve_assign_dtype("auto") == ("bfloat16" if cpu_has_native_bf16() else "float32")
     with pytest.raises(ValueError, match="assign_dtype"):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from embeddings.checkpoints import save_lvd_backbone
-from embeddings.vit import build_vit
-from jobs.cli import app
-from training.knn_eval import evaluate_knn, knn_scores, list_labelled_folder
+from lvd.embeddings.checkpoints import save_lvd_backbone
+from lvd.embeddings.vit import build_vit
+from lvd.jobs.cli import app
+from lvd.training.knn_eval import evaluate_knn, knn_scores, list_labelled_folder
 
 
 def _reference_scores(train, labels, query, num_classes, k, t):

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from test_curation_stages import _run, world  # noqa: F401  (world is a fixture)
 
-from curation import knn_ray
-from curation.knn import build_index, normalize, search
-from curation.knn_ray import search_chunks_parallel, search_parallel
-from curation.retrieval import retrieve_by_sample
-from jobs.stages import dedup
-from schemas.tables import read_parts
+from lvd.curation import knn_ray
+from lvd.curation.knn import build_index, normalize, search
+from lvd.curation.knn_ray import search_chunks_parallel, search_parallel
+from lvd.curation.retrieval import retrieve_by_sample
+from lvd.jobs.stages import dedup
+from lvd.schemas import layout
 
 N, DIM, K, CHUNK = 4000, 32, 10, 300
 
@@ -68,8 +68,8 @@ def test_dedup_stage_same_with_search_actors(ray_local, world, monkeypatch):  # 
             update={"dedup": spec.dedup.model_copy(update={"chunk_size": 16, "search_actors": actors})}
         )
         summary = _run(s, out, "dedup", dedup)
-        tables[actors] = read_parts(out / "dedup")
-    assert summary["copy"] == 1 and summary["eval_overlap"] == 1
+        tables[actors] = layout.read_table(out, layout.DEDUP)
+    assert summary.copy == 1 and summary.eval_overlap == 1
     assert tables[2].equals(tables[0])
     # copy detection streams chunks; eval overlap collects them (search_parallel streams too)
     assert calls == ["search_chunks_parallel", "search_parallel", "search_chunks_parallel"]

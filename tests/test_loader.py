@@ -13,8 +13,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from training.data import build_loader, resolve_shards
-from training.data.loader import to_tensor
+from lvd.training.data import build_loader, resolve_shards
+from lvd.training.data.loader import to_tensor
 
 N_SHARDS = 6
 PER_SHARD = 8

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.heads import DINOHead
-from training.loss import DINOLoss, iBOTPatchLoss, koleo_loss, sinkhorn_knopp
+from lvd.training.heads import DINOHead
+from lvd.training.loss import DINOLoss, iBOTPatchLoss, koleo_loss, sinkhorn_knopp
 
 
 def _softmax(row: list[float], temp: float) -> list[float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.masking import BlockMaskGenerator, sample_masks
+from lvd.training.masking import BlockMaskGenerator, sample_masks
 
 
 def test_block_mask_respects_budget_and_is_made_of_rectangles():

@@ -1,48 +1,62 @@
 """The stage runner: markers, skipping, --force, and fingerprints (stages here are stand-ins that count calls)."""
 
-import sys
-import types
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pytest
 
-from jobs import pipeline
-from schemas.job_spec import parse_job_spec
-from schemas.tables import part_path, read_parts, write_parquet_atomic
+from lvd.jobs import pipeline
+from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary, UndeclaredTableError
+from lvd.schemas import layout
+from lvd.schemas.job_spec import parse_job_spec
+from lvd.schemas.tables import read_parts, write_parquet_atomic
 
 SCHEMA = pa.schema([pa.field("x", pa.int64(), nullable=False)])
 CALLS: list[str] = []
+TABLES = {name: layout.Table(f"t{name}", name, SCHEMA) for name in "abc"}
 
 
-def _stage_module(name: str, upstream: str | None):
-    def run(ctx):
+@dataclass
+class RowsSummary(StageSummary):
+    FUNNEL = (("rows", "rows"),)
+    rows: int = 0
+
+
+def _fake_stage(name: str, upstream: str | None, section: str) -> Stage:
+    def run(ctx: StageContext) -> RowsSummary:
         CALLS.append(name)
-        base = read_parts(ctx.input_dir(upstream), SCHEMA).column("x").to_pylist() if upstream else [1, 2, 3]
+        base = (
+            read_parts(ctx.parts(TABLES[upstream]), SCHEMA).column("x").to_pylist() if upstream else [1, 2, 3]
+        )
         # Resume part by part: a part already written is kept.
+        out = ctx.output_dir(TABLES[name])
         for i, x in enumerate(base):
-            if not part_path(ctx.stage_dir, i).exists():
-                write_parquet_atomic(pa.table({"x": [x * 10]}), part_path(ctx.stage_dir, i), SCHEMA)
-        return {"rows": len(base)}
+            if not layout.part_path(out, i).exists():
+                write_parquet_atomic(pa.table({"x": [x * 10]}), layout.part_path(out, i), SCHEMA)
+        return RowsSummary(rows=len(base))
 
-    mod = types.ModuleType(f"fake_{name}")
-    mod.run = run
-    return mod
+    return Stage(
+        name=name,
+        reads=(TABLES[upstream],) if upstream else (),
+        writes=(TABLES[name],),
+        spec_sections=(section,),
+        resources=Resources(engine="ray"),
+        summary=RowsSummary,
+        run=run,
+    )
 
 
 @pytest.fixture
 def fake_stages(monkeypatch):
-    stages = (
-        pipeline.Stage("a", "fake_a", (), ("pool",)),
-        pipeline.Stage("b", "fake_b", ("a",), ("dedup",)),
-        pipeline.Stage("c", "fake_c", ("b",), ("shards",)),
-    )
-    for st, up in zip(stages, [None, "a", "b"], strict=True):
-        monkeypatch.setitem(sys.modules, st.module, _stage_module(st.name, up))
+    stages = (_fake_stage("a", None, "pool"), _fake_stage("b", "a", "dedup"), _fake_stage("c", "b", "shards"))
     monkeypatch.setattr(pipeline, "STAGES", stages)
     monkeypatch.setattr(pipeline, "STAGE_NAMES", tuple(s.name for s in stages))
-    monkeypatch.setattr(pipeline, "funnel", lambda out_dir: {})
     CALLS.clear()
     return stages
+
+
+def _rows(tmp_path, name: str) -> list[int]:
+    return read_parts(layout.list_parts(tmp_path / "out" / name), SCHEMA).column("x").to_pylist()
 
 
 def _spec(tmp_path, **extra):
@@ -63,7 +77,7 @@ def test_second_run_skips_every_stage(tmp_path, fake_stages):
     assert [r.skipped for r in first] == [False, False, False] and CALLS == ["a", "b", "c"]
     second = pipeline.run_job(spec)
     assert [r.skipped for r in second] == [True, True, True] and CALLS == ["a", "b", "c"]
-    assert read_parts(tmp_path / "out" / "c", SCHEMA).column("x").to_pylist() == [1000, 2000, 3000]
+    assert _rows(tmp_path, "c") == [1000, 2000, 3000]
 
 
 def test_force_redoes_the_stage_and_everything_downstream(tmp_path, fake_stages):
@@ -87,12 +101,12 @@ def test_interrupted_stage_resumes_without_duplicating_rows(tmp_path, fake_stage
     spec = _spec(tmp_path)
     pipeline.run_job(spec)
     # As if the job died in stage c after one part: no marker, one part left behind.
-    (tmp_path / "out" / "c" / pipeline.MARKER).unlink()
-    (part_path(tmp_path / "out" / "c", 2)).unlink()
+    (tmp_path / "out" / "c" / layout.MARKER).unlink()
+    layout.part_path(tmp_path / "out" / "c", 2).unlink()
     CALLS.clear()
     pipeline.run_job(spec)
     assert CALLS == ["c"]
-    assert sorted(read_parts(tmp_path / "out" / "c", SCHEMA).column("x").to_pylist()) == [1000, 2000, 3000]
+    assert sorted(_rows(tmp_path, "c")) == [1000, 2000, 3000]
 
 
 def test_unknown_force_stage_is_rejected_before_work(tmp_path, fake_stages):
@@ -104,7 +118,32 @@ def test_unknown_force_stage_is_rejected_before_work(tmp_path, fake_stages):
 def test_parts_of_an_attempt_with_another_config_are_not_reused(tmp_path, fake_stages):
     pipeline.run_job(_spec(tmp_path))
     # Stage c died after writing a stale part; then its config changes.
-    (tmp_path / "out" / "c" / pipeline.MARKER).unlink()
-    write_parquet_atomic(pa.table({"x": [-1]}), part_path(tmp_path / "out" / "c", 7), SCHEMA)
+    (tmp_path / "out" / "c" / layout.MARKER).unlink()
+    write_parquet_atomic(pa.table({"x": [-1]}), layout.part_path(tmp_path / "out" / "c", 7), SCHEMA)
     pipeline.run_job(_spec(tmp_path, shards={"samples_per_shard": 3}))
-    assert sorted(read_parts(tmp_path / "out" / "c", SCHEMA).column("x").to_pylist()) == [1000, 2000, 3000]
+    assert sorted(_rows(tmp_path, "c")) == [1000, 2000, 3000]
+
+
+def test_a_stage_cannot_open_a_table_it_did_not_declare(tmp_path, fake_stages):
+    ctx = StageContext(spec=_spec(tmp_path), out_dir=tmp_path / "out", stage=fake_stages[2])
+    assert ctx.parts(TABLES["b"]) == []  # declared: fine (nothing written yet)
+    with pytest.raises(UndeclaredTableError, match="'c' does not declare that it reads table 'ta'"):
+        ctx.parts(TABLES["a"])
+    with pytest.raises(UndeclaredTableError, match="writes table 'tb'"):
+        ctx.output_dir(TABLES["b"])
+
+
+def test_the_product_stages_read_only_what_they_declare():
+    """Every real stage's inputs come from its declared tables, in pipeline order."""
+    seen: set[str] = set()
+    for st in pipeline.STAGES:
+        assert set(st.inputs) <= seen, (st.name, st.inputs)
+        seen.add(st.name)
+        assert all(t.stage == st.name for t in st.writes)
+
+
+def test_funnel_and_report_come_from_the_stage_summaries(tmp_path, fake_stages):
+    pipeline.run_job(_spec(tmp_path))
+    assert pipeline.funnel(tmp_path / "out") == [("a", "rows", 3), ("b", "rows", 3), ("c", "rows", 3)]
+    report = pipeline.job_report(tmp_path / "out")
+    assert report["stages"]["b"]["summary"] == {"rows": 3}

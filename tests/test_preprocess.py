@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embeddings.preprocess import (
+from lvd.embeddings.preprocess import (
     ImageDecodeError,
     PreprocessConfig,
     decode_image,

@@ -14,15 +14,15 @@ import webdataset as wds
 import yaml
 from typer.testing import CliRunner
 
-from embeddings.models import load_embedding_model
-from embeddings.preprocess import PreprocessConfig, normalize, prepare_image
-from embeddings.vit import ARCHS
-from jobs.cli import app
-from schemas.job_spec import ModelSpec
-from training.config import load_config
-from training.knn_eval import load_eval_backbone
-from training.meta_arch import SSLMetaArch
-from training.train import CHECKPOINT_NAME, METRICS_NAME, NonFiniteLossError, pretrain
+from lvd.embeddings.models import load_embedding_model
+from lvd.embeddings.preprocess import PreprocessConfig, normalize, prepare_image
+from lvd.embeddings.vit import ARCHS
+from lvd.jobs.cli import app
+from lvd.schemas.job_spec import ModelSpec
+from lvd.training.config import load_config
+from lvd.training.knn_eval import load_eval_backbone
+from lvd.training.meta_arch import SSLMetaArch
+from lvd.training.train import CHECKPOINT_NAME, METRICS_NAME, NonFiniteLossError, pretrain
 
 # The tiny config (4-block ViT-Tiny, 64/32 px crops), batch 4: a step takes a fraction of a second on CPU.
 OVERRIDES = {
@@ -247,8 +247,8 @@ def test_tiny_config_teacher_targets_are_not_uniform_at_init():
 
 _DIST_SCRIPT = """
 import json, os, sys
-from training.config import load_config
-from training.train import pretrain
+from lvd.training.config import load_config
+from lvd.training.train import pretrain
 cfg = load_config("tiny", json.loads(sys.argv[1]))
 r = pretrain(cfg, sys.argv[2], sys.argv[3], resume=False)
 print("LOSSES", os.environ["RANK"], json.dumps([x["total"] for x in r.losses]), flush=True)

@@ -1,9 +1,9 @@
 import numpy as np
 import pyarrow as pa
 
-from curation.knn import build_index, normalize
-from curation.retrieval import count_collisions, retrieve_as_is, retrieve_by_cluster, retrieve_by_sample
-from schemas.tables import RETRIEVED
+from lvd.curation.knn import build_index, normalize
+from lvd.curation.retrieval import count_collisions, retrieve_as_is, retrieve_by_cluster, retrieve_by_sample
+from lvd.schemas.tables import RETRIEVED
 
 E = np.eye(4, dtype=np.float32)
 

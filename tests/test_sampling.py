@@ -1,6 +1,6 @@
 import numpy as np
 
-from curation.sampling import balanced_sample, water_fill
+from lvd.curation.sampling import balanced_sample, water_fill
 
 
 def _per_cluster(labels, rows, repeats, k):

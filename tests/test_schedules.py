@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from embeddings.vit import build_vit
-from training.heads import DINOHead
-from training.optim import apply_schedules, build_optimizer, param_groups
-from training.schedules import build_schedules, cosine_schedule, scaled_lr, warmup_then_constant
+from lvd.embeddings.vit import build_vit
+from lvd.training.heads import DINOHead
+from lvd.training.optim import apply_schedules, build_optimizer, param_groups
+from lvd.training.schedules import build_schedules, cosine_schedule, scaled_lr, warmup_then_constant
 
 
 def test_cosine_schedule_landmarks():

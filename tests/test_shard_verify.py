@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from jobs.shard_verify import verify_shards
-from jobs.shard_writer import plan_shards, write_index, write_shard
-from schemas.tables import CLUSTERS, CURATED, IMAGES
+from lvd.jobs.shard_verify import verify_shards
+from lvd.jobs.shard_writer import plan_shards, write_index, write_shard
+from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES
 
 
 def build_shards(root: Path, n_images: int = 24, samples_per_shard: int = 6) -> Path:
@@ -145,7 +145,7 @@ def test_duplicate_keys_adjacency_and_bad_json(good):
 
 
 def test_cli_exit_code(good):
-    from jobs.cli import app
+    from lvd.jobs.cli import app
 
     runner = CliRunner()
     assert runner.invoke(app, ["shards", "verify", str(good)]).exit_code == 0

@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.pipeline import StageContext
-from jobs.shard_verify import verify_shards
-from jobs.shard_writer import expand_samples, plan_shards
-from jobs.stages import shards as shard_stage
-from schemas.job_spec import JobSpec, parse_job_spec
-from schemas.tables import CLUSTERS, CURATED, IMAGES, part_path, write_parquet_atomic
+from lvd.jobs.shard_verify import verify_shards
+from lvd.jobs.shard_writer import expand_samples, plan_shards
+from lvd.jobs.stage import StageContext
+from lvd.jobs.stages import shards as shard_stage
+from lvd.schemas import layout
+from lvd.schemas.job_spec import JobSpec, parse_job_spec
+from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES, write_parquet_atomic
 
 N_IMAGES = 60
 
@@ -89,7 +90,9 @@ def make_inputs(root: Path) -> dict[int, bytes]:
         if row["kind"] == "parquet":
             row |= {"path": str(pq_path), "uri": f"{pq_path}#{row['offset']}"}
     out = root / "out"
-    write_parquet_atomic(pa.Table.from_pylist(rows, schema=IMAGES), part_path(out / "ingest", 0), IMAGES)
+    write_parquet_atomic(
+        pa.Table.from_pylist(rows, schema=IMAGES), layout.table_part(out, layout.IMAGES, 0), IMAGES
+    )
     # Clusters: [fine, coarse] with 3 coarse clusters of unequal sizes (0 holds the most); the last
     # 6 images are as_is seed images with no cluster row.
     clusters = [
@@ -97,7 +100,7 @@ def make_inputs(root: Path) -> dict[int, bytes]:
         for i, r in enumerate(rows[:-6])
     ]
     write_parquet_atomic(
-        pa.Table.from_pylist(clusters, schema=CLUSTERS), part_path(out / "cluster", 0), CLUSTERS
+        pa.Table.from_pylist(clusters, schema=CLUSTERS), layout.table_part(out, layout.CLUSTERS, 0), CLUSTERS
     )
     curated = [
         {
@@ -109,7 +112,9 @@ def make_inputs(root: Path) -> dict[int, bytes]:
         }
         for i, r in enumerate(rows)
     ]
-    write_parquet_atomic(pa.Table.from_pylist(curated, schema=CURATED), part_path(out / "sample", 0), CURATED)
+    write_parquet_atomic(
+        pa.Table.from_pylist(curated, schema=CURATED), layout.table_part(out, layout.CURATED, 0), CURATED
+    )
     return originals
 
 
@@ -132,7 +137,7 @@ def _spec(out: Path, **shards) -> JobSpec:
 
 
 def run_stage(out: Path, **shards) -> dict:
-    ctx = StageContext(spec=_spec(out, **shards), out_dir=out, stage="shards")
+    ctx = StageContext(spec=_spec(out, **shards), out_dir=out, stage=shard_stage.STAGE)
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     return shard_stage.run(ctx)
 
@@ -161,7 +166,7 @@ def _shard_tables(d: Path) -> list[pa.Table]:
 def test_index_counts_sizes_and_repeats(written):
     root, originals, summary = written
     d = root / "out" / "shards"
-    curated = pq.read_table(part_path(root / "out" / "sample", 0)).to_pylist()
+    curated = pq.read_table(layout.table_part(root / "out", layout.CURATED, 0)).to_pylist()
     expected_total = sum(r["repeats"] for r in curated)
     index = json.loads((d / "index.json").read_text())
     n = len(index["shards"])
@@ -176,7 +181,7 @@ def test_index_counts_sizes_and_repeats(written):
         "samples": expected_total,
         "bytes": sum(r["bytes"] for r in index["shards"]),
     }
-    assert summary["samples"] == expected_total and summary["shards"] == n and summary["errors"] == 0
+    assert summary.samples == expected_total and summary.shards == n and summary.errors == 0
     assert pq.read_table(d / "index.parquet").to_pylist() == index["shards"]
     for row in index["shards"]:
         data = (d / row["shard"]).read_bytes()
@@ -191,13 +196,16 @@ def test_index_counts_sizes_and_repeats(written):
 def test_members_keys_and_original_bytes(written):
     root, originals, _ = written
     d = root / "out" / "shards"
-    images = {r["image_id"]: r for r in pq.read_table(part_path(root / "out" / "ingest", 0)).to_pylist()}
+    images = {
+        r["image_id"]: r for r in pq.read_table(layout.table_part(root / "out", layout.IMAGES, 0)).to_pylist()
+    }
     clusters = {
         r["image_id"]: r["cluster_ids"]
-        for r in pq.read_table(part_path(root / "out" / "cluster", 0)).to_pylist()
+        for r in pq.read_table(layout.table_part(root / "out", layout.CLUSTERS, 0)).to_pylist()
     }
     sources = {
-        r["image_id"]: r["sources"] for r in pq.read_table(part_path(root / "out" / "sample", 0)).to_pylist()
+        r["image_id"]: r["sources"]
+        for r in pq.read_table(layout.table_part(root / "out", layout.CURATED, 0)).to_pylist()
     }
     ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}
     all_keys = []
@@ -234,7 +242,7 @@ def test_clusters_and_sources_spread(written):
     n = len(tables)
     clusters = {
         r["image_id"]: r["cluster_ids"][-1]
-        for r in pq.read_table(part_path(root / "out" / "cluster", 0)).to_pylist()
+        for r in pq.read_table(layout.table_part(root / "out", layout.CLUSTERS, 0)).to_pylist()
     }
     groups = {"cluster": lambda r: clusters.get(r["image_id"], -1), "sources": lambda r: tuple(r["sources"])}
     for name, group_of in groups.items():
@@ -288,14 +296,14 @@ def test_rerun_identical_and_resume_after_kill(written, tmp_path):
 def _tables(root: Path) -> tuple[pa.Table, pa.Table, pa.Table]:
     out = root / "out"
     return (
-        pq.read_table(part_path(out / "sample", 0)),
-        pq.read_table(part_path(out / "ingest", 0)),
-        pq.read_table(part_path(out / "cluster", 0)),
+        pq.read_table(layout.table_part(out, layout.CURATED, 0)),
+        pq.read_table(layout.table_part(out, layout.IMAGES, 0)),
+        pq.read_table(layout.table_part(out, layout.CLUSTERS, 0)),
     )
 
 
 def test_plan_by_bytes_is_deterministic(tmp_path):
-    from jobs.shard_writer import write_shard
+    from lvd.jobs.shard_writer import write_shard
 
     make_inputs(tmp_path)
     curated, images, clusters = _tables(tmp_path)
@@ -331,7 +339,7 @@ def test_plan_rejects_missing_and_failed_images(tmp_path):
 
 
 def test_changed_source_is_left_out_and_reported(tmp_path):
-    from jobs.shard_writer import write_shard
+    from lvd.jobs.shard_writer import write_shard
 
     make_inputs(tmp_path)
     curated, images, clusters = _tables(tmp_path)

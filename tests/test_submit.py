@@ -7,9 +7,9 @@ from pathlib import Path
 
 from ray_head import head_env, ray_head
 
-from jobs.demo import build_demo
-from jobs.submit import job_logs, job_status, stop_job, submit_job, wait_for_job
-from schemas.job_spec import load_job_spec
+from lvd.jobs.demo import build_demo
+from lvd.jobs.submit import job_logs, job_status, stop_job, submit_job, wait_for_job
+from lvd.schemas.job_spec import load_job_spec
 
 
 def _lvd(*args: str) -> str:

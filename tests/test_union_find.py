@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from curation.union_find import component_sizes, connected_components
+from lvd.curation.union_find import component_sizes, connected_components
 
 
 def _bfs_components(n: int, edges: list[tuple[int, int]]) -> np.ndarray:

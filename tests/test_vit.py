@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embeddings.layers import DropPath
-from embeddings.layers.attention import Attention, attention_reference
-from embeddings.vit import ARCHS, build_vit
+from lvd.embeddings.layers import DropPath
+from lvd.embeddings.layers.attention import Attention, attention_reference
+from lvd.embeddings.vit import ARCHS, build_vit
 
 
 def _official_keys(depth: int, ffn: str, registers: bool) -> set[str]:

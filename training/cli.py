@@ -19,7 +19,9 @@ def _setup_logging() -> None:
 
 def _shards_from_job(outdir: Path) -> str:
     """The shard folder of a curation output directory (read through its index.json)."""
-    index = outdir / "shards" / "index.json"
+    from lvd.schemas import layout
+
+    index = layout.shards_dir(outdir) / layout.SHARD_INDEX_JSON
     if not index.exists():
         raise typer.BadParameter(f"{index} not found: is {outdir} a finished curation output directory?")
     return str(index.parent)
@@ -61,7 +63,7 @@ def pretrain(
         raise typer.BadParameter("give exactly one of --shards and --from-job")
     shard_source = shards if shards is not None else _shards_from_job(from_job)
 
-    from training.config import load_config
+    from lvd.training.config import load_config
 
     overrides: dict = {}
     if arch:
@@ -78,7 +80,7 @@ def pretrain(
     output.mkdir(parents=True, exist_ok=True)
 
     if ray_workers:
-        from training.launch import launch_ray_train
+        from lvd.training.launch import launch_ray_train
 
         launch_ray_train(
             cfg.model_dump(mode="json"),
@@ -92,8 +94,8 @@ def pretrain(
         typer.echo(f"ray train finished; outputs in {output}")
         return
 
-    from training.train import NonFiniteLossError
-    from training.train import pretrain as run_pretrain
+    from lvd.training.train import NonFiniteLossError
+    from lvd.training.train import pretrain as run_pretrain
 
     try:
         result = run_pretrain(cfg, shard_source, output, resume=resume, stop_after=stop_after)
@@ -124,7 +126,7 @@ def eval_knn(
     batch_size: int = typer.Option(64),
 ) -> None:
     """kNN classification of a checkpoint's backbone on a labelled image folder."""
-    from training.knn_eval import evaluate_knn, load_eval_backbone
+    from lvd.training.knn_eval import evaluate_knn, load_eval_backbone
 
     try:
         backbone = load_eval_backbone(checkpoint)

@@ -76,11 +76,11 @@ def load_eval_backbone(path: str | Path) -> nn.Module:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception:  # noqa: BLE001 - not a torch.save file (e.g. TorchScript): the loaders below decide
             obj = None
-    from training.train import CHECKPOINT_FORMAT
+    from lvd.training.train import CHECKPOINT_FORMAT
 
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        from training.config import PretrainConfig
-        from training.meta_arch import SSLMetaArch
+        from lvd.training.config import PretrainConfig
+        from lvd.training.meta_arch import SSLMetaArch
 
         cfg = PretrainConfig.model_validate(obj["config"])
         backbone = SSLMetaArch.build_network(cfg, drop_path_rate=0.0).backbone
@@ -89,7 +89,7 @@ def load_eval_backbone(path: str | Path) -> nn.Module:
             {k[len(prefix) :]: v for k, v in obj["teacher"].items() if k.startswith(prefix)}
         )
         return backbone.eval()
-    from embeddings.checkpoints import load_backbone
+    from lvd.embeddings.checkpoints import load_backbone
 
     return load_backbone(path).eval()
 
@@ -99,7 +99,7 @@ def extract_features(
     backbone: nn.Module, paths: list[Path], image_size: int, resize_size: int, batch_size: int = 64
 ) -> torch.Tensor:
     """CLS features [N, D] with the evaluation preprocessing (resize shorter side, centre crop)."""
-    from embeddings.preprocess import PreprocessConfig, normalize, prepare_image
+    from lvd.embeddings.preprocess import PreprocessConfig, normalize, prepare_image
 
     cfg = PreprocessConfig(resize_size=resize_size, image_size=image_size, patch_size=backbone.patch_size)
     device = next(backbone.parameters()).device

@@ -151,8 +151,8 @@ def mean_across_ranks(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 def _ray_train_loop(loop_config: dict) -> None:
     # Runs inside each Ray Train worker; Ray has already created the torch process group.
-    from training.config import PretrainConfig
-    from training.train import pretrain
+    from lvd.training.config import PretrainConfig
+    from lvd.training.train import pretrain
 
     cfg = PretrainConfig.model_validate(loop_config["config"])
     pretrain(cfg, loop_config["shards"], loop_config["output_dir"], resume=loop_config["resume"])
@@ -176,7 +176,7 @@ def launch_ray_train(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.engines import local_env_defaults
+    from lvd.jobs.engines import local_env_defaults
 
     if not ray.is_initialized():
         local_env_defaults()

@@ -9,11 +9,11 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from embeddings.vit import build_vit
-from training.config import PretrainConfig
-from training.heads import DINOHead
-from training.loss import DINOLoss, iBOTPatchLoss, koleo_loss
-from training.loss.teacher_targets import all_reduce
+from lvd.embeddings.vit import build_vit
+from lvd.training.config import PretrainConfig
+from lvd.training.heads import DINOHead
+from lvd.training.loss import DINOLoss, iBOTPatchLoss, koleo_loss
+from lvd.training.loss.teacher_targets import all_reduce
 
 
 def _local(t: Tensor) -> Tensor:

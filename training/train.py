@@ -22,9 +22,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from training.augment import MultiCrop, MultiCropConfig, augment_batch
-from training.config import PretrainConfig
-from training.launch import (
+from lvd.training.augment import MultiCrop, MultiCropConfig, augment_batch
+from lvd.training.config import PretrainConfig
+from lvd.training.launch import (
     DistEnv,
     autocast_context,
     gather_objects,
@@ -37,10 +37,10 @@ from training.launch import (
     setup_distributed,
     wrap_networks,
 )
-from training.masking import BlockMaskGenerator, sample_masks
-from training.meta_arch import SSLMetaArch
-from training.optim import apply_schedules, build_optimizer, fuse_groups, param_groups
-from training.schedules import Schedules, build_schedules
+from lvd.training.masking import BlockMaskGenerator, sample_masks
+from lvd.training.meta_arch import SSLMetaArch
+from lvd.training.optim import apply_schedules, build_optimizer, fuse_groups, param_groups
+from lvd.training.schedules import Schedules, build_schedules
 
 log = logging.getLogger("lvd.train")
 
@@ -125,7 +125,7 @@ def _endless(loader) -> Iterator[list[PIL.Image.Image]]:
 
 def export_teacher(cfg: PretrainConfig, teacher_state: dict, path: Path) -> Path:
     """The teacher backbone in the embed stage's "lvd" format (embeddings.checkpoints.save_lvd_backbone)."""
-    from embeddings.checkpoints import save_lvd_backbone
+    from lvd.embeddings.checkpoints import save_lvd_backbone
 
     backbone = SSLMetaArch.build_network(cfg, drop_path_rate=0.0).backbone
     prefix = "backbone."
@@ -208,7 +208,7 @@ def _pretrain(
     if step >= stop:
         log.info("nothing to do: checkpoint at step %d, stop at %d", step, stop)
 
-    from training.data import build_loader
+    from lvd.training.data import build_loader
 
     batch_size = tc.batch_size_per_gpu
     loader = build_loader(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from embeddings.layers.attention import Attention
-from embeddings.layers.drop_path import DropPath
-from embeddings.layers.layer_scale import LayerScale
+from lvd.embeddings.layers.attention import Attention
+from lvd.embeddings.layers.drop_path import DropPath
+from lvd.embeddings.layers.layer_scale import LayerScale
 
 
 class Block(nn.Module):

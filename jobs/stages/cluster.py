@@ -7,18 +7,27 @@ level-0 centroid) and `centroids.parquet` (every level's centroids, parents and 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from curation.kmeans import hierarchical_kmeans
-from curation.stage_io import kept_pool_ids, load_vectors, write_parts
-from jobs.pipeline import StageContext
-from schemas.tables import CENTROIDS, CLUSTERS, write_parquet_atomic
+from lvd.curation.kmeans import hierarchical_kmeans
+from lvd.curation.stage_io import kept_pool_ids, load_vectors, write_parts
+from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
+from lvd.schemas import layout
+from lvd.schemas.layout import RETRIEVAL
+from lvd.schemas.tables import CENTROIDS, CLUSTERS, write_parquet_atomic
 
 log = logging.getLogger("lvd")
 
-CENTROIDS_FILE = "centroids.parquet"
+
+@dataclass
+class ClusterSummary(StageSummary):
+    FUNNEL = (("clustered", "images"),)
+    images: int = 0
+    levels: list[int] = field(default_factory=list)
+    requested_levels: list[int] = field(default_factory=list)
 
 
 def _list_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
@@ -27,14 +36,17 @@ def _list_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(matrix.ravel(), value_type))
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> ClusterSummary:
     cfg = ctx.spec.clustering
-    ids, vectors = load_vectors(ctx.input_dir("embed"), "retrieval", kept_pool_ids(ctx.input_dir("dedup")))
+    ids, vectors = load_vectors(
+        ctx.parts(layout.EMBEDDINGS, RETRIEVAL), RETRIEVAL, kept_pool_ids(ctx.parts(layout.DEDUP))
+    )
+    out_dir = ctx.output_dir(layout.CLUSTERS)
     if ids.size == 0:
         log.warning("cluster: no kept pool image has a retrieval vector; nothing to cluster")
-        write_parts(CLUSTERS.empty_table(), ctx.stage_dir, CLUSTERS)
-        write_parquet_atomic(CENTROIDS.empty_table(), ctx.stage_dir / CENTROIDS_FILE, CENTROIDS)
-        return {"images": 0, "levels": []}
+        write_parts(CLUSTERS.empty_table(), out_dir, CLUSTERS)
+        write_parquet_atomic(CENTROIDS.empty_table(), ctx.table_file(layout.CENTROIDS), CENTROIDS)
+        return ClusterSummary(requested_levels=[lv.k for lv in cfg.levels])
     hier = hierarchical_kmeans(
         vectors,
         [(lv.k, lv.resampling_steps) for lv in cfg.levels],
@@ -43,6 +55,7 @@ def run(ctx: StageContext) -> dict:
         max_points_per_centroid=cfg.max_points_per_centroid,
         seed=cfg.seed,
         assign_dtype=cfg.assign_dtype,
+        ids=ids,
     )
     clusters = pa.table(
         {
@@ -51,7 +64,7 @@ def run(ctx: StageContext) -> dict:
             "distance": pa.array(hier.distance, pa.float32()),
         }
     )
-    write_parts(clusters, ctx.stage_dir, CLUSTERS)
+    write_parts(clusters, out_dir, CLUSTERS)
 
     levels = []
     for lv, cent in enumerate(hier.centroids):
@@ -69,7 +82,20 @@ def run(ctx: StageContext) -> dict:
                 }
             )
         )
-    write_parquet_atomic(pa.concat_tables(levels), ctx.stage_dir / CENTROIDS_FILE, CENTROIDS)
-    summary = {"images": int(ids.size), "levels": hier.ks, "requested_levels": [lv.k for lv in cfg.levels]}
+    write_parquet_atomic(pa.concat_tables(levels), ctx.table_file(layout.CENTROIDS), CENTROIDS)
+    summary = ClusterSummary(
+        images=int(ids.size), levels=hier.ks, requested_levels=[lv.k for lv in cfg.levels]
+    )
     log.info("cluster: %s", summary)
     return summary
+
+
+STAGE = Stage(
+    name="cluster",
+    reads=(layout.EMBEDDINGS, layout.DEDUP),
+    writes=(layout.CLUSTERS, layout.CENTROIDS),
+    spec_sections=("clustering",),
+    resources=Resources(engine="ray", gpu=True),
+    summary=ClusterSummary,
+    run=run,
+)

@@ -14,9 +14,9 @@ runner clears the folder when the embedding spec or the ingest output changed).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.image_io import read_image_bytes
-from embeddings.preprocess import ImageDecodeError, PreprocessConfig, decode_image, resize_center_crop, to_rgb
-from embeddings.store import COPY_DETECTION, RETRIEVAL, embedding_part_path, embeddings_table, model_parts
-from jobs.pipeline import StageContext
-from schemas.job_spec import JobSpec, ModelSpec
-from schemas.tables import embeddings_schema, write_parquet_atomic
+from lvd.curation.image_io import read_image_bytes
+from lvd.embeddings.preprocess import (
+    ImageDecodeError,
+    PreprocessConfig,
+    decode_image,
+    resize_center_crop,
+    to_rgb,
+)
+from lvd.embeddings.store import embeddings_table
+from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
+from lvd.schemas import layout
+from lvd.schemas.job_spec import JobSpec, ModelSpec
+from lvd.schemas.layout import COPY_DETECTION, RETRIEVAL
+from lvd.schemas.tables import embeddings_schema, write_parquet_atomic
 
 log = logging.getLogger("lvd")
 
@@ -44,13 +52,6 @@ def model_specs(spec: JobSpec) -> dict[str, ModelSpec]:
     if spec.embedding.copy_detection is not None:
         models[COPY_DETECTION] = spec.embedding.copy_detection
     return models
-
-
-def _part_index(path: Path) -> int:
-    m = re.fullmatch(r"part-(\d+)\.parquet", path.name)
-    if m is None:
-        raise ValueError(f"not a part file: {path}")
-    return int(m.group(1))
 
 
 # ---------------------------------------------------------------- the per-row work (plain functions)
@@ -129,7 +130,7 @@ class EmbedActor:
     def __init__(self, models: dict[str, dict], pixel_key: dict[str, str], cpu_threads: int) -> None:
         import torch
 
-        from embeddings.models import load_embedding_model
+        from lvd.embeddings.models import load_embedding_model
 
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, cpu_threads))
@@ -182,24 +183,22 @@ class PartWriter:
             table = embeddings_table(
                 cols["image_id"][order], cols[f"vector_{name}"][order], errors, name, m.dtype
             )
-            write_parquet_atomic(table, embedding_part_path(self.stage_dir, part, name), table.schema)
+            write_parquet_atomic(table, layout.part_path(self.stage_dir, part, name), table.schema)
         self.written.append(part)
 
     def write_empty(self, part: int, dims: dict[str, int]) -> None:
         """An ingest part without ok images still gets (empty) parts, so resume sees it done."""
         for name, m in self.models.items():
             schema = embeddings_schema(dims[name], m.dtype)
-            write_parquet_atomic(
-                schema.empty_table(), embedding_part_path(self.stage_dir, part, name), schema
-            )
+            write_parquet_atomic(schema.empty_table(), layout.part_path(self.stage_dir, part, name), schema)
         self.written.append(part)
 
 
 def check_models(models: dict[str, ModelSpec]) -> dict[str, int]:
     """Vector width per model. Checkpoints are loaded here once (memory-mapped), so a wrong key or
     shape fails before any Ray work rather than inside every actor."""
-    from embeddings.models import load_embedding_model
-    from embeddings.vit import ARCHS
+    from lvd.embeddings.models import load_embedding_model
+    from lvd.embeddings.vit import ARCHS
 
     return {
         name: load_embedding_model(m, "cpu").dim if m.weights else ARCHS[m.arch].embed_dim
@@ -210,33 +209,46 @@ def check_models(models: dict[str, ModelSpec]) -> dict[str, int]:
 def _dims_on_disk(stage_dir: Path, models: dict[str, ModelSpec]) -> dict[str, int]:
     dims = {}
     for name in models:
-        part = model_parts(stage_dir, name)[0]
+        part = layout.list_parts(stage_dir, name)[0]
         dims[name] = pq.read_schema(part).field("vector").type.list_size
     return dims
 
 
 def _totals(stage_dir: Path, models: dict[str, ModelSpec]) -> tuple[int, int]:
     images = errors = 0
-    for p in model_parts(stage_dir, RETRIEVAL):
+    for p in layout.list_parts(stage_dir, RETRIEVAL):
         err = pq.read_table(p, columns=["error"]).column("error")
         images += len(err)
         errors += len(err) - err.null_count
     return images, errors
 
 
-def run(ctx: StageContext) -> dict:
+@dataclass
+class EmbedSummary(StageSummary):
+    FUNNEL = (("embed errors", "errors"),)
+    images: int = 0
+    errors: int = 0
+    models: list[str] = field(default_factory=list)
+    dims: dict[str, int] = field(default_factory=dict)
+    decoded: int = 0
+    parts_written: int = 0
+    parts_skipped: int = 0
+    images_per_second: float | None = None
+
+
+def run(ctx: StageContext) -> EmbedSummary:
     import ray
 
     spec = ctx.spec
-    stage_dir = ctx.stage_dir
+    stage_dir = ctx.output_dir(layout.EMBEDDINGS)
     models = model_specs(spec)
-    ingest_parts = sorted(ctx.input_dir("ingest").glob("part-*.parquet"))
+    ingest_parts = ctx.parts(layout.IMAGES)
     if not ingest_parts:
-        raise FileNotFoundError(f"no images table in {ctx.input_dir('ingest')}: run ingest first")
+        raise FileNotFoundError(f"no images table in {ctx.input_dir(layout.IMAGES)}: run ingest first")
     todo = [
-        (_part_index(p), p)
+        (layout.part_index(p), p)
         for p in ingest_parts
-        if not all(embedding_part_path(stage_dir, _part_index(p), name).exists() for name in models)
+        if not all(layout.part_path(stage_dir, layout.part_index(p), name).exists() for name in models)
     ]
     dims = check_models(models) if todo else _dims_on_disk(stage_dir, models)
     writer = PartWriter(stage_dir, models)
@@ -290,13 +302,24 @@ def run(ctx: StageContext) -> dict:
     seconds = time.perf_counter() - t0
     images, errors = _totals(stage_dir, models)
     log.info("embed: %d parts written, %d skipped, %.1f s", len(todo), len(ingest_parts) - len(todo), seconds)
-    return {
-        "images": images,
-        "errors": errors,
-        "models": list(models),
-        "dims": dims,
-        "decoded": reads,
-        "parts_written": len(todo),
-        "parts_skipped": len(ingest_parts) - len(todo),
-        "images_per_second": round(reads / seconds, 2) if reads and seconds > 0 else None,
-    }
+    return EmbedSummary(
+        images=images,
+        errors=errors,
+        models=list(models),
+        dims=dims,
+        decoded=reads,
+        parts_written=len(todo),
+        parts_skipped=len(ingest_parts) - len(todo),
+        images_per_second=round(reads / seconds, 2) if reads and seconds > 0 else None,
+    )
+
+
+STAGE = Stage(
+    name="embed",
+    reads=(layout.IMAGES,),
+    writes=(layout.EMBEDDINGS,),
+    spec_sections=("embedding",),
+    resources=Resources(engine="ray", gpu=True),
+    summary=EmbedSummary,
+    run=run,
+)

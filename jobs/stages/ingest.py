@@ -12,20 +12,23 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.ingest import WorkUnit, check_sources, ingest_unit, list_work_units, reason_prefix
-from jobs.pipeline import StageContext, write_json_atomic
-from schemas.job_spec import JobSpec
-from schemas.tables import IMAGES, POOL, part_path, write_parquet_atomic
+from lvd.curation.ingest import WorkUnit, check_sources, ingest_unit, list_work_units, reason_prefix
+from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
+from lvd.schemas import layout
+from lvd.schemas.job_spec import JobSpec
+from lvd.schemas.layout import POOL, eval_dataset, part_path, seed_dataset
+from lvd.schemas.tables import IMAGES, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger("lvd")
 
-PLAN = "_plan.json"
+PLAN = "_plan.json"  # fingerprint of the work units the parts were written for
 
 
 def plan_units(spec: JobSpec) -> list[WorkUnit]:
@@ -38,9 +41,9 @@ def plan_units(spec: JobSpec) -> list[WorkUnit]:
     per_part = spec.ingest.files_per_part
     units = list_work_units(spec.pool, POOL, per_part)
     for s in spec.seeds:
-        units += list_work_units(s.sources, f"seed:{s.name}", per_part)
+        units += list_work_units(s.sources, seed_dataset(s.name), per_part)
     for e in spec.eval_sets:
-        units += list_work_units(e.sources, f"eval:{e.name}", per_part)
+        units += list_work_units(e.sources, eval_dataset(e.name), per_part)
     return units
 
 
@@ -90,11 +93,11 @@ def _drop_stale_parts(stage_dir: Path, fingerprint: str, n_units: int) -> None:
     except (OSError, ValueError):
         old = None
     if old != fingerprint:
-        for part in stage_dir.glob("part-*.parquet"):
+        for part in layout.list_parts(stage_dir):
             part.unlink()
     else:
-        for part in stage_dir.glob("part-*.parquet"):
-            if int(part.stem.split("-")[1]) >= n_units:
+        for part in layout.list_parts(stage_dir):
+            if layout.part_index(part) >= n_units:
                 part.unlink()
     write_json_atomic(plan_file, {"fingerprint": fingerprint, "units": n_units})
 
@@ -118,11 +121,25 @@ def _merge(summaries: list[dict]) -> dict:
     }
 
 
-def run(ctx: StageContext) -> dict:
-    """Ingest all sources of the job. Summary: images/errors (all rows, rows with an error),
-    pool_images/pool_errors, errors_by_reason, by_dataset, parts, parts_written."""
+@dataclass
+class IngestSummary(StageSummary):
+    """images/errors: all rows and rows with an error, over every dataset."""
+
+    FUNNEL = (("images in", "pool_images"), ("errors (unreadable / corrupt)", "pool_errors"))
+    images: int = 0
+    errors: int = 0
+    pool_images: int = 0
+    pool_errors: int = 0
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    by_dataset: dict[str, dict[str, int]] = field(default_factory=dict)
+    parts: int = 0
+    parts_written: int = 0
+
+
+def run(ctx: StageContext) -> IngestSummary:
+    """Ingest all sources of the job."""
     spec = ctx.spec
-    stage_dir = ctx.stage_dir
+    stage_dir = ctx.output_dir(layout.IMAGES)
     stage_dir.mkdir(parents=True, exist_ok=True)
     units = plan_units(spec)
     _drop_stale_parts(stage_dir, _plan_fingerprint(units, spec), len(units))
@@ -159,7 +176,17 @@ def run(ctx: StageContext) -> dict:
             summaries[i] = summarize_part(
                 pq.read_table(part_path(stage_dir, i), columns=["dataset", "error"])
             )
-    summary = _merge([summaries[i] for i in range(len(units))])
-    summary["parts"] = len(units)
-    summary["parts_written"] = len(todo)
-    return summary
+    return IngestSummary(
+        **_merge([summaries[i] for i in range(len(units))]), parts=len(units), parts_written=len(todo)
+    )
+
+
+STAGE = Stage(
+    name="ingest",
+    reads=(),
+    writes=(layout.IMAGES,),
+    spec_sections=("pool", "seeds", "eval_sets", "ingest"),
+    resources=Resources(engine="ray"),
+    summary=IngestSummary,
+    run=run,
+)

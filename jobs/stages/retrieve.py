@@ -2,7 +2,7 @@
 seed set, in spec order.
 
 The pool is the kept pool (after dedup) with its retrieval vectors. Sample-based retrieval searches
-an index built with the dedup section's index settings (exact below `exact_below`, else the factory
+an index built with the `retrieval` section's settings (exact below `exact_below`, else the factory
 string with `nprobe`). Cluster-based retrieval uses the cluster stage's finest level, or its own
 k-means with `num_clusters` when the seed set sets it.
 """
@@ -10,21 +10,32 @@ k-means with `num_clusters` when the seed set sets it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.kmeans import kmeans
-from curation.knn import build_index
-from curation.retrieval import count_collisions, retrieve_as_is, retrieve_by_cluster, retrieve_by_sample
-from curation.stage_io import kept_pool_ids, load_images, load_vectors
-from jobs.pipeline import StageContext
-from jobs.stages.cluster import CENTROIDS_FILE
-from schemas.tables import CLUSTERS, RETRIEVED, part_path, read_parts, write_parquet_atomic
+from lvd.curation.kmeans import kmeans
+from lvd.curation.knn import build_index
+from lvd.curation.retrieval import count_collisions, retrieve_as_is, retrieve_by_cluster, retrieve_by_sample
+from lvd.curation.stage_io import kept_pool_ids, load_images, load_vectors
+from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
+from lvd.schemas import layout
+from lvd.schemas.layout import RETRIEVAL, part_path, seed_dataset
+from lvd.schemas.tables import CLUSTERS, RETRIEVED, read_parts, write_parquet_atomic
 
 log = logging.getLogger("lvd")
+
+
+@dataclass
+class RetrieveSummary(StageSummary):
+    FUNNEL = (("retrieved by seeds", "images"),)
+    images: int = 0
+    rows: int = 0
+    collisions: int = 0
+    per_seed_set: dict[str, int] = field(default_factory=dict)
 
 
 class _Pool:
@@ -33,22 +44,22 @@ class _Pool:
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
         self.ids, self.vectors = load_vectors(
-            ctx.input_dir("embed"), "retrieval", kept_pool_ids(ctx.input_dir("dedup"))
+            ctx.parts(layout.EMBEDDINGS, RETRIEVAL), RETRIEVAL, kept_pool_ids(ctx.parts(layout.DEDUP))
         )
         self._index = None
         self._clusterings: dict[int | None, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def index(self):
         if self._index is None:
-            d = self.ctx.spec.dedup
+            d = self.ctx.spec.retrieval
             self._index, _ = build_index(
                 self.vectors, factory=d.index, exact_below=d.exact_below, nprobe=d.nprobe
             )
         return self._index
 
     def search_actors(self) -> int:
-        """Ray actors for kNN search (spec.dedup.search_actors), starting Ray when there are any."""
-        n = self.ctx.spec.dedup.search_actors
+        """Ray actors for kNN search (spec.retrieval.search_actors), starting Ray when there are any."""
+        n = self.ctx.spec.retrieval.search_actors
         if n > 0:
             self.ctx.ray()
         return n
@@ -58,13 +69,13 @@ class _Pool:
         if num_clusters not in self._clusterings:
             cfg = self.ctx.spec.clustering
             if num_clusters is None:
-                table = read_parts(self.ctx.input_dir("cluster"), CLUSTERS).sort_by("image_id")
+                table = read_parts(self.ctx.parts(layout.CLUSTERS), CLUSTERS).sort_by("image_id")
                 if not np.array_equal(table["image_id"].to_numpy(), self.ids):
                     raise ValueError(
                         "cluster stage output does not cover the kept pool; rerun with --force cluster"
                     )
                 labels = pc.list_element(table["cluster_ids"], 0).to_numpy().astype(np.int64)
-                cent = pq.read_table(self.ctx.input_dir("cluster") / CENTROIDS_FILE).to_pandas()
+                cent = pq.read_table(self.ctx.table_file(layout.CENTROIDS)).to_pandas()
                 cent = cent[cent["level"] == 0].sort_values("cluster_id")
                 centroids = np.stack(cent["centroid"].to_numpy()).astype(np.float32)
                 self._clusterings[None] = (labels, table["distance"].to_numpy(), centroids)
@@ -82,23 +93,25 @@ class _Pool:
                     max_points_per_centroid=cfg.max_points_per_centroid,
                     seed=cfg.seed,
                     assign_dtype=cfg.assign_dtype,
+                    ids=self.ids,
                 )
                 self._clusterings[num_clusters] = (res.labels, res.distance, res.centroids)
         return self._clusterings[num_clusters]
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> RetrieveSummary:
     spec = ctx.spec
     pool = _Pool(ctx)
+    out_dir = ctx.output_dir(layout.RETRIEVED)
     per_seed_set, tables = {}, []
     for i, seed in enumerate(spec.seeds):
-        seed_ids = load_images(ctx.input_dir("ingest"), f"seed:{seed.name}", ["image_id"])[
+        seed_ids = load_images(ctx.parts(layout.IMAGES), seed_dataset(seed.name), ["image_id"])[
             "image_id"
         ].to_numpy()
         if seed.strategy == "as_is":
             table = retrieve_as_is(seed_ids, seed.name)
         else:
-            ids, vectors = load_vectors(ctx.input_dir("embed"), "retrieval", seed_ids)
+            ids, vectors = load_vectors(ctx.parts(layout.EMBEDDINGS, RETRIEVAL), RETRIEVAL, seed_ids)
             if pool.ids.size == 0 or ids.size == 0:
                 table = RETRIEVED.empty_table()
             elif seed.strategy == "sample":
@@ -109,7 +122,7 @@ def run(ctx: StageContext) -> dict:
                     ids,
                     seed.name,
                     k=seed.k,
-                    chunk_size=spec.dedup.chunk_size,
+                    chunk_size=spec.retrieval.chunk_size,
                     search_actors=pool.search_actors(),
                 )
             else:
@@ -126,17 +139,28 @@ def run(ctx: StageContext) -> dict:
                     images_per_cluster=seed.images_per_cluster,
                     max_images=seed.max_images,
                 )
-        write_parquet_atomic(table, part_path(ctx.stage_dir, i), RETRIEVED)
+        write_parquet_atomic(table, part_path(out_dir, i), RETRIEVED)
         per_seed_set[seed.name] = table.num_rows
         tables.append(table)
         log.info("retrieve: %s (%s): %d rows", seed.name, seed.strategy, table.num_rows)
-    for stale in sorted(ctx.stage_dir.glob("part-*.parquet"))[len(spec.seeds) :]:
+    for stale in layout.list_parts(out_dir)[len(spec.seeds) :]:
         stale.unlink()
     everything = pa.concat_tables(tables) if tables else RETRIEVED.empty_table()
     unique = np.unique(everything["image_id"].to_numpy())
-    return {
-        "images": int(unique.size),
-        "rows": everything.num_rows,
-        "collisions": count_collisions(everything),
-        "per_seed_set": per_seed_set,
-    }
+    return RetrieveSummary(
+        images=int(unique.size),
+        rows=everything.num_rows,
+        collisions=count_collisions(everything),
+        per_seed_set=per_seed_set,
+    )
+
+
+STAGE = Stage(
+    name="retrieve",
+    reads=(layout.IMAGES, layout.EMBEDDINGS, layout.DEDUP, layout.CLUSTERS, layout.CENTROIDS),
+    writes=(layout.RETRIEVED,),
+    spec_sections=("seeds", "retrieval", "clustering"),
+    resources=Resources(engine="ray", gpu=True),
+    summary=RetrieveSummary,
+    run=run,
+)

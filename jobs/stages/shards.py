@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.pipeline import StageContext
-from jobs.shard_writer import (
-    SHARD_PREFIX,
+from lvd.jobs.shard_writer import (
     finished_shard,
     plan_digest,
     plan_shards,
@@ -29,11 +28,23 @@ from jobs.shard_writer import (
     write_index,
     write_shard,
 )
-from schemas.tables import CLUSTERS, CURATED, IMAGES, read_parts
+from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
+from lvd.schemas import layout
+from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES, read_parts
 
 log = logging.getLogger("lvd")
 
 PLAN_FILE = "_plan.parquet"  # read by the Spark tasks, removed when all shards are written
+
+
+@dataclass
+class ShardsSummary(StageSummary):
+    FUNNEL = (("shards written", "shards"),)
+    shards: int = 0
+    samples: int = 0
+    bytes: int = 0
+    errors: int = 0
+    pattern: str = ""
 
 
 def _write_plan(plan: pa.Table, path: Path, n_shards: int) -> None:
@@ -91,27 +102,31 @@ def write_shards_spark(spark, plan: pa.Table, out_dir: str | Path) -> list[dict[
             .collect()
         )
         for meta in written:
-            results[int(meta["shard"][len(SHARD_PREFIX) : -len(".tar")])] = meta
+            results[layout.shard_number(meta["shard"])] = meta
         plan_path.unlink(missing_ok=True)
     return [results[s] for s in range(n_shards)]
 
 
-def _read_clusters(cluster_dir: Path) -> pa.Table:
-    try:
-        return read_parts(cluster_dir, CLUSTERS, columns=["image_id", "cluster_ids"])
-    except FileNotFoundError:
-        return CLUSTERS.empty_table().select(["image_id", "cluster_ids"])
-
-
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> ShardsSummary:
     spec = ctx.spec.shards
-    curated = read_parts(ctx.input_dir("sample"), CURATED)
-    images = read_parts(ctx.input_dir("ingest"), IMAGES, columns=IMAGES.names)
-    clusters = _read_clusters(ctx.input_dir("cluster"))
+    curated = read_parts(ctx.parts(layout.CURATED), CURATED)
+    images = read_parts(ctx.parts(layout.IMAGES), IMAGES, columns=IMAGES.names)
+    clusters = read_parts(ctx.parts(layout.CLUSTERS), CLUSTERS, columns=["image_id", "cluster_ids"])
     plan = plan_shards(curated, images, clusters, spec.samples_per_shard, spec.max_shard_bytes, spec.seed)
-    results = write_shards_spark(ctx.spark(), plan, ctx.stage_dir)
-    index = write_index(ctx.stage_dir, results)
+    results = write_shards_spark(ctx.spark(), plan, ctx.output_dir(layout.SHARDS))
+    index = write_index(ctx.output_dir(layout.SHARDS), results)
     errors = [e for r in results for e in r.get("errors", [])]
     for key, uri, reason in errors[:20]:
         log.warning("shards: left out %s (%s): %s", key, uri, reason)
-    return {**index["total"], "errors": len(errors), "pattern": index["pattern"]}
+    return ShardsSummary(**index["total"], errors=len(errors), pattern=index["pattern"])
+
+
+STAGE = Stage(
+    name="shards",
+    reads=(layout.CURATED, layout.IMAGES, layout.CLUSTERS),
+    writes=(layout.SHARDS,),
+    spec_sections=("shards",),
+    resources=Resources(engine="spark"),
+    summary=ShardsSummary,
+    run=run,
+)

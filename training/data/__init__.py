@@ -1,5 +1,5 @@
 """Reading curated WebDataset shards for training."""
 
-from training.data.loader import ShardLoader, build_loader, resolve_shards
+from lvd.training.data.loader import ShardLoader, build_loader, resolve_shards
 
 __all__ = ["ShardLoader", "build_loader", "resolve_shards"]

@@ -37,6 +37,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from lvd.schemas import layout
+
 log = logging.getLogger("lvd")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -54,12 +56,12 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
     if not isinstance(shards, str):
         urls = [u for s in shards for u in resolve_shards(str(s))]
     elif os.path.isdir(shards):
-        index = os.path.join(shards, "index.json")
+        index = os.path.join(shards, layout.SHARD_INDEX_JSON)
         if os.path.exists(index):
             with open(index) as f:
                 names = [row["shard"] for row in json.load(f)["shards"]]
         else:
-            names = sorted(n for n in os.listdir(shards) if n.startswith("lvd-") and n.endswith(".tar"))
+            names = sorted(n for n in os.listdir(shards) if layout.is_shard_tar(n))
         urls = [os.path.join(shards, n) for n in names]
     else:
         urls = list(wds.shardlists.expand_urls(shards))
@@ -322,7 +324,7 @@ class ShardLoader:
 
 def _samples_per_shard(urls: list[str]) -> float:
     """Mean samples per shard from the dataset index beside the shards, else by counting the first shard."""
-    index = urls[0].rsplit("/", 1)[0] + "/index.json" if "/" in urls[0] else "index.json"
+    index = (urls[0].rsplit("/", 1)[0] + "/" if "/" in urls[0] else "") + layout.SHARD_INDEX_JSON
     try:
         with fsspec.open(index, "r") as f:
             rows = json.load(f)["shards"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.loss.teacher_targets import TeacherTargets
+from lvd.training.loss.teacher_targets import TeacherTargets
 
 
 class DINOLoss(TeacherTargets):

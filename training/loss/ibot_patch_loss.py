@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.loss.teacher_targets import TeacherTargets
+from lvd.training.loss.teacher_targets import TeacherTargets
 
 
 class iBOTPatchLoss(TeacherTargets):  # noqa: N801 - the method's name

@@ -1,0 +1,66 @@
+"""Fanning a stage's per-part work out to Ray workers: one task per item (a part, a group of parts),
+each reading and writing files itself and returning a small result (counts, a path, a histogram).
+
+The driver holds only the items and their results, which grow with the number of parts, never with
+the number of images. Tasks are submitted a bounded number at a time, and results come back in item
+order whatever order the tasks finish in. Task bodies must be idempotent (they write atomically), as
+Ray retries a task whose worker died.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from lvd.jobs.progress import Progress
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+IN_FLIGHT_PER_CPU = 4  # enough queued work that no worker waits on the driver
+
+
+def run_tasks(
+    fn: Callable[..., R],
+    items: Sequence[T],
+    *,
+    name: str,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    memory: int | None = None,
+    rows: Callable[[R], int] | None = None,
+    unit: str = "parts",
+    total_rows: int | None = None,
+    **kwargs: Any,
+) -> list[R]:
+    """`fn(item, **kwargs)` as one Ray task per item; the results in item order (Ray must be up).
+
+    `rows(result)`: the rows a result stands for, counted in the progress line (else one per item).
+    `kwargs` are put in the object store once and shared by every task.
+    """
+    import ray
+
+    if not items:
+        return []
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if memory is not None:
+        options["memory"] = memory
+    remote = ray.remote(fn).options(**options)
+    shared = {k: ray.put(v) for k, v in kwargs.items()}
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    max_in_flight = max(2, IN_FLIGHT_PER_CPU * cpus)
+    progress = Progress(name, total_rows if rows else len(items), unit if rows is None else "rows")
+    results: dict[int, R] = {}
+    pending: dict[Any, int] = {}
+    next_item = 0
+    while next_item < len(items) or pending:
+        while next_item < len(items) and len(pending) < max_in_flight:
+            pending[remote.remote(items[next_item], **shared)] = next_item
+            next_item += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            index = pending.pop(ref)
+            results[index] = ray.get(ref)
+            progress.update(rows(results[index]) if rows else 1)
+    progress.close()
+    return [results[i] for i in range(len(items))]

@@ -1,0 +1,201 @@
+"""Where a job's data lives on disk: the one owner of every folder, file and table name.
+
+    <output_dir>/job.json                        the resolved spec of the last run
+    <output_dir>/report.json                     the funnel, written when the last stage ends
+    <output_dir>/<stage>/_started.json           fingerprints of the attempt whose parts are there
+    <output_dir>/<stage>/_marker.json            written last: fingerprints, summary, seconds
+    <output_dir>/<stage>/part-NNNNN.parquet      a table's parts (PARTS tables)
+    <output_dir>/<stage>/part-NNNNN-<model>.parquet   embeddings: one file per ingest part and model
+    <output_dir>/<stage>/<name>.parquet          single-file tables (centroids)
+    <output_dir>/<stage>/_<name>/                a stage's scratch (resume state), removed when done
+    <output_dir>/shards/lvd-NNNNNN.tar           WebDataset shards, each with lvd-NNNNNN.parquet
+    <output_dir>/shards/index.json, index.parquet   the dataset index, written last
+
+Temp files are hidden (`.<name>.<random>.tmp` beside the final name) and renamed into place, so
+no glob here ever matches a half-written file. Every other module asks this one for names.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+
+from lvd.schemas import tables
+
+JOB_FILE = "job.json"
+REPORT_FILE = "report.json"
+MARKER = "_marker.json"
+STARTED = "_started.json"
+
+# Which set an image belongs to: "pool", "seed:<name>" or "eval:<name>".
+POOL = "pool"
+
+
+def seed_dataset(name: str) -> str:
+    return f"seed:{name}"
+
+
+def eval_dataset(name: str) -> str:
+    return f"eval:{name}"
+
+
+EVAL_PREFIX = eval_dataset("")
+
+# Embedding models by role: one vector table per role.
+RETRIEVAL = "retrieval"
+COPY_DETECTION = "copy_detection"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table between stages: its name, the stage folder that holds it and how it is stored.
+
+    `schema` is None for tables whose schema depends on the run (embeddings: the vector width).
+    """
+
+    name: str
+    stage: str
+    schema: pa.Schema | None
+    storage: Literal["parts", "model_parts", "file", "shards"] = "parts"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+IMAGES = Table("images", "ingest", tables.IMAGES)
+EMBEDDINGS = Table("embeddings", "embed", None, "model_parts")
+DEDUP = Table("dedup", "dedup", tables.DEDUP)
+CLUSTERS = Table("clusters", "cluster", tables.CLUSTERS)
+CENTROIDS = Table("centroids", "cluster", tables.CENTROIDS, "file")
+RETRIEVED = Table("retrieved", "retrieve", tables.RETRIEVED)
+CURATED = Table("curated", "sample", tables.CURATED)
+SHARDS = Table("shards", "shards", tables.SHARD_SAMPLES, "shards")
+ALL_TABLES = (IMAGES, EMBEDDINGS, DEDUP, CLUSTERS, CENTROIDS, RETRIEVED, CURATED, SHARDS)
+
+
+# ---------------------------------------------------------------- folders and files of a job
+
+
+def stage_dir(out_dir: str | Path, stage: str) -> Path:
+    return Path(out_dir) / stage
+
+
+def table_dir(out_dir: str | Path, table: Table) -> Path:
+    return stage_dir(out_dir, table.stage)
+
+
+def table_file(out_dir: str | Path, table: Table) -> Path:
+    """The file of a single-file table."""
+    if table.storage != "file":
+        raise ValueError(f"table {table.name!r} is stored as {table.storage}, not as one file")
+    return table_dir(out_dir, table) / f"{table.name}.parquet"
+
+
+def scratch_dir(stage_folder: str | Path, name: str) -> Path:
+    """A stage's working folder for resume state (edge chunks, plans); removed when the stage ends."""
+    return Path(stage_folder) / f"_{name}"
+
+
+# ---------------------------------------------------------------- parts
+
+_PART = re.compile(r"part-(\d+)(?:-([A-Za-z0-9_]+))?\.parquet")
+
+
+def part_name(index: int, model: str | None = None) -> str:
+    return f"part-{index:05d}.parquet" if model is None else f"part-{index:05d}-{model}.parquet"
+
+
+def part_path(folder: str | Path, index: int, model: str | None = None) -> Path:
+    return Path(folder) / part_name(index, model)
+
+
+def table_part(out_dir: str | Path, table: Table, index: int, model: str | None = None) -> Path:
+    """Part `index` of a table of the job at `out_dir`."""
+    return part_path(table_dir(out_dir, table), index, model)
+
+
+def read_table(
+    out_dir: str | Path, table: Table, model: str | None = None, columns: list[str] | None = None
+) -> pa.Table:
+    """A whole table of a job, all parts in one Arrow table: for small tables, tests and tools, never
+    for a stage's per-image data (stages hand parts to workers)."""
+    if table.storage == "file":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(table_file(out_dir, table), columns=columns)
+    return tables.read_parts(list_parts(table_dir(out_dir, table), model), table.schema, columns)
+
+
+def part_index(path: str | Path) -> int:
+    m = _PART.fullmatch(Path(path).name)
+    if m is None:
+        raise ValueError(f"not a part file: {path}")
+    return int(m.group(1))
+
+
+def list_parts(folder: str | Path, model: str | None = None) -> list[Path]:
+    """The part files of a folder in part order: plain parts, or one model's parts."""
+    out = []
+    for p in Path(folder).glob("part-*.parquet"):
+        m = _PART.fullmatch(p.name)
+        if m is not None and m.group(2) == model:
+            out.append(p)
+    return sorted(out, key=part_index)
+
+
+# ---------------------------------------------------------------- temp files
+
+
+def temp_path(path: str | Path) -> Path:
+    """A hidden, unique name beside `path` to write to before renaming into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+# ---------------------------------------------------------------- WebDataset shards
+
+SHARD_PREFIX = "lvd-"
+SHARD_DIGITS = 6
+SHARD_INDEX_JSON = "index.json"
+SHARD_INDEX_PARQUET = "index.parquet"
+_SHARD = re.compile(rf"{re.escape(SHARD_PREFIX)}(\d{{{SHARD_DIGITS}}})\.(tar|parquet)")
+
+
+def shard_name(shard: int) -> str:
+    return f"{SHARD_PREFIX}{shard:0{SHARD_DIGITS}d}.tar"
+
+
+def shard_table_name(shard: int) -> str:
+    """The parquet beside a shard: its samples and, in its metadata, what makes it finished."""
+    return f"{SHARD_PREFIX}{shard:0{SHARD_DIGITS}d}.parquet"
+
+
+def shard_number(name: str) -> int | None:
+    """The number of a shard tar or shard parquet name, None for any other name."""
+    m = _SHARD.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def is_shard_tar(name: str) -> bool:
+    m = _SHARD.fullmatch(name)
+    return m is not None and m.group(2) == "tar"
+
+
+def shard_pattern(n_shards: int) -> str:
+    """Brace pattern of shards 0 .. n-1, as webdataset and `lvd pretrain --shards` take it."""
+    if n_shards == 0:
+        return ""
+    return f"{SHARD_PREFIX}{{{0:0{SHARD_DIGITS}d}..{n_shards - 1:0{SHARD_DIGITS}d}}}.tar"
+
+
+def shards_dir(out_dir: str | Path) -> Path:
+    return table_dir(out_dir, SHARDS)
