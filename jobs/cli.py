@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,9 +35,15 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     # Set levels explicitly: basicConfig does nothing when the root logger already has a handler.
     logging.getLogger().setLevel(level)
     logging.getLogger("lvd").setLevel(level)
-    for name in _ENGINE_LOGGERS:
-        logging.getLogger(name).setLevel(max(level, logging.INFO))
     progress.set_enabled(not quiet)
+    if quiet:
+        # Ray sets its loggers' levels when first imported, and Ray Data again whenever it configures
+        # logging (from RAY_DATA_LOG_LEVEL when set): import Ray first, then lower them.
+        os.environ["RAY_DATA_LOG_LEVEL"] = "WARNING"
+        import ray  # noqa: F401
+
+        for name in _ENGINE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _load_spec(path: Path):

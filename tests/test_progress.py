@@ -34,6 +34,7 @@ _slow_square = _make_slow_square()
 def every_update(monkeypatch):
     """A progress line at every update, and progress and the lvd and root log levels restored after."""
     monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)
+    monkeypatch.delenv("RAY_DATA_LOG_LEVEL", raising=False)  # restored after the test
     levels = {name: logging.getLogger(name).level for name in ("", "lvd", *cli._ENGINE_LOGGERS)}
     yield
     progress.set_enabled(True)
@@ -111,6 +112,12 @@ def test_lvd_run_quiet_flag(ray_local, tmp_path, monkeypatch, caplog, every_upda
     if quiet:
         assert lines == [] and infos == []
         assert not progress.is_enabled()
+        # Ray Data's info lines stay off even after it configures its loggers again (as each run does).
+        from ray.data._internal.logging import configure_logging
+
+        configure_logging()
+        assert not logging.getLogger("ray.data").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("ray").isEnabledFor(logging.INFO)
     else:
         assert lines and PROGRESS_LINE.match(lines[0])
         assert any(r.getMessage() == "stage fake: running" for r in infos)
