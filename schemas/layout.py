@@ -8,6 +8,7 @@
     <output_dir>/<stage>/part-NNNNN-<model>.parquet   embeddings: one file per ingest part and model
     <output_dir>/<stage>/<name>.parquet          single-file tables (centroids)
     <output_dir>/<stage>/_<name>/                a stage's scratch (resume state), removed when done
+    <output_dir>/embed/_<name>/part-NNNNN/chunk-*.parquet   embed: vectors of a part not yet merged
     <output_dir>/shards/lvd-NNNNNN.tar           WebDataset shards, each with lvd-NNNNNN.parquet
     <output_dir>/shards/index.json, index.parquet   the dataset index, written last
 
@@ -99,6 +100,25 @@ def table_file(out_dir: str | Path, table: Table) -> Path:
 def scratch_dir(stage_folder: str | Path, name: str) -> Path:
     """A stage's working folder for resume state (edge chunks, plans); removed when the stage ends."""
     return Path(stage_folder) / f"_{name}"
+
+
+INGEST_PLAN = "_plan.json"  # ingest: fingerprint of the work units its parts were written for
+
+
+def embed_chunk_dir(scratch: str | Path, part: int) -> Path:
+    """The folder of one embeddings part's chunks (vectors not yet merged) in a scratch folder."""
+    return Path(scratch) / f"part-{part:05d}"
+
+
+def embed_chunk_path(scratch: str | Path, part: int, first_row: int, rows: int) -> Path:
+    """A chunk holding `rows` of a part's ok rows, the first being `first_row`: named by them so a
+    retried batch overwrites its own chunk."""
+    return embed_chunk_dir(scratch, part) / f"chunk-{first_row:09d}-{rows}.parquet"
+
+
+def list_embed_chunks(scratch: str | Path, part: int) -> list[Path]:
+    """The chunks of one part (temp files are hidden, so never listed)."""
+    return sorted(embed_chunk_dir(scratch, part).glob("chunk-*.parquet"))
 
 
 # ---------------------------------------------------------------- parts
