@@ -251,8 +251,9 @@ def _keyed_sample(actors: list, size: int, n: int, stream: int) -> tuple[np.ndar
 
 
 def _train(actors: list, factory: str, dim: int, n: int) -> Any:
-    """The trained empty index (an object ref), trained by the first shard on the keyed sample the
-    shards send it, so neither the sample nor the index passes through the driver."""
+    """The trained empty index (an object ref), trained by the first shard (on its GPU when it has
+    one) on the keyed sample the shards send it: neither the sample nor the index passes through
+    the driver."""
     import ray
 
     size = training_size(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT), n)
@@ -260,21 +261,19 @@ def _train(actors: list, factory: str, dim: int, n: int) -> Any:
     while True:
         bound = sample_threshold(size, n, slack)
         candidates = [a.candidates.remote(KEYED_SEED, KNN_TRAIN_SAMPLE, bound) for a in actors]
-        trained = actors[0].train.remote(factory, dim, size, *candidates)
-        if ray.get(actors[0].has_trained.remote()):
+        enough, trained = actors[0].train.options(num_returns=2).remote(factory, dim, size, *candidates)
+        if ray.get(enough):
             return trained
         slack *= 4  # fewer candidates than the sample needs (rare): widen the bound
 
 
 class _ShardActor(Shard):
-    """A shard on a Ray actor; `train` keeps its result so the driver asks only whether it worked."""
+    """A shard on a Ray actor."""
 
-    def train(self, factory: str, dim: int, size: int, *candidates) -> np.ndarray | None:
-        self._trained = train_index(factory, dim, size, candidates)
-        return self._trained
-
-    def has_trained(self) -> bool:
-        return getattr(self, "_trained", None) is not None
+    def train(self, factory: str, dim: int, size: int, *candidates) -> tuple[bool, np.ndarray | None]:
+        """(whether the candidates held the whole sample, the trained index) for two object refs."""
+        trained = train_index(factory, dim, size, candidates)
+        return trained is not None, trained
 
 
 def _start_shards(
