@@ -5,9 +5,10 @@ actors that read their own vector parts; a task per query part reads its queries
 and writes its own results; the driver only plans and holds per-part counts. The plain pieces
 (what a shard, a query part and a writer do) are in `curation.knn_sharded`.
 
-`search_parallel` / `search_chunks_parallel`: an index built in the driver, copied to actors that
-search query chunks the driver sends; results equal the in-process `curation.knn.search_chunks`.
-For query sets and databases that fit in the driver.
+`search_parallel` / `search_chunks_parallel` / `search_auto`: an index built in the driver, copied
+to actors that search query chunks the driver sends; results equal the in-process
+`curation.knn.search_chunks`. For query sets and databases that fit in the driver (retrieval's
+seed search until it moves to `search_parts`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from lvd.curation.knn import _set_nprobe, _to_gpu, edge_recall, search, search_chunks, training_size, use_gpu
+from lvd.curation.knn import _set_nprobe, _to_gpu, edge_recall, search, training_size, use_gpu
 from lvd.curation.knn_sharded import (
     PartWriter,
     Shard,
@@ -142,25 +143,6 @@ def search_parallel(
         return np.zeros((queries.shape[0], k), np.float32), np.zeros((queries.shape[0], k), np.int64)
     parts = list(search_chunks_parallel(index, queries, k, chunk_size, n_actors, nprobe))
     return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
-
-
-def search_chunks_auto(
-    index: faiss.Index,
-    xq: np.ndarray,
-    k: int,
-    chunk_size: int = 65_536,
-    n_actors: int = 0,
-    nprobe: int | None = None,
-    skip: Container[int] = (),
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Ray actors when `n_actors` > 0 and Ray is initialised, else the in-process search."""
-    if n_actors > 0 and ray_ready():
-        return search_chunks_parallel(index, xq, k, chunk_size, n_actors, nprobe, skip)
-    if n_actors > 0:
-        log.warning(
-            "knn: %d search actors asked for but Ray is not initialised; searching in-process", n_actors
-        )
-    return search_chunks(index, xq, k, chunk_size, skip)
 
 
 def search_auto(
@@ -288,7 +270,9 @@ def _start_shards(
     import ray
 
     resources = ray.cluster_resources()
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    nodes = sum(
+        1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0
+    )
     n_shards = _shard_count(search, len(database_parts), resources, nodes)
     options, task_cpus = _resources(n_shards, resources)
     groups = [g for g in np.array_split(np.arange(len(database_parts)), n_shards) if g.size]
@@ -374,6 +358,8 @@ def search_parts(
     from lvd.jobs.workers import run_tasks
 
     items = list(enumerate(query_parts))
+    if not items:
+        return SearchResult(0, 0, 0, 0, True, None, 0)
     state_file = write.folder / layout.SEARCH_STATE
     resumed = sum(1 for i, _ in items if write.output(i).exists())
     actors: list = []
