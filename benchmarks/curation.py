@@ -1,5 +1,6 @@
-"""Curation at scale on generated data: copy-detection dedup, FAISS k-means vs scikit-learn's
-MiniBatchKMeans, hierarchical k-means + balanced sampling.
+"""Curation at scale on generated data: copy-detection dedup (in memory, and part by part on Ray as
+the dedup stage runs it), FAISS k-means vs scikit-learn's MiniBatchKMeans, hierarchical k-means +
+balanced sampling.
 
 Data: n x dim float32, L2-normalised, a Gaussian mixture of `components` clusters with Zipf-skewed
 sizes (so balancing has something to fix), plus `pairs` planted near-duplicate pairs: row b is row a
@@ -8,6 +9,7 @@ plus a random vector of norm `noise` (cosine 1/sqrt(1 + noise^2)). Background pa
 
     .venv/bin/python benchmarks/curation.py            # 1M x 384
     .venv/bin/python benchmarks/curation.py --n 100000
+    .venv/bin/python benchmarks/curation.py --n 20000 --parts dedup dedup_parts --shards 2
 
 Baselines measured in the same run: exact (flat) kNN on a sample of queries, extrapolated to all n;
 MiniBatchKMeans with the same k on the same data; a uniform random sample of the balanced sample's
@@ -28,12 +30,17 @@ import numpy as np
 # starve each other (measured 3x slower FAISS k-means at load 8 on 2 cores). Override to compare.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import pyarrow as pa
+
 from lvd.curation.dedup import dedup_pool
 from lvd.curation.kmeans import hierarchical_kmeans, kmeans, kmeans_assign
 from lvd.curation.knn import exact_knn, normalize
 from lvd.curation.sampling import balanced_sample
+from lvd.schemas import layout
+from lvd.schemas.job_spec import DedupSpec
+from lvd.schemas.tables import IMAGES, embeddings_schema, write_parquet_atomic
 
-PARTS = ("dedup", "kmeans", "hier")
+PARTS = ("dedup", "dedup_parts", "kmeans", "hier")
 
 
 def peak_rss_gib() -> float:
@@ -59,10 +66,14 @@ def make_pool(n: int, dim: int, components: int, pairs: int, noise: float, sprea
     return x, comp, a, b
 
 
+def default_factory(n: int) -> str:
+    nlist = 2 ** round(math.log2(2 * math.sqrt(n)))
+    return f"IVF{nlist},PQ64x4fs,RFlat"
+
+
 def bench_dedup(x, a, b, args) -> dict:
     n = x.shape[0]
-    nlist = 2 ** round(math.log2(2 * math.sqrt(n)))
-    factory = args.index or f"IVF{nlist},PQ64x4fs,RFlat"
+    factory = args.index or default_factory(n)
     ids = np.arange(n, dtype=np.int64)
     t0 = time.perf_counter()
     res = dedup_pool(
@@ -92,6 +103,114 @@ def bench_dedup(x, a, b, args) -> dict:
         "ivf_recall": res.ivf_recall,
         "exact_seconds_extrapolated": exact_per_query * n,
     }
+
+
+def write_pool_parts(x: np.ndarray, out, n_parts: int) -> None:
+    """The pool as the embed stage leaves it: ingest parts and their embed parts (float16 vectors);
+    image i has id i + 1 and sits in part i % n_parts."""
+    n, dim = x.shape
+    for p in range(n_parts):
+        rows = np.arange(p, n, n_parts)
+        ids = pa.array(rows + 1, pa.int64())
+        text = pa.array([f"p{r}" for r in rows])
+        images = pa.table(
+            {
+                "image_id": ids,
+                "dataset": pa.array(["pool"] * rows.size),
+                "uri": text,
+                "kind": pa.array(["file"] * rows.size),
+                "path": text,
+                "member": pa.nulls(rows.size, pa.string()),
+                "offset": pa.nulls(rows.size, pa.int64()),
+                "size": pa.nulls(rows.size, pa.int64()),
+                "sha256": pa.array([f"{r:064x}" for r in rows]),
+                "width": pa.array(np.full(rows.size, 64, np.int32)),
+                "height": pa.array(np.full(rows.size, 64, np.int32)),
+                "format": pa.array(["png"] * rows.size),
+                "status": pa.array(["ok"] * rows.size),
+                "error": pa.nulls(rows.size, pa.string()),
+            }
+        )
+        write_parquet_atomic(images, layout.table_part(out, layout.IMAGES, p), IMAGES)
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(x[rows].astype(np.float16).ravel()), dim)
+        emb = pa.table(
+            {
+                "image_id": ids,
+                "model": pa.array(["retrieval"] * rows.size),
+                "vector": vec,
+                "error": pa.nulls(rows.size, pa.string()),
+            }
+        )
+        write_parquet_atomic(
+            emb, layout.table_part(out, layout.EMBEDDINGS, p, "retrieval"), embeddings_schema(dim)
+        )
+
+
+def bench_dedup_parts(x, a, b, args) -> dict:
+    """The dedup stage's path: parts written to disk, the kNN on shard actors, edges from the
+    workers; the driver's own peak RSS (VmHWM) is read before and after."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from lvd.jobs.engines import local_env_defaults
+    from lvd.jobs.stages.dedup import dedup_parts
+
+    n = x.shape[0]
+    factory = args.index or default_factory(n)
+    root = tempfile.mkdtemp(prefix="lvd-bench-dedup-")
+    try:
+        out = layout.stage_dir(root, "out")
+        write_pool_parts(x, out, args.n_parts)
+        local_env_defaults()
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        spec = DedupSpec(
+            k=args.k,
+            threshold=0.6,
+            index=factory,
+            nprobe=args.nprobe,
+            exact_below=0,
+            search_actors=args.shards,
+        )
+        hwm_before = driver_hwm_gib()
+        t0 = time.perf_counter()
+        summary = dedup_parts(
+            layout.list_parts(layout.table_dir(out, layout.IMAGES)),
+            layout.list_parts(layout.table_dir(out, layout.EMBEDDINGS), "retrieval"),
+            [],
+            spec,
+            out_dir=layout.table_dir(out, layout.DEDUP),
+            scratch=lambda name: layout.scratch_dir(layout.stage_dir(out, "dedup"), name),
+        )
+        seconds = time.perf_counter() - t0
+        table = layout.read_table(out, layout.DEDUP, columns=["image_id", "component_id"]).sort_by("image_id")
+        component = table["component_id"].to_numpy()
+        return {
+            "index": factory,
+            "nprobe": args.nprobe,
+            "shards": summary.shards,
+            "parts": args.n_parts,
+            "seconds": seconds,
+            "copy_dropped": summary.copy,
+            "edges": summary.copy_edges,
+            "planted_recall": float((component[a] == component[b]).mean()),
+            "ivf_recall": summary.ivf_recall,
+            "driver_hwm_before_gib": hwm_before,
+            "driver_hwm_after_gib": driver_hwm_gib(),
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def driver_hwm_gib() -> float:
+    """This process's own peak resident memory (VmHWM), not its children's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def parse_kmeans_config(text: str) -> tuple[int, int, str]:
@@ -194,7 +313,17 @@ def main() -> None:
     )
     ap.add_argument("--mb-batch", type=int, default=1024, help="MiniBatchKMeans batch size (its default)")
     ap.add_argument("--leaf-k", type=int, default=1000)
-    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which benchmarks to run")
+    ap.add_argument(
+        "--n-parts", type=int, default=8, help="dedup_parts: ingest/embed parts the pool is written in"
+    )
+    ap.add_argument("--shards", type=int, default=2, help="dedup_parts: kNN shard actors")
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=["dedup", "kmeans", "hier"],
+        help="which benchmarks to run (dedup_parts: the dedup stage's path on local Ray, on request)",
+    )
     args = ap.parse_args()
     pairs = args.pairs if args.pairs is not None else args.n // 100
 
@@ -220,6 +349,16 @@ def main() -> None:
         )
         print(
             f"  exact flat search extrapolated to all {args.n} queries: {d['exact_seconds_extrapolated']:.0f} s",
+            flush=True,
+        )
+
+    dp = bench_dedup_parts(x, a, b, args) if "dedup_parts" in args.parts else None
+    if dp:
+        print(
+            f"copy dedup part by part ({dp['index']}, nprobe {dp['nprobe']}, {dp['parts']} parts, "
+            f"{dp['shards']} shard actors): {dp['seconds']:.1f} s, {dp['edges']} edges, {dp['copy_dropped']} dropped, "
+            f"planted-pair recall {dp['planted_recall']:.4f}, IVF edge recall {dp['ivf_recall']}; driver VmHWM "
+            f"{dp['driver_hwm_before_gib']:.2f} -> {dp['driver_hwm_after_gib']:.2f} GiB (the generated pool included)",
             flush=True,
         )
 

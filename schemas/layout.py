@@ -121,6 +121,20 @@ def list_embed_chunks(scratch: str | Path, part: int) -> list[Path]:
     return sorted(embed_chunk_dir(scratch, part).glob("chunk-*.parquet"))
 
 
+# A sharded kNN search's settled facts (database size, index kind, recall), beside its result parts.
+SEARCH_STATE = "_search.json"
+
+
+def bucket_dir(folder: str | Path, bucket: int) -> Path:
+    """One hash bucket of a shuffle by key (e.g. exact dedup by content hash): its parts go here."""
+    return Path(folder) / f"bucket-{bucket:05d}"
+
+
+def list_buckets(folder: str | Path) -> list[Path]:
+    """The bucket folders under `folder`, in bucket order."""
+    return sorted(p for p in Path(folder).glob("bucket-*") if p.is_dir())
+
+
 # ---------------------------------------------------------------- parts
 
 _PART = re.compile(r"part-(\d+)(?:-([A-Za-z0-9_]+))?\.parquet")

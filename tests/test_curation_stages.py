@@ -98,7 +98,11 @@ def world(tmp_path):
             )
             for i in ids
         ]
-    write_parquet_atomic(_images(rows), layout.table_part(tmp_path / "out", layout.IMAGES, 0), IMAGES)
+    # Ingest part 0 holds the pool, part 1 the seed and eval sets; embed part i holds part i's vectors.
+    for i, part_rows in enumerate([rows[:N_POOL], rows[N_POOL:]]):
+        write_parquet_atomic(
+            _images(part_rows), layout.table_part(tmp_path / "out", layout.IMAGES, i), IMAGES
+        )
 
     # retrieval vectors: 3 blobs of 40 pool images in 32-d; copy-detection vectors: random 128-d
     centers = normalize(rng.standard_normal((3, 32)))
@@ -246,5 +250,7 @@ def test_rerun_is_deterministic(world, tmp_path):
     _run_all(spec, out)
     for t, table in first.items():
         assert layout.read_table(out, t).equals(table), t.name
-        assert len(layout.list_parts(layout.table_dir(out, t))) == (3 if t == layout.RETRIEVED else 1)
+        # dedup: one part per ingest part (the seed/eval part's is empty); retrieve: one per seed set
+        want_parts = {layout.DEDUP: 2, layout.RETRIEVED: 3}.get(t, 1)
+        assert len(layout.list_parts(layout.table_dir(out, t))) == want_parts
     assert layout.read_table(out, layout.CENTROIDS).equals(cent)
