@@ -101,6 +101,11 @@ def scratch_dir(stage_folder: str | Path, name: str) -> Path:
     return Path(stage_folder) / f"_{name}"
 
 
+def bucket_dir(folder: str | Path, bucket: int) -> Path:
+    """In a scratch folder: the rows of one bucket (a range of image ids), one part per writer."""
+    return Path(folder) / f"bucket-{bucket:05d}"
+
+
 # ---------------------------------------------------------------- parts
 
 _PART = re.compile(r"part-(\d+)(?:-([A-Za-z0-9_]+))?\.parquet")
