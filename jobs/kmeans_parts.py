@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lvd.curation.kmeans import (
     AssignDtype,
@@ -44,6 +46,7 @@ from lvd.curation.kmeans import (
     in_fit_sample,
     kmeans_assign,
     nearest_per_cluster,
+    resolve_assign_dtype,
     update_from_sums,
 )
 from lvd.curation.selection import Cutoffs
@@ -66,17 +69,22 @@ log = logging.getLogger("lvd")
 # Parts per task of the sums pass: k x d float64 per result, so few results, in a fixed grouping
 # (the sums fold in the same order whatever the cluster's size).
 SUM_TASKS = 64
-SUM_RESULTS_BYTES = 1 << 30  # results the driver may hold at once while folding
+RESULTS_BYTES = 1 << 30  # per-cluster results the driver may hold at once while folding
 
 
 @dataclass
 class PartsKMeans:
-    """A k-means over parts: its centroids, cluster sizes, and one label part per vector part."""
+    """A k-means over parts: its centroids, per-cluster sizes and distance ranges, and one label
+    part per vector part."""
 
     centroids: np.ndarray  # (k, d) float32
-    sizes: np.ndarray  # (k,) int64
+    stats: ClusterStats  # of the last assignment pass: counts, min and max distance per cluster
     label_parts: list[Path]  # image_id, label, distance of each kept point, in vector-part order
     images: int
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.stats.counts
 
 
 @dataclass
@@ -166,10 +174,45 @@ def _add_sums(a, b):
     return a[0] + b[0], a[1] + b[1]
 
 
+def _merge_stats(a: ClusterStats, b: ClusterStats) -> ClusterStats:
+    return ClusterStats.merge([a, b])
+
+
+def _window(result_bytes: int) -> int:
+    """Results of `result_bytes` each that a fold may have in flight."""
+    return max(2, RESULTS_BYTES // max(1, result_bytes))
+
+
 def label_rows(label_path: Path | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cluster, distance, image_id) of a label part: the rows `select_smallest` reads."""
     ids, labels, dist = read_labels(label_path)
     return labels, dist, ids
+
+
+def clusters_rows(clusters_part: Path | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(level-0 cluster, distance, image_id) of a CLUSTERS part, as `label_rows` for label parts."""
+    t = pq.read_table(clusters_part, columns=["image_id", "cluster_ids", "distance"])
+    leaf = (
+        pc.list_element(t["cluster_ids"], 0).to_numpy().astype(np.int64)
+        if t.num_rows
+        else np.zeros(0, np.int64)
+    )
+    return leaf, t["distance"].to_numpy(), t["image_id"].to_numpy()
+
+
+def _stats_task(item, *, load, k: int) -> ClusterStats:
+    labels, dist, _ = load(item)
+    return cluster_stats(labels, dist, k)
+
+
+def cluster_ranges(items: list, load, k: int, *, fanout=None) -> ClusterStats:
+    """Per-cluster counts and distance ranges over parts read by `load` (`label_rows`,
+    `clusters_rows`): the sizes and key ranges `select_smallest` starts from."""
+    fanout = fanout or RayFanout()
+    stats = fanout.fold(
+        _stats_task, items, _merge_stats, name="cluster sizes", max_in_flight=_window(k * 24), load=load, k=k
+    )
+    return stats or ClusterStats(np.zeros(k, np.int64), np.full(k, np.inf), np.full(k, -np.inf))
 
 
 # ---------------------------------------------------------------- driver
@@ -186,10 +229,17 @@ def _gather_sample(fanout, items, *, name: str, **kwargs) -> np.ndarray:
 
 
 def _assign_all(fanout, items, centroids, *, spherical, assign_dtype, name) -> ClusterStats:
-    stats = fanout.map(
-        _assign_task, items, name=name, centroids=centroids, spherical=spherical, assign_dtype=assign_dtype
+    return fanout.fold(
+        _assign_task,
+        items,
+        _merge_stats,
+        name=name,
+        max_in_flight=_window(centroids.shape[0] * 24),
+        **fanout.gpu_task_options(),
+        centroids=centroids,
+        spherical=spherical,
+        assign_dtype=assign_dtype,
     )
-    return ClusterStats.merge(stats)
 
 
 def kept_pool_parts(
@@ -230,6 +280,11 @@ def kmeans_over_parts(
     fanout = fanout or RayFanout()
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for {n} points")
+    # One precision for every pass, chosen here: FAISS float32 on a cluster with GPUs (the passes
+    # run on GPU workers), else what this machine's CPU does best.
+    if assign_dtype == "auto" and fanout.gpu_task_options():
+        assign_dtype = "float32"
+    assign_dtype = resolve_assign_dtype(assign_dtype)
     items = [(p, part_path(label_dir, p.index)) for p in parts]
     mppc = max_points_per_centroid
     sample = _gather_sample(
@@ -304,7 +359,8 @@ def kmeans_over_parts(
             sum_groups,
             _add_sums,
             name=f"k-means k={k}: resampling means",
-            max_in_flight=max(2, SUM_RESULTS_BYTES // max(1, centroids.size * 8)),
+            max_in_flight=_window(centroids.size * 8),
+            **fanout.gpu_task_options(),
             cutoffs=cutoffs,
             centroids=centroids,
             spherical=spherical,
@@ -312,7 +368,7 @@ def kmeans_over_parts(
         )
         centroids = update_from_sums(sums, counts, centroids, spherical)
         stats = assign(centroids, name=f"k-means k={k}: assign")
-    return PartsKMeans(centroids, stats.counts, [path for _, path in items], n)
+    return PartsKMeans(centroids, stats, [path for _, path in items], n)
 
 
 def _without_labels(items):

@@ -110,10 +110,19 @@ def fold_tasks(
     return total
 
 
+GPUS_PER_TASK = 0.25  # a GPU task pass (k-means assignment) shares each GPU among a few tasks
+
+
 class RayFanout:
     """Per-part passes on Ray tasks (what stages use): `map` = `run_tasks`, `fold` = `fold_tasks`,
     and `one_place` runs a capped step (a k-means fit) on a GPU worker when the cluster has GPUs
     and this process has none, else right here."""
+
+    def gpu_task_options(self) -> dict[str, float]:
+        """Task options of a pass that a GPU speeds up: a share of a GPU when the cluster has any."""
+        import ray
+
+        return {"num_gpus": GPUS_PER_TASK} if ray.cluster_resources().get("GPU", 0) >= 1 else {}
 
     def map(self, fn: Callable[..., R], items: Sequence[T], *, name: str, **kwargs: Any) -> list[R]:
         return run_tasks(fn, items, name=name, **kwargs)
@@ -141,6 +150,9 @@ class RayFanout:
 
 class LocalFanout:
     """The same passes in this process, one item after the other (tests, tools without Ray)."""
+
+    def gpu_task_options(self) -> dict[str, float]:
+        return {}
 
     def map(self, fn: Callable[..., R], items: Sequence[T], *, name: str, **kwargs: Any) -> list[R]:
         kwargs = {k: v for k, v in kwargs.items() if k not in _TASK_OPTIONS}

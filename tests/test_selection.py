@@ -1,15 +1,20 @@
 """The distributed k-smallest-per-group selection against the whole-table reference."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from lvd.curation import selection
+from lvd.curation.kmeans import kmeans_assign
+from lvd.curation.knn import normalize
+from lvd.curation.retrieval import retrieve_by_cluster
 from lvd.curation.selection import Selection, boundary_rows, group_histogram, smallest_per_group
 from lvd.curation.vector_parts import write_labels
-from lvd.jobs.kmeans_parts import label_rows
+from lvd.jobs.kmeans_parts import cluster_ranges, clusters_rows, label_rows
 from lvd.jobs.selection import select_smallest
 from lvd.jobs.workers import LocalFanout
 from lvd.schemas.layout import part_path
+from lvd.schemas.tables import CLUSTERS, write_parquet_atomic
 
 
 def _rows(rng, n, groups, tie_levels=None):
@@ -115,3 +120,62 @@ def test_select_smallest_over_label_parts(ray_local, tmp_path):
     for fanout in (LocalFanout(), None):  # None: Ray tasks
         cut = select_smallest(paths, label_rows, size, counts, 0.0, 1.0, name="t", fanout=fanout)
         assert np.array_equal(cut.members(groups, keys, ids), ref)
+
+
+def test_cluster_retrieval_by_cutoffs_equals_retrieve_by_cluster(tmp_path):
+    """The recipe for cluster-based retrieval over parts: per-cluster counts from the seeds (in
+    priority order, capped by max_images), cutoffs over the CLUSTERS parts, membership per part:
+    the images `retrieve_by_cluster` picks from the whole table."""
+    rng = np.random.default_rng(6)
+    k, n = 9, 2000
+    centroids = normalize(rng.standard_normal((k, 8)).astype(np.float32))
+    pool = normalize(rng.standard_normal((n, 8)).astype(np.float32))
+    ids = rng.choice(2**62, n, replace=False).astype(np.int64)
+    labels, dist = kmeans_assign(pool, centroids, assign_dtype="float32")
+    seeds = normalize(
+        centroids[rng.integers(0, 4, 40)] + 0.3 * rng.standard_normal((40, 8)).astype(np.float32)
+    )
+    paths = []
+    for i, rows in enumerate(np.array_split(rng.permutation(n), 4)):
+        table = pa.table(
+            {
+                "image_id": pa.array(ids[rows]),
+                "cluster_ids": pa.array([[int(v)] for v in labels[rows]], pa.list_(pa.int32())),
+                "distance": pa.array(dist[rows]),
+            }
+        )
+        paths.append(part_path(tmp_path, i))
+        write_parquet_atomic(table, paths[-1], CLUSTERS)
+    min_seed_images, per_cluster, max_images = 3, 150, 500
+    want = retrieve_by_cluster(
+        ids,
+        labels,
+        dist,
+        centroids,
+        seeds,
+        "s",
+        min_seed_images=min_seed_images,
+        images_per_cluster=per_cluster,
+        max_images=max_images,
+    )["image_id"].to_numpy()
+
+    fanout = LocalFanout()
+    stats = cluster_ranges(paths, clusters_rows, k, fanout=fanout)
+    seeds_in = np.bincount(kmeans_assign(seeds, centroids)[0], minlength=k)
+    take = np.where(seeds_in > min_seed_images, np.minimum(per_cluster, stats.counts), 0)
+    order = np.lexsort((np.arange(k), -seeds_in))  # priority: most seeds first, ties by cluster id
+    counts = np.zeros(k, np.int64)
+    counts[order] = np.clip(max_images - (np.cumsum(take[order]) - take[order]), 0, take[order])
+    cut = select_smallest(
+        paths,
+        clusters_rows,
+        stats.counts,
+        counts,
+        stats.min_distance,
+        stats.max_distance,
+        name="t",
+        fanout=fanout,
+    )
+    got = np.concatenate([ids_[cut.members(g, d, ids_)] for g, d, ids_ in map(clusters_rows, paths)])
+    assert want.size == min(max_images, take.sum()) and 0 < want.size
+    assert np.array_equal(np.sort(got), np.sort(want))
