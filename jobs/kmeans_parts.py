@@ -61,7 +61,7 @@ from lvd.curation.vector_parts import (
     write_labels,
 )
 from lvd.jobs.selection import select_smallest
-from lvd.jobs.workers import RayFanout
+from lvd.jobs.workers import Fanout, RayFanout
 from lvd.schemas.layout import part_path
 
 log = logging.getLogger("lvd")
@@ -205,7 +205,7 @@ def _stats_task(item, *, load, k: int) -> ClusterStats:
     return cluster_stats(labels, dist, k)
 
 
-def cluster_ranges(items: list, load, k: int, *, fanout=None) -> ClusterStats:
+def cluster_ranges(items: list, load, k: int, *, fanout: Fanout | None = None) -> ClusterStats:
     """Per-cluster counts and distance ranges over parts read by `load` (`label_rows`,
     `clusters_rows`): the sizes and key ranges `select_smallest` starts from."""
     fanout = fanout or RayFanout()
@@ -243,7 +243,7 @@ def _assign_all(fanout, items, centroids, *, spherical, assign_dtype, name) -> C
 
 
 def kept_pool_parts(
-    embed_parts: list[Path], model: str, dedup_parts: list[Path] | None, *, fanout=None
+    embed_parts: list[Path], model: str, dedup_parts: list[Path] | None, *, fanout: Fanout | None = None
 ) -> tuple[list[VectorPart], list[int]]:
     """The vector parts of the kept pool (`vector_parts.plan_vector_parts`) and each one's number of
     kept points with a vector, counted by the workers. When a dedup part turns out not to line up
@@ -272,7 +272,7 @@ def kmeans_over_parts(
     resample_size: int | None = None,
     nredo: int = 1,
     assign_dtype: AssignDtype = "auto",
-    fanout=None,
+    fanout: Fanout | None = None,
 ) -> PartsKMeans:
     """`curation.kmeans.kmeans` over the points of `parts` (n of them in all, from `kept_pool_parts`),
     keyed by image_id. Writes label_dir/part-NNNNN.parquet (image_id, label, distance, in id order)
@@ -393,7 +393,7 @@ def hierarchical_kmeans_over_parts(
     max_points_per_centroid: int = 256,
     seed: int = 0,
     assign_dtype: AssignDtype = "auto",
-    fanout=None,
+    fanout: Fanout | None = None,
 ) -> PartsHierarchy:
     """`curation.kmeans.hierarchical_kmeans` over the points of `parts`: level 0 over the parts
     (labels in label parts), the upper levels on the driver over the centroids."""

@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 from lvd.curation.selection import Cutoffs, Histogram, Request, Selection, boundary_rows, group_histogram
-from lvd.jobs.workers import RayFanout
+from lvd.jobs.workers import Fanout, RayFanout
 
 T = TypeVar("T")
 # load(item) -> (groups int64, keys float, image_ids int64) of the item's rows
@@ -44,7 +44,7 @@ def select_smallest(
     hi: np.ndarray | float,
     *,
     name: str,
-    fanout=None,
+    fanout: Fanout | None = None,
 ) -> Cutoffs:
     """Cutoffs of the counts[g] smallest (key, image_id) rows of each group g over all items' rows.
 

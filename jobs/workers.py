@@ -10,7 +10,7 @@ Ray retries a task whose worker died.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from lvd.jobs.progress import Progress
 
@@ -108,6 +108,26 @@ def fold_tasks(
             next_fold += 1
     progress.close()
     return total
+
+
+class Fanout(Protocol):
+    """How a driver runs its per-part passes: `RayFanout` in stages, `LocalFanout` in tests."""
+
+    def map(self, fn: Callable[..., R], items: Sequence[T], *, name: str, **kwargs: Any) -> list[R]: ...
+
+    def fold(
+        self,
+        fn: Callable[..., R],
+        items: Sequence[T],
+        combine: Callable[[R, R], R],
+        *,
+        name: str,
+        **kwargs: Any,
+    ) -> R | None: ...
+
+    def one_place(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R: ...
+
+    def gpu_task_options(self) -> dict[str, float]: ...
 
 
 GPUS_PER_TASK = 0.25  # a GPU task pass (k-means assignment) shares each GPU among a few tasks

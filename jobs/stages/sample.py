@@ -40,7 +40,7 @@ from lvd.curation.sampling import ClusterTree, extra_picks, leaf_budgets, leaf_p
 from lvd.curation.selection import Cutoffs
 from lvd.jobs.selection import select_smallest
 from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
-from lvd.jobs.workers import RayFanout
+from lvd.jobs.workers import Fanout, RayFanout
 from lvd.schemas import layout
 from lvd.schemas.tables import CURATED, read_parts, write_parquet_atomic
 
@@ -155,7 +155,9 @@ def _merge_task(bucket: int, *, scratch: Path, out_dir: Path) -> tuple[int, int,
 # ---------------------------------------------------------------- driver
 
 
-def _balanced_picks(ctx: StageContext, cluster_parts: list[Path], tree: ClusterTree, fanout) -> _Picks:
+def _balanced_picks(
+    ctx: StageContext, cluster_parts: list[Path], tree: ClusterTree, fanout: Fanout
+) -> _Picks:
     cfg = ctx.spec.sampling
     budget = leaf_budgets(tree, cfg.target_size, cfg.max_repeats)
     leaf_sizes = tree.sizes[0]
