@@ -14,15 +14,22 @@ plus a random vector of norm `noise` (cosine 1/sqrt(1 + noise^2)). Background pa
 Baselines measured in the same run: exact (flat) kNN on a sample of queries, extrapolated to all n;
 MiniBatchKMeans with the same k on the same data; a uniform random sample of the balanced sample's
 size. Ratios are printed last.
+
+`--parts parts`: the same hierarchy and balanced sample over vector parts, as the cluster and sample
+stages run them (passes on Ray tasks with `--fanout ray`, in this process with `local`), checked
+equal to the whole-table functions on the same (float16-stored) vectors.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -35,12 +42,19 @@ import pyarrow as pa
 from lvd.curation.dedup import dedup_pool
 from lvd.curation.kmeans import hierarchical_kmeans, kmeans, kmeans_assign
 from lvd.curation.knn import exact_knn, normalize
-from lvd.curation.sampling import balanced_sample
+from lvd.curation.sampling import (
+    ClusterTree,
+    balanced_sample,
+    extra_picks,
+    leaf_budgets,
+    leaf_pick_keys,
+    leaf_repeats,
+)
 from lvd.schemas import layout
 from lvd.schemas.job_spec import DedupSpec
 from lvd.schemas.tables import IMAGES, embeddings_schema, write_parquet_atomic
 
-PARTS = ("dedup", "dedup_parts", "kmeans", "hier")
+PARTS = ("dedup", "dedup_parts", "kmeans", "hier", "parts")
 
 
 def peak_rss_gib() -> float:
@@ -162,7 +176,7 @@ def bench_dedup_parts(x, a, b, args) -> dict:
     root = tempfile.mkdtemp(prefix="lvd-bench-dedup-")
     try:
         out = layout.stage_dir(root, "out")
-        write_pool_parts(x, out, args.n_parts)
+        write_pool_parts(x, out, args.num_parts)
         local_env_defaults()
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
@@ -191,7 +205,7 @@ def bench_dedup_parts(x, a, b, args) -> dict:
             "index": factory,
             "nprobe": args.nprobe,
             "shards": summary.shards,
-            "parts": args.n_parts,
+            "parts": args.num_parts,
             "seconds": seconds,
             "copy_dropped": summary.copy,
             "edges": summary.copy_edges,
@@ -280,6 +294,118 @@ def bench_hierarchy(x, comp, args) -> dict:
     }
 
 
+def _write_vector_parts(folder: Path, x: np.ndarray, ids: np.ndarray, parts: int) -> list[Path]:
+    import pyarrow as pa
+
+    from lvd.schemas import layout
+    from lvd.schemas.tables import embeddings_schema, write_parquet_atomic
+
+    paths = []
+    for i, rows in enumerate(np.array_split(np.arange(x.shape[0]), parts)):
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel().astype(np.float16)), x.shape[1])
+        table = pa.table(
+            {
+                "image_id": ids[rows],
+                "model": ["retrieval"] * rows.size,
+                "vector": vec,
+                "error": [None] * rows.size,
+            },
+            schema=embeddings_schema(x.shape[1]),
+        )
+        paths.append(layout.part_path(folder, i, "retrieval"))
+        write_parquet_atomic(table, paths[-1], table.schema)
+    return paths
+
+
+def _leaf_pick_rows(label_part: Path):
+    from lvd.curation.vector_parts import read_labels
+
+    ids, leaf, _ = read_labels(label_part)
+    return leaf, leaf_pick_keys(ids, 0), ids
+
+
+def bench_parts(x, args) -> dict:
+    """Hierarchical k-means and the balanced sample over parts against the whole-table functions."""
+    from lvd.curation.kmeans import level_labels
+    from lvd.curation.stage_io import load_vectors
+    from lvd.curation.vector_parts import read_labels
+    from lvd.jobs.kmeans_parts import hierarchical_kmeans_over_parts, kept_pool_parts
+    from lvd.jobs.selection import select_smallest
+    from lvd.jobs.workers import LocalFanout, RayFanout
+
+    n = x.shape[0]
+    levels = [(args.leaf_k, 0), (max(2, args.leaf_k // 10), 2), (max(2, args.leaf_k // 50), 2)]
+    ids = np.random.default_rng(2).choice(2**62, n, replace=False).astype(np.int64)
+    if args.fanout == "ray":
+        import ray
+
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    fanout = RayFanout() if args.fanout == "ray" else LocalFanout()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _write_vector_parts(Path(tmp) / "embed", x, ids, args.num_parts)
+        ref_ids, ref_x = load_vectors(paths, "retrieval", ids)
+        t0 = time.perf_counter()
+        ref = hierarchical_kmeans(ref_x, levels, niter=20, spherical=True, seed=0, ids=ref_ids)
+        whole_s = time.perf_counter() - t0
+        del ref_x
+        t0 = time.perf_counter()
+        parts, counts = kept_pool_parts(paths, "retrieval", None, fanout=fanout)
+        hier = hierarchical_kmeans_over_parts(
+            parts,
+            levels,
+            Path(tmp) / "labels",
+            n=sum(counts),
+            niter=20,
+            spherical=True,
+            seed=0,
+            fanout=fanout,
+        )
+        parts_s = time.perf_counter() - t0
+        got = [read_labels(p) for p in hier.label_parts]
+        got_ids = np.concatenate([g[0] for g in got])
+        order = np.argsort(got_ids)
+        labels = level_labels(np.concatenate([g[1] for g in got])[order], hier.parents)
+        same_labels = bool(np.array_equal(labels, ref.labels)) and bool(
+            np.array_equal(got_ids[order], ref_ids)
+        )
+        same_centroids = all(np.array_equal(a, b) for a, b in zip(hier.centroids, ref.centroids, strict=True))
+
+        # The balanced sample: trees and repeats per label part, the leaf pick by cutoffs over parts.
+        target = n // 10
+        rows, reps = balanced_sample(ref.labels, target, seed=0, ids=ref_ids)
+        want = np.zeros(n, np.int64)
+        want[rows] = reps
+        t0 = time.perf_counter()
+        part_labels = [(g[0], level_labels(g[1], hier.parents)) for g in got]
+        tree = functools.reduce(ClusterTree.merge, [ClusterTree.of_labels(lab) for _, lab in part_labels])
+        budget = leaf_budgets(tree, target, 1)
+        extra = select_smallest(  # in this process: the loader is this script's (Ray would not find it)
+            hier.label_parts,
+            _leaf_pick_rows,
+            tree.sizes[0],
+            extra_picks(budget, tree.sizes[0]),
+            0.0,
+            1.0,
+            name="leaf pick",
+            fanout=LocalFanout(),
+        )
+        got_rep = np.concatenate(
+            [leaf_repeats(lab[:, 0], i, budget, tree.sizes[0], extra, 0) for i, lab in part_labels]
+        )[order]
+        sample_s = time.perf_counter() - t0
+    if args.fanout == "ray":
+        ray.shutdown()
+    return {
+        "levels": hier.ks,
+        "whole_seconds": whole_s,
+        "parts_seconds": parts_s,
+        "sample_seconds": sample_s,
+        "same_labels": same_labels,
+        "same_centroids": same_centroids,
+        "same_sample": bool(np.array_equal(got_rep, want)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -314,16 +440,20 @@ def main() -> None:
     ap.add_argument("--mb-batch", type=int, default=1024, help="MiniBatchKMeans batch size (its default)")
     ap.add_argument("--leaf-k", type=int, default=1000)
     ap.add_argument(
-        "--n-parts", type=int, default=8, help="dedup_parts: ingest/embed parts the pool is written in"
+        "--num-parts", type=int, default=8, help="dedup_parts / parts: parts the pool is written in"
     )
     ap.add_argument("--shards", type=int, default=2, help="dedup_parts: kNN shard actors")
     ap.add_argument(
         "--parts",
         nargs="+",
         choices=PARTS,
-        default=["dedup", "kmeans", "hier"],
+        default=["dedup", "kmeans", "hier", "parts"],
         help="which benchmarks to run (dedup_parts: the dedup stage's path on local Ray, on request)",
     )
+    ap.add_argument(
+        "--fanout", choices=("ray", "local"), default="ray", help="passes of the `parts` benchmark"
+    )
+    ap.add_argument("--ray-cpus", type=int, default=2)
     args = ap.parse_args()
     pairs = args.pairs if args.pairs is not None else args.n // 100
 
@@ -389,6 +519,16 @@ def main() -> None:
             f"{h['random_entropy']:.3f}; share of the smaller half of components {h['balanced_small_half_share']:.3f} "
             f"vs {h['random_small_half_share']:.3f} (uniform 0.5); components hit {h['components_hit_balanced']} vs "
             f"{h['components_hit_random']}",
+            flush=True,
+        )
+
+    pp = bench_parts(x, args) if "parts" in args.parts else None
+    if pp:
+        print(
+            f"over {args.num_parts} parts ({args.fanout}): hierarchical k-means {pp['levels']} "
+            f"{pp['parts_seconds']:.1f} s (whole table {pp['whole_seconds']:.1f} s); balanced sample "
+            f"{pp['sample_seconds']:.2f} s; equal to the whole table: labels {pp['same_labels']}, "
+            f"centroids {pp['same_centroids']}, sample {pp['same_sample']}",
             flush=True,
         )
 

@@ -126,7 +126,8 @@ SEARCH_STATE = "_search.json"
 
 
 def bucket_dir(folder: str | Path, bucket: int) -> Path:
-    """One hash bucket of a shuffle by key (e.g. exact dedup by content hash): its parts go here."""
+    """One bucket of a shuffle by key (exact dedup by content hash, curated rows by image id range): its
+    parts go here, one per writer."""
     return Path(folder) / f"bucket-{bucket:05d}"
 
 
