@@ -42,6 +42,9 @@ log = logging.getLogger("lvd")
 
 # Rows per plan file (a run of whole shards): a few tens of MB for one executor to place and write.
 PLAN_FILE_ROWS = 1 << 17
+# Samples per partition of the global sort: its partition count follows the data, not the session's
+# shuffle setting (a sort partition is sorted by one task and written as one file).
+SORT_PARTITION_ROWS = 1 << 21
 # Columns of a sample that the plan carries (PLAN without what placing adds).
 SAMPLE_COLUMNS = [n for n in PLAN.names if n not in ("shard", "position", "key")]
 # Columns of the images table a sample takes (where its bytes are and what its sidecar names).
@@ -56,6 +59,7 @@ class ShardPlan:
     n_shards: int
     n_samples: int
     shards_per_file: int
+    sort_partitions: int = 1
 
     def rows(self, shard: int) -> list[dict]:
         """Plan rows of one shard (what its writing task reads)."""
@@ -144,8 +148,9 @@ def _member_bytes(size):
     return padded - padded % TAR_BLOCK + TAR_BLOCK
 
 
-def ordered_samples(spark, curated, images, clusters, seed: int):
-    """Every sample with its deal order keys and estimated tar bytes, sorted in deal order."""
+def ordered_samples(spark, curated, images, clusters, seed: int, partitions: int = 1):
+    """Every sample with its deal order keys and estimated tar bytes, sorted in deal order into
+    `partitions` range partitions (partition i holds samples before those of partition i + 1)."""
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
@@ -176,7 +181,8 @@ def ordered_samples(spark, curated, images, clusters, seed: int):
         )
     )
     order = ["coarse", "source", "fine", "image_key", "image_id", "repeat"]
-    return samples.sort(*order).select(*SAMPLE_COLUMNS, "bytes")
+    sorted_samples = samples.repartitionByRange(partitions, *order).sortWithinPartitions(*order)
+    return sorted_samples.select(*SAMPLE_COLUMNS, "bytes")
 
 
 def plan_shards_spark(
@@ -208,7 +214,8 @@ def plan_shards_spark(
     # Sort partition and row within it, taken right after the sort (nondeterministic expressions
     # stay where they are): the lower 33 bits of monotonically_increasing_id count rows.
     ordered_dir = layout.shard_plan_ordered(folder)
-    ordered_samples(spark, curated, images, clusters, seed).select(
+    partitions = -(-n_samples // SORT_PARTITION_ROWS)
+    ordered_samples(spark, curated, images, clusters, seed, partitions).select(
         "*",
         F.spark_partition_id().alias("part"),
         (F.monotonically_increasing_id().bitwiseAND((1 << 33) - 1)).alias("row"),
@@ -238,6 +245,7 @@ def plan_shards_spark(
         .withColumn("deal_rank", F.expr(f"g div {n_shards}"))
         .withColumn("file", F.expr(f"shard div {per_file}").cast("int"))
         .select(*SAMPLE_COLUMNS, "shard", "deal_rank", "file")
+        .repartition(-(-n_shards // per_file), "file")
         .groupBy("file")
         .applyInArrow(_plan_file_writer(str(folder), per_file, seed), "shard int, samples long")
         .collect()
@@ -246,8 +254,9 @@ def plan_shards_spark(
     if sorted(counts) != list(range(n_shards)) or sum(counts.values()) != n_samples:
         raise RuntimeError(f"shard plan: {len(counts)} shards placed, expected {n_shards}")
     shutil.rmtree(ordered_dir)
-    log.info("shards: planned %d samples into %d shards on executors", n_samples, n_shards)
-    return ShardPlan(str(folder), n_shards, n_samples, per_file)
+    log.info("shards: planned %d samples into %d shards (%d sort partitions, %d plan files)",
+             n_samples, n_shards, len(parts), -(-n_shards // per_file))  # fmt: skip
+    return ShardPlan(str(folder), n_shards, n_samples, per_file, len(parts))
 
 
 def _plan_file_writer(folder: str, per_file: int, seed: int):

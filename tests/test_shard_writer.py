@@ -430,13 +430,14 @@ def synthetic_parts(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("samples_per_shard", "max_shard_bytes", "seed", "file_rows"),
-    [(50, None, 0, 1 << 17), (10_000, 600_000, 5, 64), (1, None, 2, 100)],
+    ("samples_per_shard", "max_shard_bytes", "seed", "file_rows", "sort_rows"),
+    [(50, None, 0, 1 << 17, 1 << 21), (10_000, 600_000, 5, 64, 90), (1, None, 2, 100, 200)],
 )
 def test_spark_plan_equals_reference(spark, synthetic_parts, monkeypatch, samples_per_shard, max_shard_bytes,
-                                     seed, file_rows):  # fmt: skip
+                                     seed, file_rows, sort_rows):  # fmt: skip
     """Row for row the plan of `plan_shards`, with repeats, as_is images, a byte target (whose
-    loop runs more than once), inputs in several parts and the plan in several files."""
+    loop runs more than once), inputs in several parts, the sort in one or several partitions and
+    the plan in one or several files."""
     from lvd.jobs import shard_plan
 
     out, tables, parts = synthetic_parts
@@ -444,8 +445,10 @@ def test_spark_plan_equals_reference(spark, synthetic_parts, monkeypatch, sample
     if max_shard_bytes is not None:  # the byte target needs more shards than the bytes alone
         assert expected["shard"][-1].as_py() + 1 > -(-sum(tables[1]["size"].to_pylist()) // max_shard_bytes)
     monkeypatch.setattr(shard_plan, "PLAN_FILE_ROWS", file_rows)
+    monkeypatch.setattr(shard_plan, "SORT_PARTITION_ROWS", sort_rows)
     plan = shard_plan.plan_shards_spark(spark, *parts, out / "plan", samples_per_shard, max_shard_bytes, seed)
     assert (plan.n_samples, plan.n_shards) == (expected.num_rows, expected["shard"][-1].as_py() + 1)
+    assert plan.sort_partitions == -(-plan.n_samples // sort_rows)
     assert plan.table().equals(expected)
     files = sorted((out / "plan").glob("plan-*.parquet"))
     assert len(files) == -(-plan.n_shards // plan.shards_per_file) and len(files) > (file_rows < 1000)
