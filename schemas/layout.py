@@ -234,3 +234,18 @@ def shard_pattern(n_shards: int) -> str:
 
 def shards_dir(out_dir: str | Path) -> Path:
     return table_dir(out_dir, SHARDS)
+
+
+# ---------------------------------------------------------------- the shard plan (shards stage scratch)
+
+SHARD_PLAN = "plan"  # scratch name of the shards stage: <output_dir>/shards/_plan/
+
+
+def shard_plan_ordered(plan_dir: str | Path) -> Path:
+    """Spark's parquet folder of every sample in deal order (with its sort partition and row)."""
+    return Path(plan_dir) / "ordered"
+
+
+def shard_plan_file(plan_dir: str | Path, index: int) -> Path:
+    """Plan file `index`: the plan rows of a run of consecutive shards, one row group per shard."""
+    return Path(plan_dir) / f"plan-{index:06d}.parquet"
