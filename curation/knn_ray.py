@@ -182,10 +182,9 @@ class SearchResult:
     resumed_parts: int  # query parts an earlier run had written
 
 
-def _shard_count(search: SearchSpec, n_parts: int, resources: dict[str, float], nodes: int) -> int:
+def _shard_count(search: SearchSpec, n_parts: int, gpus: int, nodes: int) -> int:
     """`search.search_actors` shards when set, else one per GPU on a GPU cluster and one per node on
     a CPU cluster; never more than parts, nor more GPU shards than GPUs."""
-    gpus = int(resources.get("GPU", 0))
     want = search.search_actors or (gpus or nodes)
     if gpus and want > gpus:
         log.warning("knn: %d shard actors asked for, the cluster has %d GPUs; using %d", want, gpus, gpus)
@@ -193,14 +192,18 @@ def _shard_count(search: SearchSpec, n_parts: int, resources: dict[str, float], 
     return max(1, min(want, n_parts))
 
 
-def _resources(n_shards: int, resources: dict[str, float]) -> tuple[dict[str, Any], float]:
-    """(shard actor options, CPUs per query task). On CPUs the actors' reservations leave room for
-    query tasks to run (a query task mostly waits on the shards), so they never starve each other."""
-    if resources.get("GPU", 0) > 0:
+def _resources(n_shards: int, gpus: int, node_cpus: list[float]) -> tuple[dict[str, Any], float]:
+    """(shard actor options, CPUs per query task). On a CPU cluster the shards of a node share it
+    with one query task's worth of CPUs: a shard's FAISS gets as many threads as it reserves CPUs
+    (Ray sets OMP_NUM_THREADS so), and query tasks, which mostly wait on the shards, always fit."""
+    if gpus:
         return {"num_cpus": 1, "num_gpus": 1, "scheduling_strategy": "SPREAD"}, 1.0
-    cpus = resources.get("CPU", 1)
-    actor_cpus = min(1.0, cpus / (n_shards + 1))
-    task_cpus = min(1.0, cpus - n_shards * actor_cpus)
+    cpus = min(node_cpus) if node_cpus else 1.0
+    per_node = -(-n_shards // max(1, len(node_cpus)))
+    actor_cpus = cpus / (per_node + 1)
+    if actor_cpus >= 1:
+        actor_cpus = float(int(actor_cpus))
+    task_cpus = min(1.0, cpus - per_node * actor_cpus)
     return {"num_cpus": actor_cpus, "scheduling_strategy": "SPREAD"}, task_cpus
 
 
@@ -269,12 +272,11 @@ def _start_shards(
     """Shard actors with their indexes built; (actors, state, CPUs per query task)."""
     import ray
 
-    resources = ray.cluster_resources()
-    nodes = sum(
-        1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0
-    )
-    n_shards = _shard_count(search, len(database_parts), resources, nodes)
-    options, task_cpus = _resources(n_shards, resources)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    node_cpus = [cpu for cpu in node_cpus if cpu > 0]
+    n_shards = _shard_count(search, len(database_parts), gpus, len(node_cpus))
+    options, task_cpus = _resources(n_shards, gpus, node_cpus)
     groups = [g for g in np.array_split(np.arange(len(database_parts)), n_shards) if g.size]
     exclude_ref = ray.put(exclude_ids) if exclude_ids is not None else None
     actor_cls = ray.remote(_ShardActor).options(**options)

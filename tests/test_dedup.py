@@ -25,6 +25,7 @@ from lvd.curation.knn import build_index, exact_knn, normalize, recall_against_e
 from lvd.curation.knn_ray import search_parts
 from lvd.curation.knn_sharded import EDGES, EdgeWriter, VectorPart
 from lvd.curation.stage_io import load_images, load_vectors
+from lvd.jobs.stages.dedup import dedup_parts
 from lvd.schemas import layout
 from lvd.schemas.job_spec import DedupSpec
 from lvd.schemas.layout import POOL, eval_dataset
@@ -164,10 +165,8 @@ def write_pool_parts(root: Path, n: int = 700, n_parts: int = 3, dim: int = 64, 
     status = np.full(n, "ok", dtype=object)
     status[rows[143]] = "error"  # failed decode: no vector either
     failed_embed = rows[144]
-    evals = normalize(
-        np.stack([_near(rng, x[rows[2]], 0.3), _near(rng, x[rows[200]], 0.3), x[rows[300]] * 0])
-    )
-    evals[2] = normalize(rng.standard_normal((1, dim)))[0]
+    unrelated = normalize(rng.standard_normal((1, dim)))[0]
+    evals = np.stack([_near(rng, x[rows[2]], 0.3), _near(rng, x[rows[200]], 0.3), unrelated])
     part_of = rng.integers(0, n_parts, size=n)
     out = root / "out"
     for p in range(n_parts):
@@ -222,7 +221,7 @@ def write_pool_parts(root: Path, n: int = 700, n_parts: int = 3, dim: int = 64, 
             schema=embeddings_schema(dim),
         )
         write_parquet_atomic(emb, layout.table_part(out, layout.EMBEDDINGS, p, MODEL), emb.schema)
-    return {"out": out, "pool_ids": pool_ids, "planted_exact": 16}
+    return {"out": out, "pool_ids": pool_ids}
 
 
 def reference_dedup(out: Path, spec: DedupSpec):
@@ -248,8 +247,7 @@ def reference_dedup(out: Path, spec: DedupSpec):
 
 
 def run_dedup_parts(out: Path, spec: DedupSpec):
-    from lvd.jobs.stages.dedup import dedup_parts
-
+    """The dedup stage's driver on the parts under `out`; (summary, DEDUP table sorted by image_id)."""
     stage_dir = layout.stage_dir(out, "dedup")
     summary = dedup_parts(
         layout.list_parts(layout.table_dir(out, layout.IMAGES)),

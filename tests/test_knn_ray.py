@@ -174,3 +174,21 @@ def test_retrieve_by_sample_same_with_search_actors(ray_local, vectors):
     serial = retrieve_by_sample(*args, k=5, chunk_size=20)
     parallel = retrieve_by_sample(*args, k=5, chunk_size=20, search_actors=2)
     assert parallel.equals(serial) and parallel.num_rows == 250
+
+
+@pytest.mark.parametrize(
+    "shards,node_cpus", [(1, [2.0]), (2, [2.0]), (3, [2.0]), (1, [32.0]), (5, [32.0, 16.0])]
+)
+def test_shards_leave_room_for_query_tasks(shards, node_cpus):
+    """However many shards share the nodes, a query task still fits beside them on every node, and a
+    shard alone on a big node gets many CPUs (its FAISS threads)."""
+    from lvd.curation.knn_ray import _resources
+
+    options, task_cpus = _resources(shards, 0, node_cpus)
+    per_node = -(-shards // len(node_cpus))
+    assert 0 < task_cpus <= 1
+    assert all(per_node * options["num_cpus"] + task_cpus <= cpus for cpus in node_cpus)
+    if shards == 1 and node_cpus == [32.0]:
+        assert options["num_cpus"] == 16
+    gpu_options, _ = _resources(shards, 4, node_cpus)
+    assert gpu_options["num_gpus"] == 1
