@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from lvd.curation.kmeans import kmeans_assign
-from lvd.curation.knn_ray import search_auto
+from lvd.curation.knn import search
 from lvd.schemas.tables import RETRIEVED
 
 
@@ -55,19 +55,49 @@ def retrieve_by_sample(
     *,
     k: int = 4,
     chunk_size: int = 65_536,
-    search_actors: int = 0,
 ) -> pa.Table:
     """The k nearest pool images of every seed image (rank 0 = nearest, score = cosine).
 
-    `pool_index` holds the L2-normalised pool vectors in the order of `pool_ids`. `search_actors` > 0
-    searches on that many Ray actors when Ray is up.
+    `pool_index` holds the L2-normalised pool vectors in the order of `pool_ids`: the in-memory
+    reference of the retrieve stage's sharded search (`curation.knn_ray.search_parts`).
     """
-    sims, idx = search_auto(pool_index, seed_vectors, k, chunk_size, search_actors)
-    valid = idx >= 0
-    seed_of = np.repeat(np.asarray(seed_ids, dtype=np.int64), idx.shape[1]).reshape(idx.shape)
-    rank = np.broadcast_to(np.arange(idx.shape[1], dtype=np.int32), idx.shape)
+    sims, idx = search(pool_index, seed_vectors, k, chunk_size)
     pool_ids = np.asarray(pool_ids, dtype=np.int64)
-    return _rows(pool_ids[idx[valid]], seed_set, "sample", seed_of[valid], rank[valid], sims[valid])
+    return topk_rows(seed_ids, sims, np.where(idx >= 0, pool_ids[np.maximum(idx, 0)], -1), seed_set)
+
+
+def topk_rows(query_ids: np.ndarray, sims: np.ndarray, ids: np.ndarray, seed_set: str) -> pa.Table:
+    """RETRIEVED rows of a kNN search: each query's neighbours (ids, -1 = none) in rank order."""
+    valid = ids >= 0
+    seed_of = np.repeat(np.asarray(query_ids, dtype=np.int64), ids.shape[1]).reshape(ids.shape)
+    rank = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+    return _rows(ids[valid], seed_set, "sample", seed_of[valid], rank[valid], sims[valid])
+
+
+def rank_cluster_members(
+    image_ids: np.ndarray,
+    labels: np.ndarray,
+    distance: np.ndarray,
+    priority: np.ndarray,
+    seed_set: str,
+    *,
+    spherical: bool = True,
+) -> pa.Table:
+    """RETRIEVED rows of the chosen members of selected clusters: rank = position by (distance,
+    image_id) inside the cluster, rows in order of cluster priority (`priority[c]`, 0 first) then
+    rank; score = cosine to the centroid when spherical, else minus the squared distance."""
+    image_ids = np.asarray(image_ids, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.lexsort((image_ids, distance, labels))
+    lab = labels[order]
+    rank = np.arange(order.size) - np.searchsorted(lab, lab, side="left")
+    by_priority = np.lexsort((rank, priority[lab]))
+    chosen, rank = order[by_priority], rank[by_priority]
+    dist = np.asarray(distance)[chosen]
+    score = 1.0 - dist if spherical else -dist
+    return _rows(
+        image_ids[chosen], seed_set, "cluster", None, rank.astype(np.int32), score.astype(np.float32)
+    )
 
 
 def retrieve_by_cluster(
@@ -101,16 +131,15 @@ def retrieve_by_cluster(
     # Priority of each cluster: most seeds first, ties by cluster id; unselected clusters last.
     priority = np.empty(k, dtype=np.int64)
     priority[np.lexsort((np.arange(k), -seeds_in))] = np.arange(k)
-    order = np.lexsort((pool_distance, pool_labels))
+    order = np.lexsort((pool_ids, pool_distance, pool_labels))
     lab = pool_labels[order]
     rank = np.arange(order.size) - np.searchsorted(lab, lab, side="left")
     take = (seeds_in[lab] > min_seed_images) & (rank < images_per_cluster)
     chosen, lab, rank = order[take], lab[take], rank[take]
-    by_priority = np.lexsort((rank, priority[lab]))[:max_images]
-    chosen, rank = chosen[by_priority], rank[by_priority]
-    dist = pool_distance[chosen]
-    score = 1.0 - dist if spherical else -dist
-    return _rows(pool_ids[chosen], seed_set, "cluster", None, rank.astype(np.int32), score.astype(np.float32))
+    chosen = chosen[np.lexsort((rank, priority[lab]))[:max_images]]
+    return rank_cluster_members(
+        pool_ids[chosen], pool_labels[chosen], pool_distance[chosen], priority, seed_set, spherical=spherical
+    )
 
 
 def count_collisions(retrieved: pa.Table) -> int:

@@ -253,8 +253,9 @@ def test_rerun_is_deterministic(ray_local, world, tmp_path):
     _run_all(spec, out)
     for t, table in first.items():
         assert layout.read_table(out, t).equals(table), t.name
-        # dedup: one part per ingest part (the seed/eval part's is empty); retrieve: one per seed set
-        want_parts = {layout.DEDUP: 2, layout.RETRIEVED: 3}.get(t, 1)
+        # dedup: one part per ingest part (the seed/eval part's is empty); retrieve: per seed set, one
+        # per ingest part (as_is: 2), per query part with vectors (sample: 2) or one (cluster)
+        want_parts = {layout.DEDUP: 2, layout.RETRIEVED: 5}.get(t, 1)
         assert len(layout.list_parts(layout.table_dir(out, t))) == want_parts
     assert layout.read_table(out, layout.CENTROIDS).equals(cent)
 
@@ -296,8 +297,8 @@ def test_cluster_and_sample_over_several_parts_equal_one_part(ray_local, world, 
         2,
         3,
     ]
-    for t in (layout.CLUSTERS, layout.RETRIEVED):
-        one, three = (layout.read_table(f, t).sort_by("image_id") for f in (out, split))
+    for t, keys in ((layout.CLUSTERS, ["image_id"]), (layout.RETRIEVED, ["seed_set", "image_id", "seed_id"])):
+        one, three = (layout.read_table(f, t).sort_by([(k, "ascending") for k in keys]) for f in (out, split))
         assert three.equals(one), t.name
     assert layout.read_table(split, layout.CENTROIDS).equals(layout.read_table(out, layout.CENTROIDS))
     curated_parts = layout.list_parts(layout.table_dir(split, layout.CURATED))
