@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,12 +19,31 @@ app.add_typer(shards_app, name="shards")
 app.add_typer(eval_app, name="eval")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+# Loggers of the engines whose info lines a quiet run drops too (their warnings still show).
+_ENGINE_LOGGERS = ("ray", "ray.data", "py4j")
+
+
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """Plain log lines on stderr (no redrawn bars, so `lvd logs` of a submitted job reads the same).
+
+    quiet: warnings only, and no progress lines; verbose: debug lines too.
+    """
+    from lvd.jobs import progress
+
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Set levels explicitly: basicConfig does nothing when the root logger already has a handler.
+    logging.getLogger().setLevel(level)
+    logging.getLogger("lvd").setLevel(level)
+    progress.set_enabled(not quiet)
+    if quiet:
+        # Ray sets its loggers' levels when first imported, and Ray Data again whenever it configures
+        # logging (from RAY_DATA_LOG_LEVEL when set): import Ray first, then lower them.
+        os.environ["RAY_DATA_LOG_LEVEL"] = "WARNING"
+        import ray  # noqa: F401
+
+        for name in _ENGINE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _load_spec(path: Path):
@@ -60,15 +80,21 @@ def validate(job: Path) -> None:
     typer.echo(f"ok: job {spec.name!r} writes to {spec.output_dir}")
 
 
+QUIET_HELP = "No progress lines and no info logs (warnings and the stage and funnel rows still show)."
+
+
 @app.command()
 def run(
     job: Path = typer.Argument(..., help="Job spec YAML."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage (repeatable)."),
     until: str = typer.Option(None, help="Stop after this stage."),
     verbose: bool = typer.Option(False, "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
-    """Run a job here: Ray in-process (or the cluster it was submitted to), Spark local[*] by default."""
-    _setup_logging(verbose)
+    """Run a job here: Ray in-process (or the cluster it was submitted to), Spark local[*] by default.
+
+    Each stage logs its progress (rows done, rows per second, time left) every few seconds."""
+    _setup_logging(verbose, quiet)
     spec = _load_spec(job)
     from lvd.jobs.runner import run_and_report
 
@@ -81,9 +107,10 @@ def demo(
     images: int = typer.Option(600, help="Pool size to generate."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage (repeatable)."),
     verbose: bool = typer.Option(False, "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Generate an offline pool and seed set, write a job spec for it, run it and print the funnel."""
-    _setup_logging(verbose)
+    _setup_logging(verbose, quiet)
     from lvd.jobs.demo import build_demo
     from lvd.jobs.runner import run_and_report
 

@@ -20,6 +20,10 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
+def is_enabled() -> bool:
+    return _enabled
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds >= 3600:
@@ -33,9 +37,11 @@ class Progress:
     """Counts rows (and the parts or tasks they come in) of one step of a stage."""
 
     def __init__(
-        self, name: str, total: int | None = None, unit: str = "rows", every: float = EVERY_SECONDS
+        self, name: str, total: int | None = None, unit: str = "rows", every: float | None = None
     ) -> None:
-        self.name, self.total, self.unit, self.every = name, total, unit, every
+        # EVERY_SECONDS is read here, not bound as a default, so a test or a caller can change it.
+        self.name, self.total, self.unit = name, total, unit
+        self.every = EVERY_SECONDS if every is None else every
         self.done = 0
         self.t0 = self.last = time.monotonic()
 
