@@ -6,6 +6,8 @@ All three are measured in this run on the same machine:
   and writing the same shards with webdataset.TarWriter (each tar fsynced, like the Spark writer's);
 - spark: `write_shards_spark` (one Spark task per shard, local[*]) on the same plan; the Spark
   session is started before the clock starts (its start-up time is printed separately).
+The plan itself is made once by `plan_shards_spark` (on executors, from the tables' parts) and
+timed apart, beside the in-memory reference `plan_shards` on the same tables.
 
 Target: spark >= 0.5 x single. Run: .venv/bin/python benchmarks/shards.py [--images N]
 """
@@ -29,10 +31,12 @@ import webdataset as wds
 from PIL import Image
 
 from lvd.jobs.engines import get_spark, stop_spark
+from lvd.jobs.shard_plan import plan_shards_spark
 from lvd.jobs.shard_writer import image_extension, plan_shards, read_sources, sample_json, shard_name
 from lvd.jobs.stages.shards import write_shards_spark
+from lvd.schemas import layout
 from lvd.schemas.job_spec import parse_job_spec
-from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES
+from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES, write_parquet_atomic
 
 MB = 1e6
 
@@ -83,6 +87,19 @@ def make_pool(root: Path, n_images: int) -> tuple[pa.Table, pa.Table, pa.Table]:
     return images, curated, clusters
 
 
+def write_tables(
+    out: Path, tables: dict[layout.Table, pa.Table], n_parts: int
+) -> dict[layout.Table, list[Path]]:
+    """Each table as `n_parts` parts, as the upstream stages leave them."""
+    parts = {}
+    for table, rows in tables.items():
+        bounds = np.linspace(0, rows.num_rows, n_parts + 1).astype(int)
+        parts[table] = [layout.table_part(out, table, p) for p in range(n_parts)]
+        for p, path in enumerate(parts[table]):
+            write_parquet_atomic(rows.slice(bounds[p], bounds[p + 1] - bounds[p]), path, table.schema)
+    return parts
+
+
 def disk_write_mb_s(path: Path, total_bytes: int = 1 << 30) -> float:
     """Sequential write of `total_bytes` in 8 MiB blocks, then fsync (dd conv=fsync)."""
     block = os.urandom(8 << 20)
@@ -129,9 +146,10 @@ def main() -> None:
     try:
         (root / "src").mkdir()
         images, curated, clusters = make_pool(root / "src", args.images)
-        plan = plan_shards(curated, images, clusters, args.samples_per_shard, seed=0)
-        n_shards = int(plan["shard"][-1].as_py()) + 1
-        print(f"pool: {args.images} images, {sum(images['size'].to_pylist()) / MB:.0f} MB; {n_shards} shards")
+        parts = write_tables(
+            root / "job", {layout.CURATED: curated, layout.IMAGES: images, layout.CLUSTERS: clusters}, 4
+        )
+        print(f"pool: {args.images} images, {sum(images['size'].to_pylist()) / MB:.0f} MB")
 
         disk = disk_write_mb_s(root / "dd.bin")
         print(f"disk sequential write + fsync: {disk:.0f} MB/s")
@@ -143,10 +161,22 @@ def main() -> None:
         # Start the Python workers too (they are reused by the writer's tasks).
         spark.sparkContext.parallelize(range(8), 8).map(lambda x: x).collect()
         print(f"spark session start: {time.perf_counter() - t0:.1f} s (not counted)")
+        t0 = time.perf_counter()
+        reference = plan_shards(curated, images, clusters, args.samples_per_shard, seed=0)
+        print(f"plan in memory (plan_shards, the reference): {time.perf_counter() - t0:.2f} s")
+        t0 = time.perf_counter()
+        plan = plan_shards_spark(
+            spark, parts[layout.CURATED], parts[layout.IMAGES], parts[layout.CLUSTERS], root / "plan",
+            args.samples_per_shard,
+        )  # fmt: skip
+        print(f"plan on Spark executors (plan_shards_spark): {time.perf_counter() - t0:.2f} s, "
+              f"{plan.n_shards} shards, {plan.sort_partitions} sort partitions")  # fmt: skip
+        if not plan.table().equals(reference):
+            raise SystemExit("the Spark plan differs from plan_shards")
         # Other work on the machine makes single runs noisy: alternate the two writers, keep each one's best.
         single, spark_mb_s = 0.0, 0.0
         for r in range(args.rounds):
-            single_bytes, single_s = single_process_write(plan, root / f"single{r}")
+            single_bytes, single_s = single_process_write(reference, root / f"single{r}")
             single = max(single, single_bytes / MB / single_s)
             print(f"round {r}: single-process webdataset.TarWriter: {single_bytes / MB:.0f} MB in {single_s:.2f} s "
                   f"= {single_bytes / MB / single_s:.1f} MB/s")  # fmt: skip

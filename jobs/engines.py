@@ -89,3 +89,47 @@ def stop_spark() -> None:
     if _spark is not None:
         _spark.stop()
         _spark = None
+
+
+def collect_with_progress(spark, rdd, progress) -> list:
+    """`rdd.collect()`, logging `progress` (a `jobs.progress.Progress` counting tasks) as tasks finish.
+
+    Spark's console progress bar is off (it redraws one line, unreadable in job logs): the job runs
+    in a thread under its own job group and the status tracker is polled for completed tasks.
+    """
+    import threading
+    import uuid
+
+    sc = spark.sparkContext
+    group = f"lvd-{uuid.uuid4().hex}"
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            sc.setJobGroup(group, progress.name)  # per thread (PySpark pins Python threads to JVM threads)
+            out["rows"] = rdd.collect()
+        except BaseException as err:  # handed to the calling thread
+            out["error"] = err
+
+    thread = threading.Thread(target=run, name=group, daemon=True)
+    thread.start()
+    tracker, counted = sc.statusTracker(), 0
+    try:
+        while thread.is_alive():
+            thread.join(1.0)
+            done = 0
+            for job in tracker.getJobIdsForGroup(group):
+                info = tracker.getJobInfo(job)
+                for stage in info.stageIds if info else ():
+                    stage_info = tracker.getStageInfo(stage)
+                    done += stage_info.numCompletedTasks if stage_info else 0
+            if done > counted:
+                progress.update(done - counted)
+                counted = done
+    finally:
+        if thread.is_alive():  # interrupted: stop the job rather than leave it running
+            sc.cancelJobGroup(group)
+    if "error" in out:
+        raise out["error"]
+    progress.close()
+    return out["rows"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +95,21 @@ def check_inputs(curated, images) -> int:
     from pyspark.sql import functions as F
 
     c, i = F.col("curated"), F.col("images")
-    no_int, no_text = F.lit(None).cast("int"), F.lit(None).cast("string")
-    rows = curated.select("image_id", F.lit(1).alias("curated"), F.lit(0).alias("images"), "repeats",
-                          no_text.alias("status"))  # fmt: skip
-    rows = rows.unionByName(
+    # One row per table row: which table it is from, and what the checks need of it.
+    rows = curated.select(
+        "image_id",
+        F.lit(1).alias("curated"),
+        F.lit(0).alias("images"),
+        "repeats",
+        F.lit(None).cast("string").alias("status"),
+    ).unionByName(
         images.select(
-            "image_id", F.lit(0).alias("curated"), F.lit(1).alias("images"), no_int.alias("repeats"), "status"
-        )  # fmt: skip
+            "image_id",
+            F.lit(0).alias("curated"),
+            F.lit(1).alias("images"),
+            F.lit(None).cast("int").alias("repeats"),
+            "status",
+        )
     )
     per_id = rows.groupBy("image_id").agg(
         F.sum("curated").alias("curated"),
@@ -148,7 +157,7 @@ def _member_bytes(size):
     return padded - padded % TAR_BLOCK + TAR_BLOCK
 
 
-def ordered_samples(spark, curated, images, clusters, seed: int, partitions: int = 1):
+def ordered_samples(curated, images, clusters, seed: int, partitions: int = 1):
     """Every sample with its deal order keys and estimated tar bytes, sorted in deal order into
     `partitions` range partitions (partition i holds samples before those of partition i + 1)."""
     from pyspark.sql import functions as F
@@ -169,12 +178,12 @@ def ordered_samples(spark, curated, images, clusters, seed: int, partitions: int
     samples = (
         curated.withColumn("sources_text", sources_text)
         .join(F.broadcast(first_id), "sources_text")
+        .withColumn("image_key", image_key("image_id"))  # per image, before repeats are expanded
         .join(images.filter(F.col("status") == "ok").drop("status"), "image_id")
         .join(clusters, "image_id", "left")
         .withColumn("repeat", F.explode(F.sequence(F.lit(0), F.col("repeats") - 1)))
         .withColumn("coarse", F.when(has_levels, F.element_at(levels, -1)).otherwise(-1).cast("long"))
         .withColumn("fine", F.when(has_levels, F.element_at(levels, 1)).otherwise(-1).cast("long"))
-        .withColumn("image_key", image_key("image_id"))
         .withColumn(
             "bytes",
             _member_bytes(F.col("size")) + _member_bytes(F.octet_length("uri") + JSON_FIXED_BYTES),
@@ -207,7 +216,15 @@ def plan_shards_spark(
     curated = _read(spark, curated_parts, CURATED, CURATED.names)
     images = _read(spark, images_parts, IMAGES, ["image_id", "status", *IMAGE_COLUMNS])
     clusters = _read(spark, clusters_parts, CLUSTERS, ["image_id", "cluster_ids"])
+    clock = time.perf_counter()
+
+    def step(done: str) -> None:
+        nonlocal clock
+        log.info("shards plan: %s in %.1f s", done, time.perf_counter() - clock)
+        clock = time.perf_counter()
+
     n_samples = check_inputs(curated, images)
+    step(f"checked inputs ({n_samples} samples)")
     if n_samples == 0:
         return ShardPlan(str(folder), 0, 0, 1)
 
@@ -215,15 +232,17 @@ def plan_shards_spark(
     # stay where they are): the lower 33 bits of monotonically_increasing_id count rows.
     ordered_dir = layout.shard_plan_ordered(folder)
     partitions = -(-n_samples // SORT_PARTITION_ROWS)
-    ordered_samples(spark, curated, images, clusters, seed, partitions).select(
+    ordered_samples(curated, images, clusters, seed, partitions).select(
         "*",
         F.spark_partition_id().alias("part"),
         (F.monotonically_increasing_id().bitwiseAND((1 << 33) - 1)).alias("row"),
     ).write.parquet(str(ordered_dir))
+    step(f"sorted into {partitions} partition(s)")
     ordered = spark.read.parquet(str(ordered_dir))
     parts = sorted(
         ordered.groupBy("part").agg(F.count("*").alias("rows"), F.sum("bytes").alias("bytes")).collect()
     )
+    step("counted the sort partitions")
     counted = sum(p.rows for p in parts)
     if counted != n_samples:
         raise RuntimeError(f"shard plan: {counted} ordered samples, expected {n_samples}")
@@ -239,6 +258,7 @@ def plan_shards_spark(
 
     total_bytes = sum(int(p.bytes) for p in parts)
     n_shards = shards_needed(n_samples, total_bytes, samples_per_shard, max_shard_bytes, largest_deal)
+    step(f"counted {n_shards} shards")
     per_file = max(1, PLAN_FILE_ROWS // -(-n_samples // n_shards))
     placed = (
         dealt.withColumn("shard", (F.col("g") % n_shards).cast("int"))
@@ -250,6 +270,7 @@ def plan_shards_spark(
         .applyInArrow(_plan_file_writer(str(folder), per_file, seed), "shard int, samples long")
         .collect()
     )
+    step("placed the samples and wrote the plan files")
     counts = dict(placed)
     if sorted(counts) != list(range(n_shards)) or sum(counts.values()) != n_samples:
         raise RuntimeError(f"shard plan: {len(counts)} shards placed, expected {n_shards}")

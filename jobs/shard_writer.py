@@ -1,11 +1,13 @@
-"""Planning and writing WebDataset shards (DESIGN.md section 6): plain functions, no Spark here.
+"""Planning and writing WebDataset shards (ARCHITECTURE.md, stage "shards"): plain functions, no Spark here.
 
 - `plan_shards`: curated ⋈ images ⋈ clusters, repeats expanded, every sample given a shard and a
   position. Shards get the same number of samples (±1); clusters and seed sources are spread by
   sorting samples by (coarsest cluster, sources, finest cluster, seeded image order) and dealing
   that order round robin, so a run of c samples of one cluster puts at most ceil(c / shards) in any
   shard. The order inside a shard is a seeded shuffle. Keys start with shard and position, so
-  "members sorted by key" is that shuffled order.
+  "members sorted by key" is that shuffled order. This is the in-memory reference: the stage
+  makes the same plan on Spark executors (`jobs.shard_plan`) with the pieces below that work on
+  a part of the samples (`shards_needed`, `image_order_key`, `place_in_shards`, plan files).
 - `write_shard`: one deterministic tar (fixed mtime/owner/mode, PAX format, image then json per
   key) with the ORIGINAL image bytes, written to a hidden temp name and renamed into place, then its
   parquet (SHARD_SAMPLES) whose metadata records the tar's size, sha256 and the plan digest: that

@@ -511,3 +511,28 @@ def test_stage_driver_reads_no_sample_rows(written, tmp_path, monkeypatch):
     run_stage(out, samples_per_shard=9, seed=3)
     monkeypatch.undo()
     assert tree_bytes(out / "shards") == tree_bytes(root / "out" / "shards")
+
+
+def test_collect_with_progress_counts_tasks(spark, caplog):
+    """The writing job's progress: finished tasks counted as they finish, results in order, and a
+    failing task's error raised in the caller."""
+    import logging
+    import time
+
+    from lvd.jobs.engines import collect_with_progress
+    from lvd.jobs.progress import Progress
+
+    def slow_square(x: int) -> int:
+        time.sleep(0.3)
+        return x * x
+
+    rdd = spark.sparkContext.parallelize(range(6), 6).map(slow_square)
+    with caplog.at_level(logging.INFO, logger="lvd"):
+        assert collect_with_progress(spark, rdd, Progress("squares", 6, "tasks", every=0)) == [
+            x * x for x in range(6)
+        ]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("squares: ")]
+    assert lines and "6/6 tasks (100%)" in lines[-1]
+    failing = spark.sparkContext.parallelize([1], 1).map(lambda x: x // 0)
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        collect_with_progress(spark, failing, Progress("failing", 1, "tasks"))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lvd.jobs.engines import collect_with_progress
+from lvd.jobs.progress import Progress
 from lvd.jobs.shard_plan import ShardPlan, plan_shards_spark
 from lvd.jobs.shard_writer import finished_shard, plan_digest, remove_stale, write_index, write_shard
 from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
@@ -58,10 +60,11 @@ def write_shards_spark(spark, plan: ShardPlan, out_dir: str | Path) -> list[dict
     remove_stale(out_dir, plan.n_shards)
     if plan.n_shards == 0:
         return []
-    outcomes = (
-        spark.sparkContext.parallelize(range(plan.n_shards), numSlices=plan.n_shards)
-        .mapPartitions(_shard_writer(str(out_dir), plan))
-        .collect()
+    tasks = spark.sparkContext.parallelize(range(plan.n_shards), numSlices=plan.n_shards)
+    outcomes = collect_with_progress(
+        spark,
+        tasks.mapPartitions(_shard_writer(str(out_dir), plan)),
+        Progress("shards", plan.n_shards, "shards"),
     )
     kept = sum(k for k, _ in outcomes)
     log.info("shards: %d written, %d kept from an earlier run", len(outcomes) - kept, kept)
