@@ -134,13 +134,14 @@ def submit_pretrain(
         elif param.name == "shards" and "://" not in value:
             value = Path(value).resolve()
         elif param.name == "config" and Path(value).is_file():
-            config_file, value = Path(value), Path(value).name
+            config_file, value = Path(value).resolve(), Path(value).name
         if getattr(param, "is_flag", False):
             flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
             args += [flag] if flag else []
         else:
             args += [param.opts[0], str(value)]
-    job_id = submit(args, address, config_file=config_file, metadata={"output_dir": str(params["output"])})
+    metadata = {"output_dir": str(Path(params["output"]).resolve())}
+    job_id = submit(args, address, config_file=config_file, metadata=metadata)
     typer.echo(job_id)
     if wait:
         final = wait_for_job(job_id, address)

@@ -149,6 +149,8 @@ def ray_cluster(
     cluster = RayCluster(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", temp_dir)
     common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     common += ["--object-store-memory", str(OBJECT_STORE_BYTES)]
+    # Workers bind ports the OS picks: nodes on one host would otherwise share one fixed range.
+    common += ["--min-worker-port", "0", "--max-worker-port", "0"]
     head = [
         _ray_bin(), "start", "--head", *common, "--port", str(gcs),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",

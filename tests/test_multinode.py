@@ -83,6 +83,7 @@ class Curation:
     local_out: Path
     cluster_out: Path
     app_name: str  # the Spark application name of the job
+    task_nodes: set[str]  # Ray nodes that ran the cluster run's tasks and actor calls
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,12 @@ def curated(clusters, tmp_path_factory, ray_local) -> Curation:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, log[-5000:]
-    return Curation(Path(local_spec.output_dir), Path(cluster_spec.output_dir), f"lvd-{cluster_spec.name}")
+    task_nodes = {
+        t["node_id"] for t in ray_c.tasks() if t["type"] != "DRIVER_TASK" and t["state"] == "FINISHED"
+    }
+    return Curation(
+        Path(local_spec.output_dir), Path(cluster_spec.output_dir), f"lvd-{cluster_spec.name}", task_nodes
+    )
 
 
 def _shard_rows(out: Path) -> list[dict]:
@@ -139,8 +145,7 @@ def test_demo_on_ray_and_spark_clusters_writes_the_local_runs_shards(clusters, c
     # Ray: two live nodes, both on loopback, and the job's tasks and actors ran on both.
     nodes = ray_c.alive_nodes()
     assert len(nodes) == 2 and {n["node_ip"] for n in nodes} == {"127.0.0.1"}
-    worked = {t["node_id"] for t in ray_c.tasks() if t["type"] != "DRIVER_TASK" and t["state"] == "FINISHED"}
-    assert {n["node_id"] for n in nodes} <= worked
+    assert {n["node_id"] for n in nodes} <= curated.task_nodes
 
     # Spark: the job's application ran an executor on each standalone worker, and each ran tasks.
     apps = [a for a in spark_c.master_state()["completedapps"] if a["name"] == curated.app_name]
