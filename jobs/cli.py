@@ -133,6 +133,50 @@ def submit(
     typer.echo(job_id)
 
 
+@app.command("submit-pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit_pretrain(
+    ctx: typer.Context,
+    address: str = typer.Option("http://127.0.0.1:8265", help="Ray dashboard address of the cluster."),
+    wait: bool = typer.Option(False, help="Wait until the job ends; exit 1 unless it succeeded."),
+) -> None:
+    """Run `lvd pretrain` on a running Ray cluster as a Ray job. Every other option is `lvd pretrain`'s,
+    e.g. `--from-job OUT --output OUT/pretrain --ray-workers 8 --gpu`; paths must be valid on the
+    cluster (shared storage), a config YAML is uploaded with the job."""
+    from lvd.jobs.submit import submit_pretrain as submit
+    from lvd.jobs.submit import wait_for_job
+
+    command = typer.main.get_command(app).commands["pretrain"]
+    # The options are parsed (and a bad one reported, exit 2) here, before anything reaches the cluster.
+    params = command.make_context("lvd pretrain", list(ctx.args)).params
+    if not any(a == "--output" or a.startswith("--output=") for a in ctx.args):
+        typer.echo("give --output: a folder on the cluster's storage for checkpoints and metrics", err=True)
+        raise typer.Exit(2)
+    args, config_file = [], None
+    for param in command.params:
+        value = params.get(param.name)
+        if value is None:
+            continue
+        if param.name in ("from_job", "output"):
+            value = Path(value).resolve()
+        elif param.name == "shards" and "://" not in value:
+            value = Path(value).resolve()
+        elif param.name == "config" and Path(value).is_file():
+            config_file, value = Path(value).resolve(), Path(value).name
+        if getattr(param, "is_flag", False):
+            flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
+            args += [flag] if flag else []
+        else:
+            args += [param.opts[0], str(value)]
+    metadata = {"output_dir": str(Path(params["output"]).resolve())}
+    job_id = submit(args, address, config_file=config_file, metadata=metadata)
+    typer.echo(job_id)
+    if wait:
+        final = wait_for_job(job_id, address)
+        typer.echo(final)
+        if final != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
 @app.command()
 def status(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
     """Status of a submitted job."""

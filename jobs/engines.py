@@ -15,7 +15,6 @@ def local_env_defaults() -> None:
     """Settings that a local, single-machine run needs (see README: Ray auth, loopback binding)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     # Spark workers and Ray job entrypoints must run this interpreter, not whatever `python` is first on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -58,6 +57,9 @@ def get_spark(spec: JobSpec):
     if _spark is not None:
         return _spark
     local_env_defaults()
+    if spec.spark.master.startswith("local"):
+        # Not for a cluster master: executors on other hosts must reach the driver at a routable address.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession
 
     builder = (

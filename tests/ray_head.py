@@ -1,12 +1,14 @@
-"""A real `ray start --head` for tests, bound to 127.0.0.1 on free ports, ended by its pid.
+"""Real `ray start` clusters for tests: a head and optional worker nodes, bound to 127.0.0.1 on free
+ports, each node our child process, ended by its pid.
 
-`ray stop` would kill every Ray process on the machine, so the head runs as our child with
-`--block` and is terminated directly.
+`ray stop` would kill every Ray process on the machine, so every node runs with `--block` in its own
+process group and is terminated directly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,11 +18,16 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+# Small per node: several clusters (and other tests' Ray) share the machine's memory.
+OBJECT_STORE_BYTES = 300 * 1024 * 1024
 
-def _free_ports(n: int) -> list[int]:
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 right now."""
     socks = []
     for _ in range(n):
         s = socket.socket()
@@ -33,6 +40,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def head_env() -> dict[str, str]:
+    """Environment of Ray nodes and of `lvd` commands run against them: this venv first on PATH."""
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
     env.update(
@@ -49,48 +57,157 @@ def head_env() -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def ray_head(num_cpus: int = 2, timeout: float = 90.0) -> Iterator[str]:
-    """Yields the dashboard (Jobs API) address of a fresh single-node cluster."""
-    gcs, dash, client, nm, om, agent, agent_grpc, rt_env, metrics = _free_ports(9)
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: unix socket paths are length-limited
-    cmd = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-        "--ray-client-server-port", str(client), "--node-manager-port", str(nm),
-        "--object-manager-port", str(om), "--dashboard-agent-listen-port", str(agent),
-        "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(rt_env),
-        "--metrics-export-port", str(metrics), "--num-cpus", str(num_cpus),
-        "--temp-dir", temp_dir, "--disable-usage-stats",
+@dataclass
+class RayCluster:
+    dashboard: str  # http://127.0.0.1:PORT: Jobs API and state API
+    gcs: str  # 127.0.0.1:PORT: what `ray.init(address=...)` and a job spec's `ray.address` take
+    temp_dir: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)  # head first
+
+    def nodes(self) -> list[dict]:
+        """The state API's node rows (node_id, node_ip, state, is_head_node, resources_total, ...)."""
+        return self._state("nodes")
+
+    def alive_nodes(self) -> list[dict]:
+        return [n for n in self.nodes() if n["state"] == "ALIVE"]
+
+    def tasks(self) -> list[dict]:
+        """The state API's task rows (name, type, state, node_id, ...) of every job so far."""
+        return self._state("tasks")
+
+    def actors(self) -> list[dict]:
+        """The state API's actor rows (class_name, state, node_id, ...) of every job so far."""
+        return self._state("actors")
+
+    def _state(self, kind: str) -> list[dict]:
+        url = f"{self.dashboard}/api/v0/{kind}?limit=10000&detail=true"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return json.loads(r.read())["data"]["result"]["result"]
+
+    def log_tail(self, chars: int = 3000) -> str:
+        logs = sorted(self.temp_dir.glob("node-*.log"))
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-chars:]}" for p in logs)
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).parent / "ray")
+
+
+def _node_ports() -> list[str]:
+    nm, om, agent, agent_grpc, rt_env, metrics = free_ports(6)
+    return [
+        "--node-manager-port", str(nm), "--object-manager-port", str(om),
+        "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--runtime-env-agent-port", str(rt_env), "--metrics-export-port", str(metrics),
     ]  # fmt: skip
-    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray head exited: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("ray head did not come up")
-            time.sleep(0.5)
-        yield address
-    finally:
-        # The whole process group: raylet, GCS, dashboard and workers started by this head.
+
+
+# `ray start` for a node that joins a cluster. Ray's CLI refuses to join with
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the switch that keeps a node on loopback), and with it on it
+# rewrites `--node-ip-address 127.0.0.1` to the host's address and listens on all interfaces. Keep
+# the address as given, so the node's servers bind 127.0.0.1 like the head's.
+_JOIN_SHIM = (
+    "import sys, ray._private.services as s; s.resolve_ip_for_localhost = lambda host: host; "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"
+)
+
+
+def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _terminate(procs: Sequence[subprocess.Popen], grace: float = 5.0) -> None:
+    """End nodes: each one's whole process group (raylet, GCS, dashboard, agents and its workers).
+
+    SIGTERM first; what is left after `grace` seconds (Ray's graceful shutdown can take tens of
+    seconds on a loaded machine) is killed, so a test does not wait on it.
+    """
+    for proc in procs:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def ray_cluster(
+    head_cpus: int = 2, worker_cpus: Sequence[int] = (), timeout: float = 120.0
+) -> Iterator[RayCluster]:
+    """A head (with dashboard) and one worker node per entry of `worker_cpus`, all on 127.0.0.1.
+
+    Yields once every node is ALIVE in the state API.
+    """
+    gcs, dash, client = free_ports(3)
+    temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: unix socket paths are length-limited
+    cluster = RayCluster(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", temp_dir)
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    common += ["--object-store-memory", str(OBJECT_STORE_BYTES)]
+    # Workers bind ports the OS picks: nodes on one host would otherwise share one fixed range.
+    common += ["--min-worker-port", "0", "--max-worker-port", "0"]
+    head = [
+        _ray_bin(), "start", "--head", *common, "--port", str(gcs),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+        "--ray-client-server-port", str(client), *_node_ports(),
+        "--num-cpus", str(head_cpus), "--temp-dir", str(temp_dir),
+    ]  # fmt: skip
+    try:
+        # RAY_ADDRESS: processes the nodes start that look a cluster up (e.g. Ray Train's placement
+        # group cleaner) find this one, not any other Ray instance running on the machine.
+        env = {**head_env(), "RAY_ADDRESS": cluster.gcs}
+        cluster.procs.append(_spawn(head, temp_dir / "node-0-head.log", env))
+        deadline = time.monotonic() + timeout
+        _wait(cluster, deadline, lambda: _accepts(cluster.gcs))  # nodes may join before the dashboard is up
+        for i, cpus in enumerate(worker_cpus, start=1):
+            worker = [sys.executable, "-c", _JOIN_SHIM, "start", "--address", cluster.gcs, *common]
+            worker += [*_node_ports(), "--num-cpus", str(cpus), "--temp-dir", str(temp_dir)]
+            # The nodes share the head's log folder: one log monitor (the head's) forwards it once.
+            worker += ["--include-log-monitor", "false"]
+            worker_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+            cluster.procs.append(_spawn(worker, temp_dir / f"node-{i}-worker.log", worker_env))
+        want = 1 + len(worker_cpus)
+        _wait(cluster, deadline, lambda: _get(f"{cluster.dashboard}/api/version"))
+        _wait(cluster, deadline, lambda: len(cluster.alive_nodes()) >= want)
+        yield cluster
+    finally:
+        _terminate(cluster.procs)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _accepts(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=2):
+        return True
+
+
+def _get(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return r.status == 200
+
+
+def _wait(cluster: RayCluster, deadline: float, ready) -> None:
+    while True:
+        dead = [p for p in cluster.procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"a ray node exited with {dead[0].returncode}:\n{cluster.log_tail()}")
+        try:
+            if ready():
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ray cluster did not come up:\n{cluster.log_tail()}")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2, timeout: float = 120.0) -> Iterator[str]:
+    """Yields the dashboard (Jobs API) address of a fresh single-node cluster."""
+    with ray_cluster(head_cpus=num_cpus, timeout=timeout) as cluster:
+        yield cluster.dashboard

@@ -37,3 +37,46 @@ def test_submit_runs_the_job_on_the_cluster_and_cli_follows_it(tmp_path):
         assert job_status(second, address) in {"PENDING", "RUNNING"}
         assert stop_job(second, address)
         assert wait_for_job(second, address, timeout=60) == "STOPPED"
+
+
+def test_submit_pretrain_checks_options_and_sends_paths_the_cluster_can_open(tmp_path, monkeypatch):
+    """`lvd submit-pretrain` parses `lvd pretrain`'s options before submitting, makes local paths
+    absolute and uploads a config file; the real submission runs in test_multinode."""
+    import typer
+    from typer.testing import CliRunner
+
+    from lvd.jobs.cli import app
+
+    sent: list[dict] = []
+
+    def fake_submit(args, address, *, config_file=None, metadata=None):
+        sent.append({"args": args, "address": address, "config_file": config_file})
+        return "lvd-pretrain-0"
+
+    monkeypatch.setattr("lvd.jobs.submit.submit_pretrain", fake_submit)
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "small.yaml"
+    config.write_text("train: {batch_size_per_gpu: 4}\n")
+    runner = CliRunner()
+    common = ["submit-pretrain", "--address", "http://head:8265", "--from-job", "out"]
+    result = runner.invoke(
+        app, [*common, "--config", "small.yaml", "--output", "run", "--ray-workers", "2", "--no-resume"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "lvd-pretrain-0"
+    (call,) = sent
+    args = call["args"]
+    value = {a: args[i + 1] for i, a in enumerate(args) if a.startswith("--") and i + 1 < len(args)}
+    assert call["address"] == "http://head:8265"
+    assert value["--from-job"] == str(tmp_path / "out") and value["--output"] == str(tmp_path / "run")
+    assert value["--config"] == "small.yaml" and call["config_file"] == config  # uploaded, named as uploaded
+    assert value["--ray-workers"] == "2" and "--no-resume" in args and "--gpu" not in args
+    # What the cluster will run parses as `lvd pretrain` arguments.
+    typer.main.get_command(app).commands["pretrain"].make_context("lvd pretrain", list(args))
+
+    # A built-in config name goes as it is; nothing is submitted for a bad option or without --output.
+    runner.invoke(app, [*common, "--config", "tiny", "--output", "run"])
+    assert sent[-1]["config_file"] is None and "tiny" in sent[-1]["args"]
+    assert runner.invoke(app, [*common, "--output", "run", "--no-such-option"]).exit_code == 2
+    assert runner.invoke(app, common).exit_code == 2
+    assert len(sent) == 2

@@ -47,7 +47,13 @@ def pretrain(
     stop_after: int = typer.Option(
         None, "--stop-after", help="Stop at this step (the schedule keeps its length)."
     ),
-    batch_size: int = typer.Option(None, "--batch-size", help="Per-process batch size."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Batch size per data rank (per process)."),
+    data_ranks: int = typer.Option(
+        None,
+        "--data-ranks",
+        help="Lay the global batch out for this many ranks (default: one per process): one process with "
+        "--data-ranks 2 trains the same steps as --ray-workers 2.",
+    ),
     resume: bool = typer.Option(
         True, "--resume/--no-resume", help="Continue from OUTPUT/checkpoint.pth if present."
     ),
@@ -70,6 +76,8 @@ def pretrain(
         overrides.setdefault("model", {})["arch"] = arch
     if batch_size:
         overrides.setdefault("train", {})["batch_size_per_gpu"] = batch_size
+    if data_ranks:
+        overrides.setdefault("train", {})["data_ranks"] = data_ranks
     try:
         cfg = load_config(config, overrides)
     except (FileNotFoundError, ValueError) as err:
@@ -82,16 +90,17 @@ def pretrain(
     if ray_workers:
         from lvd.training.launch import launch_ray_train
 
-        launch_ray_train(
+        summary = launch_ray_train(
             cfg.model_dump(mode="json"),
             shard_source,
             str(output),
             num_workers=ray_workers,
             use_gpu=gpu,
             resume=resume,
+            stop_after=stop_after,
             address=ray_address,
         )
-        typer.echo(f"ray train finished; outputs in {output}")
+        typer.echo(json.dumps(summary))
         return
 
     from lvd.training.train import NonFiniteLossError
@@ -102,17 +111,7 @@ def pretrain(
     except NonFiniteLossError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-    summary = {
-        "steps": [result.start_step, result.end_step],
-        "images_per_second": round(result.images_per_second, 2),
-        "bad_samples": result.bad_samples,
-        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-        "teacher_export": str(result.teacher_export) if result.teacher_export else None,
-    }
-    if result.losses:
-        summary["loss_first"] = round(result.losses[0]["total"], 4)
-        summary["loss_last"] = round(result.losses[-1]["total"], 4)
-    typer.echo(json.dumps(summary))
+    typer.echo(json.dumps(result.summary()))
 
 
 def eval_knn(

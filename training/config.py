@@ -54,6 +54,12 @@ class TrainConfig(_Section):
     shuffle_buffer: int = 10000
     checkpoint_every: int = 1250
     log_every: int = 10
+    # Ranks the global batch is laid out for (0: one per process). The global batch is data_ranks x
+    # batch_size_per_gpu; each data rank reads its own shard streams and crops, masks and applies
+    # KoLeo to its slice as one process of a data_ranks-process run does. A process trains
+    # data_ranks / processes of them in one pass, so one process with data_ranks: 2 computes the
+    # same steps as two processes (up to float summation order; drop path draws per process).
+    data_ranks: int = Field(0, ge=0)
 
 
 class TeacherConfig(_Section):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
+import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,11 +154,41 @@ def mean_across_ranks(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 def _ray_train_loop(loop_config: dict) -> None:
     # Runs inside each Ray Train worker; Ray has already created the torch process group.
+    import logging
+    import sys
+
+    import ray.train
+
     from lvd.training.config import PretrainConfig
     from lvd.training.train import pretrain
 
+    if not logging.getLogger().handlers:  # step lines reach the driver's (and `lvd logs`') output
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
     cfg = PretrainConfig.model_validate(loop_config["config"])
-    pretrain(cfg, loop_config["shards"], loop_config["output_dir"], resume=loop_config["resume"])
+    result = pretrain(
+        cfg,
+        loop_config["shards"],
+        loop_config["output_dir"],
+        resume=loop_config["resume"],
+        stop_after=loop_config["stop_after"],
+    )
+    # Every worker reports (Ray Train expects all to). Ray Train hands the driver only the metrics
+    # that come with a checkpoint, so rank 0 attaches one holding just its summary.
+    summary = result.summary()
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(summary)
+        return
+    with tempfile.TemporaryDirectory(prefix="lvd-summary-") as tmp:
+        with open(os.path.join(tmp, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (Ray Train workers run in their own working folders); URLs as given."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def launch_ray_train(
@@ -166,11 +199,15 @@ def launch_ray_train(
     num_workers: int,
     use_gpu: bool,
     resume: bool = True,
+    stop_after: int | None = None,
     address: str | None = None,
-) -> Any:
-    """Run the same training loop on `num_workers` Ray Train workers (one per GPU) of a Ray cluster.
+) -> dict[str, Any]:
+    """Run the same training loop on `num_workers` Ray Train workers (one per GPU) of a Ray cluster;
+    returns rank 0's run summary (RunResult.summary()).
 
-    `output_dir` and the shards must be reachable from every node (shared or fsspec storage).
+    `output_dir` and the shards must be reachable from every node (shared or fsspec storage). Without
+    `address`, joins the cluster this process runs in (RAY_ADDRESS, set inside a submitted Ray job)
+    or starts a local Ray.
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -181,12 +218,22 @@ def launch_ray_train(
     if not ray.is_initialized():
         local_env_defaults()
         ray.init(address=address)
+    shards, output_dir = _absolute(shards), _absolute(output_dir)
+    loop_config = {
+        "config": cfg_dict,
+        "shards": shards,
+        "output_dir": output_dir,
+        "resume": resume,
+        "stop_after": stop_after,
+    }
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"config": cfg_dict, "shards": shards, "output_dir": output_dir, "resume": resume},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        # A new name per launch: Ray Train would otherwise treat a second launch as a restart of the first.
         run_config=RunConfig(
-            name="lvd-pretrain", storage_path=os.path.abspath(os.path.join(output_dir, "ray"))
+            name=f"lvd-pretrain-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=os.path.join(output_dir, "ray"),
         ),
     )
-    return trainer.fit()
+    return dict(trainer.fit().metrics or {})

@@ -104,9 +104,12 @@ class SSLMetaArch(nn.Module):
         student: nn.Module | None = None,
         teacher: nn.Module | None = None,
         autocast: contextlib.AbstractContextManager | None = None,
+        koleo_groups: int = 1,
     ) -> dict[str, Tensor]:
         """Losses of one batch, with the backward pass done. `student`/`teacher` are the (possibly
-        DDP/FSDP-wrapped) networks; `crops` from `augment_batch`, `masks` [2B, N] for the global crops."""
+        DDP/FSDP-wrapped) networks; `crops` from `augment_batch`, `masks` [2B, N] for the global crops.
+        `koleo_groups`: the batch holds this many data ranks' slices (in order); KoLeo is taken within
+        each slice and averaged, as ranks that each hold one slice do (DDP averages over ranks)."""
         student = student or self.student
         teacher = teacher or self.teacher
         autocast = autocast or contextlib.nullcontext()
@@ -127,7 +130,13 @@ class SSLMetaArch(nn.Module):
             s_global_cls, s_cls, s_patch = student(global_crops, local_crops, masks, True)
         views = list(s_cls.float().split(batch))
         losses = {"dino": self.dino_loss(views, list(t_cls_targets))}
-        losses["koleo"] = sum(koleo_loss(c) for c in s_global_cls.chunk(n_global))
+        views_cls = s_global_cls.chunk(n_global)
+        if koleo_groups == 1:
+            losses["koleo"] = sum(koleo_loss(c) for c in views_cls)
+        else:
+            losses["koleo"] = sum(
+                sum(koleo_loss(g) for g in c.chunk(koleo_groups)) / koleo_groups for c in views_cls
+            )
         losses["ibot"] = (
             self.ibot_loss(s_patch, t_patch_targets, masks) if n_masked else s_patch.float().sum() * 0.0
         )

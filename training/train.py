@@ -1,8 +1,12 @@
 """The pretraining loop: shards -> multi-crop + masks -> student/teacher step -> checkpoints, resumable.
 
-Reproducibility: the augmentation of sample i of step s on rank r is seeded by (seed, r, s, i), the
-masks by (seed, r, s), torch's RNG (drop path) is reseeded every step, and the data position is
+Reproducibility: the augmentation of sample i of step s on data rank r is seeded by (seed, r, s, i),
+the masks by (seed, r, s), torch's RNG (drop path) is reseeded every step, and the data position is
 part of the checkpoint, so a run stopped and resumed computes the same steps as one that never stopped.
+
+Data ranks (`train.data_ranks`, default one per process) are the slices the global batch is laid out
+in: each reads its own shard streams, crops, masks and KoLeo group. A process may train several, so a
+one-process run with `data_ranks: 2` computes the steps of a two-process run (see test_multinode).
 """
 
 from __future__ import annotations
@@ -65,18 +69,32 @@ class RunResult:
     images_per_second: float = 0.0
     bad_samples: int = 0
 
+    def summary(self) -> dict[str, Any]:
+        """What `lvd pretrain` prints (and a Ray Train worker reports): steps, speed, first/last loss."""
+        out: dict[str, Any] = {
+            "steps": [self.start_step, self.end_step],
+            "images_per_second": round(self.images_per_second, 2),
+            "bad_samples": self.bad_samples,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "teacher_export": str(self.teacher_export) if self.teacher_export else None,
+        }
+        if self.losses:
+            out["loss_first"] = round(self.losses[0]["total"], 4)
+            out["loss_last"] = round(self.losses[-1]["total"], 4)
+        return out
+
 
 def keep_image(image: PIL.Image.Image) -> PIL.Image.Image:
     """Loader transform: the decoded RGB image itself; crops are made in the trainer (seeded per step)."""
     return image
 
 
-def build_schedules_for(cfg: PretrainConfig, world_size: int) -> Schedules:
+def build_schedules_for(cfg: PretrainConfig, data_ranks: int) -> Schedules:
     o, t = cfg.optim, cfg.teacher
     return build_schedules(
         total_steps=cfg.total_steps,
         epoch_length=cfg.train.epoch_length,
-        global_batch_size=cfg.train.batch_size_per_gpu * world_size,
+        global_batch_size=cfg.train.batch_size_per_gpu * data_ranks,
         base_lr=o.base_lr,
         min_lr=o.min_lr,
         warmup_epochs=o.warmup_epochs,
@@ -138,6 +156,26 @@ def _read_metrics(path: Path, before_step: int) -> list[dict]:
 def _endless(loader) -> Iterator[list[PIL.Image.Image]]:
     while True:
         yield from loader
+
+
+def data_ranks_of(cfg: PretrainConfig, env: DistEnv) -> range:
+    """The data ranks this process trains: its share of `train.data_ranks` (default: one per process)."""
+    total = cfg.train.data_ranks or env.world_size
+    if total % env.world_size:
+        raise ValueError(
+            f"train.data_ranks={total} does not split over {env.world_size} process(es): "
+            "give a multiple of the number of processes"
+        )
+    per_process = total // env.world_size
+    return range(env.rank * per_process, (env.rank + 1) * per_process)
+
+
+def join_slices(slices: list[torch.Tensor], views: int) -> torch.Tensor:
+    """Several data ranks' view-major tensors ([views x b, ...] each) as one view-major batch: all
+    slices' view 0, then all slices' view 1, ... (the layout augment_batch and the masks use)."""
+    if len(slices) == 1:
+        return slices[0]
+    return torch.cat([chunk for v in range(views) for chunk in (t.chunk(views)[v] for t in slices)])
 
 
 def export_teacher(cfg: PretrainConfig, teacher_state: dict, path: Path) -> Path:
@@ -203,10 +241,12 @@ def _pretrain(
         patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
     )
     optimizer = build_optimizer(fuse_groups(groups), (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
-    schedules = build_schedules_for(cfg, env.world_size)
+    my_ranks = data_ranks_of(cfg, env)
+    data_ranks = len(my_ranks) * env.world_size
+    schedules = build_schedules_for(cfg, data_ranks)
 
     ckpt_path = output_dir / CHECKPOINT_NAME
-    step, data_state = 0, None
+    step, data_states = 0, [None] * len(my_ranks)
     saved: dict[str, int | None] = {"step": None}  # step of the checkpoint on disk
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -214,12 +254,15 @@ def _pretrain(
             raise ValueError(f"{ckpt_path} is not an lvd pretraining checkpoint")
         if ckpt["world_size"] != env.world_size:
             raise ValueError(f"checkpoint from {ckpt['world_size']} rank(s), this run has {env.world_size}")
+        saved_ranks = ckpt.get("data_ranks", ckpt["world_size"])  # older checkpoints: one per process
+        if saved_ranks != data_ranks:
+            raise ValueError(f"checkpoint laid out for {saved_ranks} data rank(s), this run has {data_ranks}")
         load_model_state_dict(model.student, ckpt["student"], strategy)
         load_model_state_dict(model.teacher, ckpt["teacher"], strategy)
         model.dino_loss.load_state_dict(ckpt["dino_loss"])
         model.ibot_loss.load_state_dict(ckpt["ibot_loss"])
         load_optimizer_state_dict(model.student, optimizer, ckpt["optimizer"], strategy)
-        step, data_state = int(ckpt["step"]), ckpt["data"][env.rank]
+        step, data_states = int(ckpt["step"]), [ckpt["data"][d] for d in my_ranks]
         saved["step"] = step
         log.info("resuming %s at step %d", ckpt_path, step)
     if step >= stop:
@@ -228,19 +271,22 @@ def _pretrain(
     from lvd.training.data import build_loader
 
     batch_size = tc.batch_size_per_gpu
-    loader = build_loader(
-        shards,
-        keep_image,
-        batch_size,
-        epoch_samples=tc.epoch_length * batch_size * env.world_size,
-        seed=tc.seed,
-        shuffle_buffer=tc.shuffle_buffer,
-        num_workers=tc.num_workers,
-        rank=env.rank,
-        world_size=env.world_size,
-        collate_fn=list,
-        state=data_state,
-    )
+    loaders = [
+        build_loader(
+            shards,
+            keep_image,
+            batch_size,
+            epoch_samples=tc.epoch_length * batch_size * data_ranks,
+            seed=tc.seed,
+            shuffle_buffer=tc.shuffle_buffer,
+            num_workers=tc.num_workers,
+            rank=d,
+            world_size=data_ranks,
+            collate_fn=list,
+            state=state,
+        )
+        for d, state in zip(my_ranks, data_states, strict=True)
+    ]
     c = cfg.crops
     multicrop = MultiCrop(
         MultiCropConfig(
@@ -258,20 +304,21 @@ def _pretrain(
     history = _read_metrics(metrics_path, step) if env.is_main else []
     result = RunResult(start_step=step, end_step=step)
 
-    consumed = loader.state_dict()  # data position of the last batch trained on
+    consumed = [loader.state_dict() for loader in loaders]  # data positions of the last batch trained on
 
     def save() -> None:
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
             "world_size": env.world_size,
+            "data_ranks": data_ranks,
             "config": cfg.model_dump(mode="json"),
             "student": model_state_dict(model.student, strategy),
             "teacher": model_state_dict(model.teacher, strategy),
             "dino_loss": model.dino_loss.state_dict(),
             "ibot_loss": model.ibot_loss.state_dict(),
             "optimizer": optimizer_state_dict(model.student, optimizer, strategy),
-            "data": gather_objects(consumed, env),
+            "data": [state for states in gather_objects(consumed, env) for state in states],
         }
         if env.is_main:
             save_atomic(state, ckpt_path)
@@ -281,19 +328,26 @@ def _pretrain(
 
     model.train()
     pool = ThreadPoolExecutor(tc.augment_threads) if tc.augment_threads > 1 else None
-    batches = _endless(loader)
+    streams = [_endless(loader) for loader in loaders]
     ratio_range = tuple(cfg.ibot.mask_ratio_min_max)
 
-    def prepare(at: int) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, dict]:
-        """Inputs of step `at` and the loader position after its batch (a pure function of `at`)."""
-        images = next(batches)
-        position = loader.state_dict()
-        crops = augment_batch(images, multicrop, seed=tc.seed, rank=env.rank, step=at, pool=pool)
-        mask_rng = np.random.default_rng([tc.seed, env.rank, at, 0x4D41534B])
-        masks = sample_masks(
-            2 * len(images), mask_generator, mask_rng, cfg.ibot.mask_sample_probability, ratio_range
-        )
-        return len(images), crops, masks, position
+    def prepare(at: int) -> tuple[int, dict[str, torch.Tensor], torch.Tensor, list[dict]]:
+        """Inputs of step `at` and the loader positions after its batch (a pure function of `at`)."""
+        n_images, crops, masks = 0, [], []
+        for d, batches in zip(my_ranks, streams, strict=True):
+            images = next(batches)
+            n_images += len(images)
+            crops.append(augment_batch(images, multicrop, seed=tc.seed, rank=d, step=at, pool=pool))
+            mask_rng = np.random.default_rng([tc.seed, d, at, 0x4D41534B])
+            masks.append(
+                sample_masks(
+                    2 * len(images), mask_generator, mask_rng, cfg.ibot.mask_sample_probability, ratio_range
+                )
+            )
+        positions = [loader.state_dict() for loader in loaders]
+        views = {"global_crops": 2, "local_crops": c.local_crops_number}
+        joined = {k: join_slices([part[k] for part in crops], views[k]) for k in crops[0]}
+        return n_images, joined, join_slices(masks, 2), positions
 
     # The next step's batch is read and cropped in a background thread while this step computes.
     ahead = ThreadPoolExecutor(1)
@@ -310,7 +364,13 @@ def _pretrain(
             apply_schedules(optimizer, values["lr"], values["weight_decay"], values["last_layer_lr"])
             optimizer.zero_grad(set_to_none=True)
             losses = model.forward_backward(
-                crops, masks, values["teacher_temp"], student=student, teacher=teacher, autocast=autocast
+                crops,
+                masks,
+                values["teacher_temp"],
+                student=student,
+                teacher=teacher,
+                autocast=autocast,
+                koleo_groups=len(my_ranks),
             )
             stacked = mean_across_ranks(torch.stack([losses[k] for k in sorted(losses)]).float(), env)
             row = {k: float(v) for k, v in zip(sorted(losses), stacked.tolist(), strict=True)}
@@ -362,7 +422,7 @@ def _pretrain(
     elapsed = time.perf_counter() - t0
     result.end_step = step
     result.images_per_second = images_seen * env.world_size / elapsed if elapsed > 0 and images_seen else 0.0
-    result.bad_samples = loader.bad_samples
+    result.bad_samples = sum(loader.bad_samples for loader in loaders)
     teacher_state = model_state_dict(model.teacher, strategy)  # collective under FSDP: every rank
     if env.is_main:
         if result.checkpoint is None and ckpt_path.exists():
