@@ -1,5 +1,6 @@
-"""Curation at scale on generated data: copy-detection dedup, FAISS k-means vs scikit-learn's
-MiniBatchKMeans, hierarchical k-means + balanced sampling.
+"""Curation at scale on generated data: copy-detection dedup (in memory, and part by part on Ray as
+the dedup stage runs it), FAISS k-means vs scikit-learn's MiniBatchKMeans, hierarchical k-means +
+balanced sampling.
 
 Data: n x dim float32, L2-normalised, a Gaussian mixture of `components` clusters with Zipf-skewed
 sizes (so balancing has something to fix), plus `pairs` planted near-duplicate pairs: row b is row a
@@ -8,19 +9,27 @@ plus a random vector of norm `noise` (cosine 1/sqrt(1 + noise^2)). Background pa
 
     .venv/bin/python benchmarks/curation.py            # 1M x 384
     .venv/bin/python benchmarks/curation.py --n 100000
+    .venv/bin/python benchmarks/curation.py --n 20000 --parts dedup dedup_parts --shards 2
 
 Baselines measured in the same run: exact (flat) kNN on a sample of queries, extrapolated to all n;
 MiniBatchKMeans with the same k on the same data; a uniform random sample of the balanced sample's
 size. Ratios are printed last.
+
+`--parts parts`: the same hierarchy and balanced sample over vector parts, as the cluster and sample
+stages run them (passes on Ray tasks with `--fanout ray`, in this process with `local`), checked
+equal to the whole-table functions on the same (float16-stored) vectors.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -28,12 +37,24 @@ import numpy as np
 # starve each other (measured 3x slower FAISS k-means at load 8 on 2 cores). Override to compare.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import pyarrow as pa
+
 from lvd.curation.dedup import dedup_pool
 from lvd.curation.kmeans import hierarchical_kmeans, kmeans, kmeans_assign
 from lvd.curation.knn import exact_knn, normalize
-from lvd.curation.sampling import balanced_sample
+from lvd.curation.sampling import (
+    ClusterTree,
+    balanced_sample,
+    extra_picks,
+    leaf_budgets,
+    leaf_pick_keys,
+    leaf_repeats,
+)
+from lvd.schemas import layout
+from lvd.schemas.job_spec import DedupSpec
+from lvd.schemas.tables import IMAGES, embeddings_schema, write_parquet_atomic
 
-PARTS = ("dedup", "kmeans", "hier")
+PARTS = ("dedup", "dedup_parts", "kmeans", "hier", "parts")
 
 
 def peak_rss_gib() -> float:
@@ -59,10 +80,14 @@ def make_pool(n: int, dim: int, components: int, pairs: int, noise: float, sprea
     return x, comp, a, b
 
 
+def default_factory(n: int) -> str:
+    nlist = 2 ** round(math.log2(2 * math.sqrt(n)))
+    return f"IVF{nlist},PQ64x4fs,RFlat"
+
+
 def bench_dedup(x, a, b, args) -> dict:
     n = x.shape[0]
-    nlist = 2 ** round(math.log2(2 * math.sqrt(n)))
-    factory = args.index or f"IVF{nlist},PQ64x4fs,RFlat"
+    factory = args.index or default_factory(n)
     ids = np.arange(n, dtype=np.int64)
     t0 = time.perf_counter()
     res = dedup_pool(
@@ -92,6 +117,114 @@ def bench_dedup(x, a, b, args) -> dict:
         "ivf_recall": res.ivf_recall,
         "exact_seconds_extrapolated": exact_per_query * n,
     }
+
+
+def write_pool_parts(x: np.ndarray, out, n_parts: int) -> None:
+    """The pool as the embed stage leaves it: ingest parts and their embed parts (float16 vectors);
+    image i has id i + 1 and sits in part i % n_parts."""
+    n, dim = x.shape
+    for p in range(n_parts):
+        rows = np.arange(p, n, n_parts)
+        ids = pa.array(rows + 1, pa.int64())
+        text = pa.array([f"p{r}" for r in rows])
+        images = pa.table(
+            {
+                "image_id": ids,
+                "dataset": pa.array(["pool"] * rows.size),
+                "uri": text,
+                "kind": pa.array(["file"] * rows.size),
+                "path": text,
+                "member": pa.nulls(rows.size, pa.string()),
+                "offset": pa.nulls(rows.size, pa.int64()),
+                "size": pa.nulls(rows.size, pa.int64()),
+                "sha256": pa.array([f"{r:064x}" for r in rows]),
+                "width": pa.array(np.full(rows.size, 64, np.int32)),
+                "height": pa.array(np.full(rows.size, 64, np.int32)),
+                "format": pa.array(["png"] * rows.size),
+                "status": pa.array(["ok"] * rows.size),
+                "error": pa.nulls(rows.size, pa.string()),
+            }
+        )
+        write_parquet_atomic(images, layout.table_part(out, layout.IMAGES, p), IMAGES)
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(x[rows].astype(np.float16).ravel()), dim)
+        emb = pa.table(
+            {
+                "image_id": ids,
+                "model": pa.array(["retrieval"] * rows.size),
+                "vector": vec,
+                "error": pa.nulls(rows.size, pa.string()),
+            }
+        )
+        write_parquet_atomic(
+            emb, layout.table_part(out, layout.EMBEDDINGS, p, "retrieval"), embeddings_schema(dim)
+        )
+
+
+def bench_dedup_parts(x, a, b, args) -> dict:
+    """The dedup stage's path: parts written to disk, the kNN on shard actors, edges from the
+    workers; the driver's own peak RSS (VmHWM) is read before and after."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from lvd.jobs.engines import local_env_defaults
+    from lvd.jobs.stages.dedup import dedup_parts
+
+    n = x.shape[0]
+    factory = args.index or default_factory(n)
+    root = tempfile.mkdtemp(prefix="lvd-bench-dedup-")
+    try:
+        out = layout.stage_dir(root, "out")
+        write_pool_parts(x, out, args.num_parts)
+        local_env_defaults()
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        spec = DedupSpec(
+            k=args.k,
+            threshold=0.6,
+            index=factory,
+            nprobe=args.nprobe,
+            exact_below=0,
+            search_actors=args.shards,
+        )
+        hwm_before = driver_hwm_gib()
+        t0 = time.perf_counter()
+        summary = dedup_parts(
+            layout.list_parts(layout.table_dir(out, layout.IMAGES)),
+            layout.list_parts(layout.table_dir(out, layout.EMBEDDINGS), "retrieval"),
+            [],
+            spec,
+            out_dir=layout.table_dir(out, layout.DEDUP),
+            scratch=lambda name: layout.scratch_dir(layout.stage_dir(out, "dedup"), name),
+        )
+        seconds = time.perf_counter() - t0
+        table = layout.read_table(out, layout.DEDUP, columns=["image_id", "component_id"]).sort_by("image_id")
+        component = table["component_id"].to_numpy()
+        return {
+            "index": factory,
+            "nprobe": args.nprobe,
+            "shards": summary.shards,
+            "parts": args.num_parts,
+            "seconds": seconds,
+            "copy_dropped": summary.copy,
+            "edges": summary.copy_edges,
+            "planted_recall": float((component[a] == component[b]).mean()),
+            "ivf_recall": summary.ivf_recall,
+            "driver_hwm_before_gib": hwm_before,
+            "driver_hwm_after_gib": driver_hwm_gib(),
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def driver_hwm_gib() -> float:
+    """This process's own peak resident memory (VmHWM), not its children's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def parse_kmeans_config(text: str) -> tuple[int, int, str]:
@@ -161,6 +294,118 @@ def bench_hierarchy(x, comp, args) -> dict:
     }
 
 
+def _write_vector_parts(folder: Path, x: np.ndarray, ids: np.ndarray, parts: int) -> list[Path]:
+    import pyarrow as pa
+
+    from lvd.schemas import layout
+    from lvd.schemas.tables import embeddings_schema, write_parquet_atomic
+
+    paths = []
+    for i, rows in enumerate(np.array_split(np.arange(x.shape[0]), parts)):
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel().astype(np.float16)), x.shape[1])
+        table = pa.table(
+            {
+                "image_id": ids[rows],
+                "model": ["retrieval"] * rows.size,
+                "vector": vec,
+                "error": [None] * rows.size,
+            },
+            schema=embeddings_schema(x.shape[1]),
+        )
+        paths.append(layout.part_path(folder, i, "retrieval"))
+        write_parquet_atomic(table, paths[-1], table.schema)
+    return paths
+
+
+def _leaf_pick_rows(label_part: Path):
+    from lvd.curation.vector_parts import read_labels
+
+    ids, leaf, _ = read_labels(label_part)
+    return leaf, leaf_pick_keys(ids, 0), ids
+
+
+def bench_parts(x, args) -> dict:
+    """Hierarchical k-means and the balanced sample over parts against the whole-table functions."""
+    from lvd.curation.kmeans import level_labels
+    from lvd.curation.stage_io import load_vectors
+    from lvd.curation.vector_parts import read_labels
+    from lvd.jobs.kmeans_parts import hierarchical_kmeans_over_parts, kept_pool_parts
+    from lvd.jobs.selection import select_smallest
+    from lvd.jobs.workers import LocalFanout, RayFanout
+
+    n = x.shape[0]
+    levels = [(args.leaf_k, 0), (max(2, args.leaf_k // 10), 2), (max(2, args.leaf_k // 50), 2)]
+    ids = np.random.default_rng(2).choice(2**62, n, replace=False).astype(np.int64)
+    if args.fanout == "ray":
+        import ray
+
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    fanout = RayFanout() if args.fanout == "ray" else LocalFanout()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _write_vector_parts(Path(tmp) / "embed", x, ids, args.num_parts)
+        ref_ids, ref_x = load_vectors(paths, "retrieval", ids)
+        t0 = time.perf_counter()
+        ref = hierarchical_kmeans(ref_x, levels, niter=20, spherical=True, seed=0, ids=ref_ids)
+        whole_s = time.perf_counter() - t0
+        del ref_x
+        t0 = time.perf_counter()
+        parts, counts = kept_pool_parts(paths, "retrieval", None, fanout=fanout)
+        hier = hierarchical_kmeans_over_parts(
+            parts,
+            levels,
+            Path(tmp) / "labels",
+            n=sum(counts),
+            niter=20,
+            spherical=True,
+            seed=0,
+            fanout=fanout,
+        )
+        parts_s = time.perf_counter() - t0
+        got = [read_labels(p) for p in hier.label_parts]
+        got_ids = np.concatenate([g[0] for g in got])
+        order = np.argsort(got_ids)
+        labels = level_labels(np.concatenate([g[1] for g in got])[order], hier.parents)
+        same_labels = bool(np.array_equal(labels, ref.labels)) and bool(
+            np.array_equal(got_ids[order], ref_ids)
+        )
+        same_centroids = all(np.array_equal(a, b) for a, b in zip(hier.centroids, ref.centroids, strict=True))
+
+        # The balanced sample: trees and repeats per label part, the leaf pick by cutoffs over parts.
+        target = n // 10
+        rows, reps = balanced_sample(ref.labels, target, seed=0, ids=ref_ids)
+        want = np.zeros(n, np.int64)
+        want[rows] = reps
+        t0 = time.perf_counter()
+        part_labels = [(g[0], level_labels(g[1], hier.parents)) for g in got]
+        tree = functools.reduce(ClusterTree.merge, [ClusterTree.of_labels(lab) for _, lab in part_labels])
+        budget = leaf_budgets(tree, target, 1)
+        extra = select_smallest(  # in this process: the loader is this script's (Ray would not find it)
+            hier.label_parts,
+            _leaf_pick_rows,
+            tree.sizes[0],
+            extra_picks(budget, tree.sizes[0]),
+            0.0,
+            1.0,
+            name="leaf pick",
+            fanout=LocalFanout(),
+        )
+        got_rep = np.concatenate(
+            [leaf_repeats(lab[:, 0], i, budget, tree.sizes[0], extra, 0) for i, lab in part_labels]
+        )[order]
+        sample_s = time.perf_counter() - t0
+    if args.fanout == "ray":
+        ray.shutdown()
+    return {
+        "levels": hier.ks,
+        "whole_seconds": whole_s,
+        "parts_seconds": parts_s,
+        "sample_seconds": sample_s,
+        "same_labels": same_labels,
+        "same_centroids": same_centroids,
+        "same_sample": bool(np.array_equal(got_rep, want)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -194,7 +439,21 @@ def main() -> None:
     )
     ap.add_argument("--mb-batch", type=int, default=1024, help="MiniBatchKMeans batch size (its default)")
     ap.add_argument("--leaf-k", type=int, default=1000)
-    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which benchmarks to run")
+    ap.add_argument(
+        "--num-parts", type=int, default=8, help="dedup_parts / parts: parts the pool is written in"
+    )
+    ap.add_argument("--shards", type=int, default=2, help="dedup_parts: kNN shard actors")
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=["dedup", "kmeans", "hier", "parts"],
+        help="which benchmarks to run (dedup_parts: the dedup stage's path on local Ray, on request)",
+    )
+    ap.add_argument(
+        "--fanout", choices=("ray", "local"), default="ray", help="passes of the `parts` benchmark"
+    )
+    ap.add_argument("--ray-cpus", type=int, default=2)
     args = ap.parse_args()
     pairs = args.pairs if args.pairs is not None else args.n // 100
 
@@ -220,6 +479,16 @@ def main() -> None:
         )
         print(
             f"  exact flat search extrapolated to all {args.n} queries: {d['exact_seconds_extrapolated']:.0f} s",
+            flush=True,
+        )
+
+    dp = bench_dedup_parts(x, a, b, args) if "dedup_parts" in args.parts else None
+    if dp:
+        print(
+            f"copy dedup part by part ({dp['index']}, nprobe {dp['nprobe']}, {dp['parts']} parts, "
+            f"{dp['shards']} shard actors): {dp['seconds']:.1f} s, {dp['edges']} edges, {dp['copy_dropped']} dropped, "
+            f"planted-pair recall {dp['planted_recall']:.4f}, IVF edge recall {dp['ivf_recall']}; driver VmHWM "
+            f"{dp['driver_hwm_before_gib']:.2f} -> {dp['driver_hwm_after_gib']:.2f} GiB (the generated pool included)",
             flush=True,
         )
 
@@ -250,6 +519,16 @@ def main() -> None:
             f"{h['random_entropy']:.3f}; share of the smaller half of components {h['balanced_small_half_share']:.3f} "
             f"vs {h['random_small_half_share']:.3f} (uniform 0.5); components hit {h['components_hit_balanced']} vs "
             f"{h['components_hit_random']}",
+            flush=True,
+        )
+
+    pp = bench_parts(x, args) if "parts" in args.parts else None
+    if pp:
+        print(
+            f"over {args.num_parts} parts ({args.fanout}): hierarchical k-means {pp['levels']} "
+            f"{pp['parts_seconds']:.1f} s (whole table {pp['whole_seconds']:.1f} s); balanced sample "
+            f"{pp['sample_seconds']:.2f} s; equal to the whole table: labels {pp['same_labels']}, "
+            f"centroids {pp['same_centroids']}, sample {pp['same_sample']}",
             flush=True,
         )
 

@@ -31,8 +31,9 @@ from lvd.embeddings.preprocess import preprocess_image
 from lvd.jobs.engines import ensure_ray
 from lvd.jobs.stage import StageContext
 from lvd.jobs.stages import embed
+from lvd.schemas import layout
 from lvd.schemas.job_spec import parse_job_spec
-from lvd.schemas.tables import IMAGES, part_path, write_parquet_atomic
+from lvd.schemas.tables import IMAGES, write_parquet_atomic
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -61,7 +62,7 @@ def write_ingest_table(out_dir: Path, paths: list[Path], per_part: int) -> None:
     ]  # fmt: skip
     for k in range(0, len(rows), per_part):
         table = pa.Table.from_pylist(rows[k : k + per_part], IMAGES)
-        write_parquet_atomic(table, part_path(out_dir / "ingest", k // per_part), IMAGES)
+        write_parquet_atomic(table, layout.table_part(out_dir, layout.IMAGES, k // per_part), IMAGES)
 
 
 def bare_loop(model, paths: list[Path], batch_size: int) -> dict:
@@ -194,22 +195,22 @@ def main() -> None:
     # Bare loop before and after the stage, averaged: the machine is shared, so load drifts.
     before = bare_loop(model, paths, args.batch_size)
     ensure_ray(spec)  # one-time per job, not part of the per-image cost
-    ctx = StageContext(spec=spec, out_dir=out, stage="embed")
+    ctx = StageContext(spec=spec, out_dir=out, stage=embed.STAGE)
     with CpuMeter() as meter:
         t0 = time.perf_counter()
         summary = embed.run(ctx)
         stage_s = time.perf_counter() - t0
     after = bare_loop(model, paths, args.batch_size)
     bare = {k: (before[k] + after[k]) / 2 for k in before}
-    stage_ips = summary["images"] / stage_s
+    stage_ips = summary.images / stage_s
     print(
         f"bare loop: {bare['ips']:.2f} img/s (before {before['ips']:.2f}, after {after['ips']:.2f}; "
         f"decode+preprocess {bare['decode_ms']:.1f} ms/img, forward {bare['forward_ms']:.1f} ms/img)"
     )
-    stage_cpu = meter.seconds / summary["images"]
+    stage_cpu = meter.seconds / summary.images
     print(
         f"stage: {stage_ips:.2f} img/s end to end, actor start included "
-        f"({stage_s:.1f} s for {summary['images']} images)"
+        f"({stage_s:.1f} s for {summary.images} images)"
     )
     print(
         f"CPU per image: bare loop {bare['cpu_s_per_img']:.3f} s, stage {stage_cpu:.3f} s "

@@ -1,14 +1,15 @@
 """Ingest throughput on generated photos: probing vs a full decode, and the Ray stage vs one process.
 
     .venv/bin/python benchmarks/ingest.py                 # 400 JPEG 1024x768 + 100 PNG 512x512
-    .venv/bin/python benchmarks/ingest.py --jpegs 2000 --pngs 500
+    .venv/bin/python benchmarks/ingest.py --jpegs 2000 --pngs 500 --tree 50 40 100
 
 Baselines measured in the same run:
   - full decode: Image.open(...).convert("RGB") of every image (what a naive validity check does),
     against `probe_image` (header first, JPEG decoded at 1/8 scale via draft, PNG decoded fully);
   - one process: `ingest_unit` over every work unit in a plain loop, against the Ray Data stage
     (`jobs.stages.ingest.run`, Ray already started so its start-up is not counted).
-Ratios (baseline time / our time, > 1 means faster) are printed last.
+Ratios (baseline time / our time, > 1 means faster) are printed after those. Last, the listing
+alone on a tree of empty files: in this process vs split over Ray tasks (`--tree`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from lvd.curation.ingest import ingest_unit, probe_image
 from lvd.jobs.engines import ensure_ray, shutdown_ray
 from lvd.jobs.stage import StageContext
 from lvd.jobs.stages import ingest as ingest_stage
-from lvd.schemas.job_spec import parse_job_spec
+from lvd.schemas.job_spec import Source, parse_job_spec
 
 
 def photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -55,6 +56,17 @@ def make_pool(folder: Path, jpegs: int, pngs: int, seed: int) -> list[bytes]:
     return blobs
 
 
+def make_tree(folder: Path, top: int, sub: int, files: int) -> int:
+    """A two-level folder tree of empty .jpg files: listing reads names, not bytes."""
+    for i in range(top):
+        for j in range(sub):
+            d = folder / f"{i:03d}" / f"{j:03d}"
+            d.mkdir(parents=True)
+            for k in range(files):
+                (d / f"{k:04d}.jpg").touch()
+    return top * sub * files
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -76,6 +88,10 @@ def main() -> None:
     ap.add_argument("--pngs", type=int, default=100)
     ap.add_argument("--files-per-part", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--tree", type=int, nargs=3, default=(20, 20, 50), metavar=("TOP", "SUB", "FILES"),
+        help="folder tree for the listing figures: TOP folders of SUB folders of FILES files",
+    )  # fmt: skip
     args = ap.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="lvd-bench-ingest-"))
@@ -118,7 +134,7 @@ def main() -> None:
 
         t_loop = timed(one_process)
         ensure_ray(spec)
-        ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage="ingest")
+        ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage=ingest_stage.STAGE)
         t_ray = timed(lambda: ingest_stage.run(ctx))
         t_resume = timed(lambda: ingest_stage.run(ctx))
         for part in ctx.stage_dir.glob("part-*.parquet"):
@@ -134,6 +150,18 @@ def main() -> None:
             f"  Ray stage vs one process    : {t_loop / t_ray:5.2f}x (cold), {t_loop / t_warm:5.2f}x (warm)"
         )
         print(f"  resume vs first Ray run     : {t_ray / t_resume:5.1f}x")
+
+        # Listing alone, on a deeper tree: in this process vs split over Ray tasks (workers warm).
+        n_tree = make_tree(root / "tree", *args.tree)
+        tree = spec.model_copy(update={"pool": [Source(uri=str(root / "tree"))]})
+        serial: list = []
+        t_list = timed(lambda: serial.extend(ingest_stage.plan_units(tree)))
+        parallel: list = []
+        t_list_ray = timed(lambda: parallel.extend(ingest_stage.plan_units(tree, ingest_stage.ray_mapper, 2)))
+        assert parallel == serial
+        print(f"listing {n_tree} files in {args.tree[0] * args.tree[1]} folders ({len(serial)} units):")
+        print(f"  in this process : {t_list:6.2f}s  {n_tree / t_list:9.0f} files/s")
+        print(f"  Ray tasks       : {t_list_ray:6.2f}s  {n_tree / t_list_ray:9.0f} files/s (same units)")
     finally:
         shutdown_ray()
         shutil.rmtree(root, ignore_errors=True)

@@ -10,18 +10,24 @@ loses its kept image too, as "eval-overlap" (so the whole component is gone).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-from lvd.curation.knn import build_index, recall_against_exact
-from lvd.curation.knn_ray import search_auto, search_chunks_auto
+from lvd.curation.knn import build_index, recall_against_exact, search, search_chunks
+from lvd.curation.knn_sharded import in_sorted
 from lvd.curation.union_find import connected_components
+from lvd.schemas import layout
 from lvd.schemas.job_spec import DedupSpec
+from lvd.schemas.layout import POOL
+from lvd.schemas.tables import DEDUP, read_parts, write_parquet_atomic
 
 # One source of truth for defaults: the job spec (these functions are also called directly).
 DEDUP_DEFAULTS = DedupSpec()
@@ -62,6 +68,7 @@ class CopyEdges:
 def copy_detection_edges(
     vectors: np.ndarray,
     *,
+    ids: np.ndarray | None = None,
     k: int = 64,
     threshold: float = 0.6,
     index: str = DEDUP_DEFAULTS.index,
@@ -70,63 +77,34 @@ def copy_detection_edges(
     chunk_size: int = 65_536,
     recall_sample: int = 1000,
     seed: int = 0,
-    search_actors: int = 0,
-    work_dir: Path | None = None,
 ) -> CopyEdges:
     """Edges (i, j) between each row and those of its k nearest neighbours with cosine > threshold.
 
-    `vectors` are L2-normalised float32. Only thresholded edges are kept, chunk by chunk.
-    `search_actors` > 0 searches the chunks on that many Ray actors when Ray is up.
-    `work_dir`: each searched chunk's edges are saved there, and chunks found there are not searched
-    again, so a killed run resumes where it stopped (the caller keeps the inputs and settings fixed).
+    `vectors` are L2-normalised float32, `ids` their image_ids (the IVF training and recall samples
+    are then the keyed ones the sharded search draws). Only thresholded edges are kept, chunk by chunk.
     """
     n = vectors.shape[0]
     if n < 2:
         empty = np.zeros(0, np.int64)
         return CopyEdges(empty, empty, np.zeros(0, np.float32), True, None)
-    idx, info = build_index(vectors, factory=index, exact_below=exact_below, nprobe=nprobe, seed=seed)
-    done = load_edge_chunks(work_dir) if work_dir is not None else {}
-    if done:
-        log.info("dedup: %d of %d kNN chunks done by an earlier run", len(done), -(-n // chunk_size))
-    edges = dict(done)
-    chunks = search_chunks_auto(idx, vectors, k + 1, chunk_size, search_actors, nprobe, skip=done)
-    for start, s, i in chunks:  # k + 1: a row finds itself
+    idx, info = build_index(
+        vectors, factory=index, exact_below=exact_below, nprobe=nprobe, seed=seed, ids=ids
+    )
+    src, dst, sims = [], [], []
+    for start, s, i in search_chunks(idx, vectors, k + 1, chunk_size):  # k + 1: a row finds itself
         rows = np.arange(start, start + s.shape[0], dtype=np.int64)[:, None]
         hit = (s > threshold) & (i >= 0) & (i != rows)
         r, c = np.nonzero(hit)
-        edges[start] = (rows[r, 0], i[r, c].astype(np.int64), s[r, c])
-        if work_dir is not None:
-            save_edge_chunk(work_dir, start, *edges[start])
-    src, dst, sims = (list(parts) for parts in zip(*(edges[start] for start in sorted(edges)), strict=True))
+        src.append(rows[r, 0])
+        dst.append(i[r, c].astype(np.int64))
+        sims.append(s[r, c])
     recall = None
     if not info.exact:
         recall = recall_against_exact(
-            idx, vectors, k + 1, threshold=threshold, sample_size=recall_sample, seed=seed
+            idx, vectors, k + 1, threshold=threshold, sample_size=recall_sample, seed=seed, ids=ids
         )
         log.info("dedup: IVF %s nprobe %d, edge recall vs exact on a sample: %s", index, nprobe, recall)
     return CopyEdges(np.concatenate(src), np.concatenate(dst), np.concatenate(sims), info.exact, recall)
-
-
-EDGE_CHUNK_GLOB = "edges-*.npz"
-
-
-def save_edge_chunk(work_dir: Path, start: int, src: np.ndarray, dst: np.ndarray, sims: np.ndarray) -> None:
-    """One searched chunk's edges, written to a temp name and renamed (never a half file)."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    final = work_dir / f"edges-{start:012d}.npz"
-    tmp = work_dir / f".tmp-{final.name}"
-    with open(tmp, "wb") as f:
-        np.savez(f, src=src, dst=dst, sims=sims)
-    os.replace(tmp, final)
-
-
-def load_edge_chunks(work_dir: Path) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Edges of the chunks an earlier run finished, by first query row."""
-    out = {}
-    for path in sorted(Path(work_dir).glob(EDGE_CHUNK_GLOB)):
-        with np.load(path) as z:
-            out[int(path.stem.split("-")[1])] = (z["src"], z["dst"], z["sims"])
-    return out
 
 
 def choose_kept(
@@ -159,14 +137,13 @@ def eval_overlap(
     nprobe: int = DEDUP_DEFAULTS.nprobe,
     exact_below: int = 1_000_000,
     chunk_size: int = 65_536,
-    search_actors: int = 0,
 ) -> np.ndarray:
     """Which pool rows have an eval image with cosine > threshold (nearest eval vector per pool row)."""
     matched = np.zeros(pool_vectors.shape[0], dtype=bool)
     if eval_vectors.shape[0] == 0 or pool_vectors.shape[0] == 0:
         return matched
     idx, _ = build_index(eval_vectors, factory=index, exact_below=exact_below, nprobe=nprobe)
-    sims, ids = search_auto(idx, pool_vectors, 1, chunk_size, search_actors, nprobe)
+    sims, ids = search(idx, pool_vectors, 1, chunk_size)
     return (sims[:, 0] > threshold) & (ids[:, 0] >= 0)
 
 
@@ -208,12 +185,9 @@ def dedup_pool(
     chunk_size: int = 65_536,
     keep_rule: str = "largest_then_smallest_id",
     seed: int = 0,
-    search_actors: int = 0,
-    work_dir: Path | None = None,
 ) -> DedupResult:
-    """Exact, copy-detection and eval-overlap dedup of a pool (rows of L2-normalised `vectors`).
-
-    work_dir: where the copy-detection search saves its finished chunks (see copy_detection_edges)."""
+    """Exact, copy-detection and eval-overlap dedup of a pool (rows of L2-normalised `vectors`), all
+    in memory: the reference the part-by-part dedup (`jobs/stages/dedup.py`) is tested against."""
     image_ids = np.asarray(image_ids, dtype=np.int64)
     n = image_ids.size
     if vectors.shape[0] != n:
@@ -224,17 +198,11 @@ def dedup_pool(
     exact_rep = exact_duplicate_of(sha256, image_ids) if sha256 is not None else rows
     is_exact_dup = exact_rep != rows
     unique_rows = np.flatnonzero(~is_exact_dup)
-    search_params = dict(
-        index=index,
-        nprobe=nprobe,
-        exact_below=exact_below,
-        chunk_size=chunk_size,
-        search_actors=search_actors,
-    )
+    search_params = dict(index=index, nprobe=nprobe, exact_below=exact_below, chunk_size=chunk_size)
     # Exact copies have the same vector: search only one of each, join the rest by their hash edge.
     searched = vectors if unique_rows.size == n else vectors[unique_rows]  # no copy when all are distinct
     edges = copy_detection_edges(
-        searched, k=k, threshold=threshold, seed=seed, work_dir=work_dir, **search_params
+        searched, ids=image_ids[unique_rows], k=k, threshold=threshold, seed=seed, **search_params
     )
     src = np.concatenate([rows[is_exact_dup], unique_rows[edges.src]])
     dst = np.concatenate([exact_rep[is_exact_dup], unique_rows[edges.dst]])
@@ -265,3 +233,177 @@ def dedup_pool(
     return DedupResult(
         component_id, keep, reason, duplicate_of, int(edges.src.size), edges.exact_search, edges.recall
     )
+
+
+# ---------------------------------------------------------------- part by part (the dedup stage)
+#
+# The stage's workers do the per-image work on parts; the driver holds only what grows with the
+# duplicates (exact and copy edges, the decisions of their components) or with the parts:
+#   1. `bucket_pool_rows` (a task per group of ingest parts): each part's pool rows that have a
+#      vector, with their area, to a scratch rows file; their (sha256, image_id) into hash buckets;
+#   2. `exact_edges_of_bucket` (a task per bucket): each exact copy -> smallest image_id of its hash;
+#   3. the copy-detection and eval-overlap searches (`curation.knn_ray.search_parts`) over the rows;
+#   4. `component_decisions` (driver) on the nodes of the edges, with `areas_of` (tasks) for them;
+#   5. `write_dedup_part` (a task per part): its rows joined with the decisions.
+# The decisions equal `dedup_pool`'s on the same images.
+
+POOL_ROWS = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("area", pa.float64(), nullable=False),  # width * height, 0 when unknown
+    ]
+)
+HASHES = pa.schema(
+    [pa.field("sha256", pa.string(), nullable=False), pa.field("image_id", pa.int64(), nullable=False)]
+)
+
+REASONS = (None, EXACT, COPY, EVAL_OVERLAP)  # reason codes 0..3 of `Decisions.reason`
+
+
+def pool_rows(ingest_part: Path, embed_part: Path | None) -> pa.Table:
+    """Pool images with status ok of an ingest part that have a vector in its embed part (the same
+    part index): image_id, sha256, area; sorted by image_id."""
+    images = ds.dataset(ingest_part, format="parquet").to_table(
+        columns=["image_id", "sha256", "width", "height"],
+        filter=(ds.field("dataset") == POOL) & (ds.field("status") == "ok"),
+    )
+    if embed_part is None or not Path(embed_part).exists():
+        images = images.slice(0, 0)
+    else:
+        embedded = ds.dataset(embed_part, format="parquet").to_table(
+            columns=["image_id"], filter=ds.field("vector").is_valid()
+        )
+        images = images.filter(pc.is_in(images["image_id"], embedded["image_id"].combine_chunks()))
+    images = images.sort_by("image_id")
+    area = np.nan_to_num(images["width"].to_numpy(zero_copy_only=False).astype(np.float64)) * np.nan_to_num(
+        images["height"].to_numpy(zero_copy_only=False).astype(np.float64)
+    )
+    return pa.table({"image_id": images["image_id"], "sha256": images["sha256"], "area": pa.array(area)})
+
+
+def hash_bucket(sha256: pa.Array, n_buckets: int) -> np.ndarray:
+    """The bucket of each content hash: a fixed hash of the string, the same in every process."""
+    values = np.asarray(sha256.to_numpy(zero_copy_only=False), dtype=object)
+    return (pd.util.hash_array(values, categorize=False) % np.uint64(n_buckets)).astype(np.int64)
+
+
+def bucket_pool_rows(
+    group: Sequence[tuple[int, Path, Path | None]], *, rows_dir: Path, buckets_dir: Path, n_buckets: int
+) -> int:
+    """Map step of exact dedup, for a group of (part index, ingest part, embed part): writes each
+    part's pool rows (`POOL_ROWS`) to `rows_dir`, and the group's (sha256, image_id) of hashed rows
+    into one file per hash bucket. Rows files go last, so a group whose rows files all exist is
+    done. Returns the number of pool rows."""
+    parts, hashed = [], []
+    for index, ingest_part, embed_part in group:
+        rows = pool_rows(ingest_part, embed_part)
+        parts.append((index, rows))
+        hashed.append(rows.select(["sha256", "image_id"]).filter(rows["sha256"].is_valid()))
+    hashes = pa.concat_tables(hashed) if hashed else HASHES.empty_table()
+    if hashes.num_rows:
+        bucket = hash_bucket(hashes["sha256"].combine_chunks(), n_buckets)
+        first = group[0][0]
+        for b in np.unique(bucket):
+            out = layout.part_path(layout.bucket_dir(buckets_dir, int(b)), first)
+            write_parquet_atomic(hashes.filter(pa.array(bucket == b)), out, HASHES)
+    for index, rows in parts:
+        write_parquet_atomic(rows.select(["image_id", "area"]), layout.part_path(rows_dir, index), POOL_ROWS)
+    return sum(rows.num_rows for _, rows in parts)
+
+
+def exact_edges_of_bucket(bucket: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reduce step of exact dedup: (duplicate, kept) image_id pairs of one hash bucket, where kept is
+    the smallest image_id with the same sha256 and duplicate every other image with it."""
+    table = read_parts(layout.list_parts(bucket), HASHES)
+    ids = table["image_id"].to_numpy()
+    rep = exact_duplicate_of(table["sha256"].to_numpy(zero_copy_only=False), ids)
+    dup = np.flatnonzero(rep != np.arange(ids.size))
+    return ids[dup], ids[rep[dup]]
+
+
+def graph_nodes(*id_arrays: np.ndarray) -> np.ndarray:
+    """The sorted image_ids that appear in any of the arrays (edge endpoints, eval matches)."""
+    arrays = [np.asarray(a, dtype=np.int64) for a in id_arrays]
+    return np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, np.int64)
+
+
+def areas_of(rows_file: Path, *, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image_id, area) of a rows file's images that are in `nodes` (sorted image_ids)."""
+    rows = pq.read_table(rows_file, columns=["image_id", "area"])
+    ids = rows["image_id"].to_numpy()
+    hit = in_sorted(ids, nodes)
+    return ids[hit], rows["area"].to_numpy()[hit]
+
+
+@dataclass
+class Decisions:
+    """The dedup decisions for the images in a duplicate component or matched by an eval image, in
+    image_id order. Every other pool image is kept, alone in its component."""
+
+    image_id: np.ndarray
+    component_id: np.ndarray  # smallest image_id of the component
+    keep: np.ndarray
+    reason: np.ndarray  # int8 codes into REASONS
+    duplicate_of: np.ndarray  # image kept for the component; -1 when kept or lost to eval overlap
+
+    def count(self, reason: str) -> int:
+        return int((self.reason == REASONS.index(reason)).sum())
+
+
+def component_decisions(
+    nodes: np.ndarray,
+    area: np.ndarray | None,
+    exact_src: np.ndarray,
+    exact_dst: np.ndarray,
+    copy_src: np.ndarray,
+    copy_dst: np.ndarray,
+    eval_matched: np.ndarray,
+    keep_rule: str,
+) -> Decisions:
+    """`dedup_pool`'s decisions, computed on the graph's nodes only (`graph_nodes` of every edge
+    endpoint and eval match; `area` of each node, None for smallest_id). Exact edges go from each
+    exact copy to the kept image of its hash, copy edges are the kNN edges above the threshold."""
+    nodes = np.asarray(nodes, dtype=np.int64)
+    n = nodes.size
+    src = np.searchsorted(nodes, np.concatenate([exact_src, copy_src]).astype(np.int64))
+    dst = np.searchsorted(nodes, np.concatenate([exact_dst, copy_dst]).astype(np.int64))
+    labels = connected_components(n, src, dst)  # smallest node index = smallest image_id
+    kept_row = choose_kept(labels, nodes, area, keep_rule)
+    keep = kept_row == np.arange(n)
+    is_exact_dup = np.zeros(n, dtype=bool)
+    is_exact_dup[np.searchsorted(nodes, np.asarray(exact_src, dtype=np.int64))] = True
+    reason = np.zeros(n, dtype=np.int8)
+    reason[~keep & is_exact_dup] = REASONS.index(EXACT)
+    reason[~keep & ~is_exact_dup] = REASONS.index(COPY)
+    duplicate_of = np.where(keep, -1, nodes[kept_row])
+    touched = np.zeros(n, dtype=bool)
+    touched[labels[np.searchsorted(nodes, np.asarray(eval_matched, dtype=np.int64))]] = True
+    lost = keep & touched[labels]
+    keep[lost] = False
+    reason[lost] = REASONS.index(EVAL_OVERLAP)
+    return Decisions(nodes, nodes[labels], keep, reason, duplicate_of)
+
+
+def write_dedup_part(item: tuple[int, Path], *, decisions: Decisions, out_dir: Path) -> tuple[int, int]:
+    """One DEDUP part: the rows file's images (part `index`) with their decisions. Returns (rows, kept)."""
+    index, rows_file = item
+    ids = pq.read_table(rows_file, columns=["image_id"])["image_id"].to_numpy()
+    component_id, keep = ids.copy(), np.ones(ids.size, dtype=bool)
+    reason, duplicate_of = np.zeros(ids.size, dtype=np.int8), np.full(ids.size, -1, dtype=np.int64)
+    hit = in_sorted(ids, decisions.image_id)
+    at = np.searchsorted(decisions.image_id, ids[hit])
+    component_id[hit] = decisions.component_id[at]
+    keep[hit] = decisions.keep[at]
+    reason[hit] = decisions.reason[at]
+    duplicate_of[hit] = decisions.duplicate_of[at]
+    table = pa.table(
+        {
+            "image_id": pa.array(ids, pa.int64()),
+            "component_id": pa.array(component_id, pa.int64()),
+            "keep": pa.array(keep),
+            "reason": pa.array(REASONS, pa.string()).take(pa.array(reason)),
+            "duplicate_of": pa.array(duplicate_of, pa.int64(), mask=duplicate_of < 0),
+        }
+    )
+    write_parquet_atomic(table, layout.part_path(out_dir, index), DEDUP)
+    return int(ids.size), int(keep.sum())

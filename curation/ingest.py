@@ -1,6 +1,7 @@
 """Finding images (folders, tar/WebDataset shards, parquet with bytes) and probing each one.
 
-Plain functions; `jobs/stages/ingest.py` runs `ingest_unit` over many work units with Ray Data.
+Plain functions; `jobs/stages/ingest.py` runs the listing tasks (`plan_work_units` with a Ray
+mapper) and `ingest_unit` over many work units on Ray workers.
 
 Which files a folder contributes: with `kind: auto` only files with an image extension
 (IMAGE_EXTENSIONS), so sidecars (json, txt, READMEs) are left alone; with `kind: folder` every
@@ -21,10 +22,10 @@ import io
 import re
 import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 import fsspec
 import pyarrow as pa
@@ -115,15 +116,12 @@ class _Match:
     literal: bool  # named in the spec (literal or brace item), not found by a glob
 
 
-def _matches(uri: str) -> list[_Match]:
-    out = []
-    for pattern in expand_braces(uri):
-        fs, fs_path = fsspec.core.url_to_fs(pattern)
-        if _has_glob(fs_path):
-            out += [_Match(_canonical(fs, p), p, fs, False) for p in sorted(fs.glob(fs_path))]
-        else:
-            out.append(_Match(_canonical(fs, fs_path), fs_path, fs, True))
-    return out
+def _pattern_matches(pattern: str) -> list[_Match]:
+    """What one brace-free pattern names: itself, or what its glob finds (in name order)."""
+    fs, fs_path = fsspec.core.url_to_fs(pattern)
+    if _has_glob(fs_path):
+        return [_Match(_canonical(fs, p), p, fs, False) for p in sorted(fs.glob(fs_path))]
+    return [_Match(_canonical(fs, fs_path), fs_path, fs, True)]
 
 
 def _exists(match: _Match) -> bool:
@@ -148,91 +146,6 @@ def _kind_of(match: _Match, declared: str) -> str | None:
     return None
 
 
-def check_sources(sources: list[Source], what: str = "source") -> None:
-    """Fail before any work starts when a source cannot be right: matches nothing, a missing
-    folder, a file of unknown kind, a parquet without the image column.
-
-    Missing items of a brace pattern whose other items exist are not spec errors: they become
-    `unreadable` rows so the rest of the data is still ingested.
-    """
-    for src in sources:
-        matches = _matches(src.uri)
-        existing = [m for m in matches if _exists(m)]
-        if not existing:
-            raise SourceError(f"{what} {src.uri!r}: no such file or folder (nothing matches)")
-        if src.kind == "folder" and not any(m.fs.isdir(m.fs_path) for m in existing):
-            raise SourceError(f"{what} {src.uri!r}: kind is 'folder' but it is not a folder")
-        kinds = {m.path: _kind_of(m, src.kind) for m in existing}
-        unknown = [m.path for m in existing if m.literal and kinds[m.path] is None]
-        if unknown:
-            raise SourceError(
-                f"{what} {src.uri!r}: cannot tell what {unknown[0]!r} is (not a folder, .tar, .parquet "
-                "or image); set kind: folder | tar | parquet"
-            )
-        parquets = [m for m in existing if kinds[m.path] == "parquet"]
-        if parquets:
-            first = parquets[0]
-            with first.fs.open(first.fs_path, "rb") as f:
-                names = pq.ParquetFile(f).schema_arrow.names
-            if src.image_column not in names:
-                raise SourceError(
-                    f"{what} {src.uri!r}: {first.path} has no column {src.image_column!r} (columns: {names}); "
-                    "set image_column"
-                )
-
-
-def _folder_files(match: _Match, every_file: bool) -> list[str]:
-    entries = match.fs.find(match.fs_path, withdirs=False, detail=True)
-    files = []
-    for fs_path, info in entries.items():
-        name = PurePosixPath(fs_path).name
-        if name.startswith("."):
-            continue
-        is_file = info.get("type") == "file" or (info.get("islink") and info.get("type") != "directory")
-        if is_file and (every_file or _ext(fs_path) in IMAGE_EXTENSIONS):
-            files.append(_canonical(match.fs, fs_path))
-    return sorted(files)
-
-
-def _chunks(paths: list[str], size: int) -> Iterator[tuple[str, ...]]:
-    for i in range(0, len(paths), size):
-        yield tuple(paths[i : i + size])
-
-
-def list_work_units(sources: list[Source], dataset: str, files_per_part: int) -> list[WorkUnit]:
-    """Expand a dataset's sources into work units, in a deterministic order; no image is read.
-
-    Each folder's files are chunked by `files_per_part`; loose image files (globs) are chunked
-    together after the folders; each tar and parquet file is one unit. A path named by several
-    sources is listed once (image ids must stay unique). A missing file named by a brace pattern
-    still gets a unit, and so an `unreadable` row.
-    """
-    if files_per_part < 1:
-        raise ValueError("files_per_part must be >= 1")
-    seen: set[str] = set()
-    units: list[WorkUnit] = []
-    loose: list[str] = []
-
-    def fresh(paths: list[str]) -> list[str]:
-        new = [p for p in paths if p not in seen]
-        seen.update(new)
-        return new
-
-    for src in sources:
-        for match in _matches(src.uri):
-            kind = _kind_of(match, src.kind) if _exists(match) else _missing_kind(match, src.kind)
-            if kind == "folder":
-                files = fresh(_folder_files(match, every_file=src.kind == "folder"))
-                units += [WorkUnit(dataset, "files", chunk) for chunk in _chunks(files, files_per_part)]
-            elif kind in ("tar", "parquet"):
-                if fresh([match.path]):
-                    units.append(WorkUnit(dataset, kind, (match.path,), src.image_column))
-            elif kind == "file":
-                loose += fresh([match.path])
-    units += [WorkUnit(dataset, "files", chunk) for chunk in _chunks(sorted(loose), files_per_part)]
-    return units
-
-
 def _missing_kind(match: _Match, declared: str) -> str | None:
     if not match.literal:
         return None
@@ -244,6 +157,273 @@ def _missing_kind(match: _Match, declared: str) -> str | None:
     if ext in PARQUET_EXTENSIONS:
         return "parquet"
     return "file"
+
+
+def _keep(info: dict, every_file: bool) -> bool:
+    """Whether a folder listing entry is a file to ingest: not hidden, a file (or a symlink that is
+    not a folder), with an image extension unless the source takes every file."""
+    if PurePosixPath(info["name"]).name.startswith("."):
+        return False
+    is_file = info.get("type") == "file" or (info.get("islink") and info.get("type") != "directory")
+    return bool(is_file) and (every_file or _ext(info["name"]) in IMAGE_EXTENSIONS)
+
+
+def _chunks(paths: list[str], size: int) -> Iterator[tuple[str, ...]]:
+    for i in range(0, len(paths), size):
+        yield tuple(paths[i : i + size])
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing in rounds of tasks
+#
+# The caller expands only brace patterns (names, no I/O). Tasks resolve each name (glob, exists,
+# kind), list folders one level at a time until there are enough subtrees to share out, then walk
+# the subtrees. A `Mapper` runs each round's tasks: `map_in_process`, or Ray workers in the ingest
+# stage. The caller assembles the units in source order from the results, so the units and their
+# numbering do not depend on how the listing was split.
+
+Mapper = Callable[[Callable[[Any], Any], list], list]
+
+TASKS_PER_WORKER = 4  # tasks per round per worker: a slow listing does not hold up a whole round
+MAX_GROUP = 256  # names or folders one task handles at most
+MAX_SPLIT_DEPTH = 4  # folder levels listed one by one before the rest is walked whole
+
+
+def map_in_process(fn: Callable[[Any], Any], items: list) -> list:
+    """The Mapper that runs every task here, one after another."""
+    return [fn(item) for item in items]
+
+
+@dataclass(frozen=True)
+class Match:
+    """One file or folder a source names, as a listing task found it."""
+
+    path: str  # canonical: a plain path for local files, a URL otherwise
+    literal: bool  # named in the spec (literal or brace item), not found by a glob
+    exists: bool
+    kind: str | None  # folder | tar | parquet | file; None: nothing ingest reads
+
+
+@dataclass(frozen=True)
+class SourceSet:
+    """The sources of one dataset ("pool", "seed:<name>", "eval:<name>"); `what` names a source in errors."""
+
+    dataset: str
+    sources: Sequence[Source]
+    what: str = "source"
+
+
+def resolve_patterns(group: list[tuple[str, str]]) -> list[list[Match] | str]:
+    """Task: each (brace-free pattern, declared kind) -> its matches, or why they could not be looked up."""
+    out: list[list[Match] | str] = []
+    for pattern, declared in group:
+        try:
+            matches = []
+            for m in _pattern_matches(pattern):
+                exists = _exists(m)
+                kind = _kind_of(m, declared) if exists else _missing_kind(m, declared)
+                matches.append(Match(m.path, m.literal, exists, kind))
+            out.append(matches)
+        except Exception as err:  # noqa: BLE001 - a store's errors have many types; the caller names the source
+            out.append(f"{type(err).__name__}: {err}")
+    return out
+
+
+def list_folder_level(group: list[tuple[str, bool]]) -> list[tuple[list[str], list[str]]]:
+    """Task: each (folder, every_file) -> (the files to ingest directly in it, its subfolders).
+
+    One level of the same walk `fs.find` does, so levels plus `list_folder_tree` of the subfolders
+    give exactly what one `find` of the folder gives.
+    """
+    out = []
+    for folder, every_file in group:
+        fs, fs_path = fsspec.core.url_to_fs(folder)
+        files: list[str] = []
+        subfolders: list[str] = []
+        for _, dirs, entries in fs.walk(fs_path, maxdepth=1, detail=True):
+            files = [_canonical(fs, info["name"]) for info in entries.values() if _keep(info, every_file)]
+            subfolders = [_canonical(fs, info["name"].rstrip("/")) for info in dirs.values()]
+        out.append((files, subfolders))
+    return out
+
+
+def list_folder_tree(group: list[tuple[str, bool]]) -> list[list[str]]:
+    """Task: each (folder, every_file) -> every file to ingest below it, at any depth."""
+    out = []
+    for folder, every_file in group:
+        fs, fs_path = fsspec.core.url_to_fs(folder)
+        out.append(
+            [
+                _canonical(fs, info["name"])
+                for _, _, entries in fs.walk(fs_path, detail=True)
+                for info in entries.values()
+                if _keep(info, every_file)
+            ]
+        )
+    return out
+
+
+def _run(mapper: Mapper, fn: Callable[[list], list], items: list, parallelism: int) -> list:
+    """`fn` over `items` in groups (one task each); the results flat, in item order."""
+    if not items:
+        return []
+    size = max(1, min(MAX_GROUP, -(-len(items) // (TASKS_PER_WORKER * max(1, parallelism)))))
+    groups = [items[i : i + size] for i in range(0, len(items), size)]
+    return [r for results in mapper(fn, groups) for r in results]
+
+
+def _pattern_item(pattern: str, declared: str) -> tuple[str, str]:
+    # Local paths are made absolute here: a worker's working folder is not the caller's.
+    fs, fs_path = fsspec.core.url_to_fs(pattern)
+    return (fs_path if isinstance(fs, LocalFileSystem) else pattern), declared
+
+
+def _resolve(sets: Sequence[SourceSet], mapper: Mapper, parallelism: int) -> list[list[list[Match]]]:
+    """Matches per source per set; a source whose lookup failed is a SourceError naming it."""
+    items, owners = [], []
+    for d, s in enumerate(sets):
+        for k, src in enumerate(s.sources):
+            for pattern in expand_braces(src.uri):
+                items.append(_pattern_item(pattern, src.kind))
+                owners.append((d, k))
+    found: list[list[list[Match]]] = [[[] for _ in s.sources] for s in sets]
+    for (d, k), result in zip(owners, _run(mapper, resolve_patterns, items, parallelism), strict=True):
+        if isinstance(result, str):
+            raise SourceError(f"{sets[d].what} {sets[d].sources[k].uri!r}: cannot list it: {result}")
+        found[d][k] += result
+    return found
+
+
+def _check(src: Source, matches: list[Match], what: str) -> None:
+    existing = [m for m in matches if m.exists]
+    if not existing:
+        raise SourceError(f"{what} {src.uri!r}: no such file or folder (nothing matches)")
+    if src.kind == "folder" and not any(m.kind == "folder" for m in existing):
+        raise SourceError(f"{what} {src.uri!r}: kind is 'folder' but it is not a folder")
+    unknown = [m.path for m in existing if m.literal and m.kind is None]
+    if unknown:
+        raise SourceError(
+            f"{what} {src.uri!r}: cannot tell what {unknown[0]!r} is (not a folder, .tar, .parquet "
+            "or image); set kind: folder | tar | parquet"
+        )
+    parquets = [m for m in existing if m.kind == "parquet"]
+    if parquets:  # one footer per source
+        with fsspec.open(parquets[0].path, "rb") as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+        if src.image_column not in names:
+            raise SourceError(
+                f"{what} {src.uri!r}: {parquets[0].path} has no column {src.image_column!r} (columns: "
+                f"{names}); set image_column"
+            )
+
+
+def _list_folders(roots: list[tuple[str, bool]], mapper: Mapper, parallelism: int) -> list[list[str]]:
+    """The sorted files to ingest under each (folder, every_file)."""
+    files: list[list[str]] = [[] for _ in roots]
+    frontier = [(i, folder, every) for i, (folder, every) in enumerate(roots)]
+    depth = 0
+    while frontier and len(frontier) < TASKS_PER_WORKER * parallelism and depth < MAX_SPLIT_DEPTH:
+        levels = _run(mapper, list_folder_level, [(f, e) for _, f, e in frontier], parallelism)
+        below = []
+        for (i, _, every), (level_files, subfolders) in zip(frontier, levels, strict=True):
+            files[i] += level_files
+            below += [(i, sub, every) for sub in subfolders]
+        frontier, depth = below, depth + 1
+    trees = _run(mapper, list_folder_tree, [(f, e) for _, f, e in frontier], parallelism)
+    for (i, _, _), tree in zip(frontier, trees, strict=True):
+        files[i] += tree
+    return [sorted(f) for f in files]
+
+
+def check_sources(sources: Sequence[Source], what: str = "source") -> None:
+    """Fail when a source cannot be right: matches nothing, a missing folder, a file of unknown kind,
+    a parquet without the image column.
+
+    Missing items of a brace pattern whose other items exist are not spec errors: they become
+    `unreadable` rows so the rest of the data is still ingested.
+    """
+    (found,) = _resolve([SourceSet("", sources, what)], map_in_process, 1)
+    for src, matches in zip(sources, found, strict=True):
+        _check(src, matches, what)
+
+
+def plan_work_units(
+    sets: Sequence[SourceSet],
+    files_per_part: int,
+    *,
+    mapper: Mapper = map_in_process,
+    parallelism: int = 1,
+    check: bool = True,
+) -> list[WorkUnit]:
+    """Every work unit of `sets`, in set order, numbered by position; no image is read.
+
+    With `check`, every source is checked (as `check_sources`) once its names are resolved and before
+    any folder is listed. Per set: each folder's files are chunked by `files_per_part`; loose image
+    files (globs) are chunked together after the folders; each tar and parquet file is one unit. A
+    path named by several sources of a set is listed once (image ids must stay unique). A missing
+    file named by a brace pattern still gets a unit, and so an `unreadable` row. `parallelism`: how
+    many tasks `mapper` runs at once (sizes the rounds).
+    """
+    if files_per_part < 1:
+        raise ValueError("files_per_part must be >= 1")
+    found = _resolve(sets, mapper, parallelism)
+    if check:
+        for s, per_source in zip(sets, found, strict=True):
+            for src, matches in zip(s.sources, per_source, strict=True):
+                _check(src, matches, s.what)
+    roots = [
+        (m.path, src.kind == "folder")
+        for s, per_source in zip(sets, found, strict=True)
+        for src, matches in zip(s.sources, per_source, strict=True)
+        for m in matches
+        if m.kind == "folder"
+    ]
+    folder_files = iter(_list_folders(roots, mapper, parallelism))
+
+    units: list[WorkUnit] = []
+    for s, per_source in zip(sets, found, strict=True):
+        units += _assemble(s, per_source, folder_files, files_per_part)
+    return units
+
+
+def _assemble(
+    s: SourceSet, found: list[list[Match]], folder_files: Iterator[list[str]], files_per_part: int
+) -> list[WorkUnit]:
+    """One set's units from its matches, in source order; `folder_files` yields each folder's files."""
+    units: list[WorkUnit] = []
+    seen: set[str] = set()
+    loose: list[str] = []
+
+    def fresh(paths: list[str]) -> list[str]:
+        new = [p for p in paths if p not in seen]
+        seen.update(new)
+        return new
+
+    for src, matches in zip(s.sources, found, strict=True):
+        for m in matches:
+            if m.kind == "folder":
+                files = fresh(next(folder_files))
+                units += [WorkUnit(s.dataset, "files", c) for c in _chunks(files, files_per_part)]
+            elif m.kind in ("tar", "parquet"):
+                if fresh([m.path]):
+                    units.append(WorkUnit(s.dataset, m.kind, (m.path,), src.image_column))
+            elif m.kind == "file":
+                loose += fresh([m.path])
+    return units + [WorkUnit(s.dataset, "files", c) for c in _chunks(sorted(loose), files_per_part)]
+
+
+def list_work_units(
+    sources: Sequence[Source],
+    dataset: str,
+    files_per_part: int,
+    *,
+    mapper: Mapper = map_in_process,
+    parallelism: int = 1,
+) -> list[WorkUnit]:
+    """The work units of one dataset's sources, unchecked (see `plan_work_units`)."""
+    return plan_work_units(
+        [SourceSet(dataset, sources)], files_per_part, mapper=mapper, parallelism=parallelism, check=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,10 +119,11 @@ def kmeans_assign(
     return labels, dist
 
 
-def mean_by_label(
+def cluster_sums(
     x: np.ndarray, labels: np.ndarray, k: int, *, chunk_size: int = ASSIGN_CHUNK
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-label float64 means of the rows of `x` (zeros for empty labels) and the label counts."""
+    """Per-label float64 sums (k, d) of the rows of `x` and the label counts (int64): what a worker
+    returns for its part of a centroid update (sums of several parts add up)."""
     sums = np.zeros((k, x.shape[1]), dtype=np.float64)
     for start in range(0, x.shape[0], chunk_size):
         lab = labels[start : start + chunk_size]
@@ -131,30 +132,113 @@ def mean_by_label(
         firsts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
         rows = x[start : start + chunk_size][order].astype(np.float64)
         sums[lab[firsts]] += np.add.reduceat(rows, firsts, axis=0)
-    counts = np.bincount(labels, minlength=k)
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    return sums, counts
+
+
+def mean_by_label(
+    x: np.ndarray, labels: np.ndarray, k: int, *, chunk_size: int = ASSIGN_CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label float64 means of the rows of `x` (zeros for empty labels) and the label counts."""
+    sums, counts = cluster_sums(x, labels, k, chunk_size=chunk_size)
     means = sums / np.maximum(counts, 1)[:, None]
     return means, counts
 
 
-def _update(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, spherical: bool) -> np.ndarray:
-    """Float64 centroid update; an empty cluster keeps its previous centroid."""
-    means, counts = mean_by_label(x, labels, previous.shape[0])
+def update_from_sums(
+    sums: np.ndarray, counts: np.ndarray, previous: np.ndarray, spherical: bool
+) -> np.ndarray:
+    """Float64 centroid update from per-cluster sums and counts; an empty cluster keeps its previous
+    centroid."""
+    means = sums / np.maximum(counts, 1)[:, None]
     if spherical:
         means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     means[counts == 0] = previous[counts == 0]
     return means.astype(np.float32)
 
 
-def fit_sample(ids: np.ndarray, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray | slice:
-    """Rows a k-means fit uses: all, or about k * max_points_per_centroid of them.
+def _update(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, spherical: bool) -> np.ndarray:
+    """Float64 centroid update over the rows of `x`; an empty cluster keeps its previous centroid."""
+    return update_from_sums(*cluster_sums(x, labels, previous.shape[0]), previous, spherical)
 
-    Each point is in the sample when its id-keyed uniform draw is under cap / n, so a worker decides
-    for its own points without seeing the others (FAISS trims a sample that comes out over the cap).
-    """
-    n, cap = len(ids), k * max_points_per_centroid
+
+@dataclass
+class ClusterStats:
+    """Per cluster: members, smallest and largest distance to the centroid (inf / -inf when empty)."""
+
+    counts: np.ndarray  # (k,) int64
+    min_distance: np.ndarray  # (k,) float64
+    max_distance: np.ndarray  # (k,) float64
+
+    @staticmethod
+    def merge(parts: list[ClusterStats]) -> ClusterStats:
+        return ClusterStats(
+            np.sum([p.counts for p in parts], axis=0),
+            np.min([p.min_distance for p in parts], axis=0),
+            np.max([p.max_distance for p in parts], axis=0),
+        )
+
+
+def cluster_stats(labels: np.ndarray, distance: np.ndarray, k: int) -> ClusterStats:
+    """Members of each cluster and the range of their distances: what an assignment pass over a part
+    returns (stats of several parts merge with `ClusterStats.merge`)."""
+    lo = np.full(k, np.inf)
+    hi = np.full(k, -np.inf)
+    np.minimum.at(lo, labels, distance.astype(np.float64))
+    np.maximum.at(hi, labels, distance.astype(np.float64))
+    return ClusterStats(np.bincount(labels, minlength=k).astype(np.int64), lo, hi)
+
+
+def in_fit_sample(ids: np.ndarray, n: int, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray:
+    """Whether each of these points (of `n` in all) is in the fit sample of a k-means over them: all
+    points when n <= k * max_points_per_centroid, else those whose id-keyed uniform draw is under
+    cap / n. A worker decides for its own points knowing only n."""
+    cap = k * max_points_per_centroid
     if n <= cap:
+        return np.ones(len(ids), dtype=bool)
+    return keyed_uniform(ids, seed, KMEANS_SAMPLE) < cap / n
+
+
+def fit_sample(ids: np.ndarray, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray | slice:
+    """Rows a k-means fit uses: all, or about k * max_points_per_centroid of them (`in_fit_sample`;
+    FAISS trims a sample that comes out over the cap)."""
+    if len(ids) <= k * max_points_per_centroid:
         return slice(None)
-    return np.flatnonzero(keyed_uniform(ids, seed, KMEANS_SAMPLE) < cap / n)
+    return np.flatnonzero(in_fit_sample(ids, len(ids), k, max_points_per_centroid, seed))
+
+
+def fit_centroids(
+    sample: np.ndarray,
+    k: int,
+    *,
+    niter: int = 20,
+    spherical: bool = True,
+    max_points_per_centroid: int = 256,
+    seed: int = 0,
+    init_centroids: np.ndarray | None = None,
+    nredo: int = 1,
+) -> np.ndarray:
+    """FAISS k-means centroids (k, d) float32 fitted on exactly these rows (the fit sample, drawn)."""
+    n, d = sample.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for {n} points")
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=niter,
+        nredo=1 if init_centroids is not None else nredo,
+        spherical=spherical,
+        max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,  # small pools: no warning spam, we clamp k ourselves
+        seed=seed,
+        gpu=use_gpu(),
+        verbose=False,
+    )
+    km.train(
+        np.ascontiguousarray(sample, dtype=np.float32),
+        init_centroids=None if init_centroids is None else np.ascontiguousarray(init_centroids, np.float32),
+    )
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
 def kmeans_fit(
@@ -174,28 +258,52 @@ def kmeans_fit(
     nredo: independent runs from random inits, the best objective kept (ignored with init_centroids).
     ids: the points' ids, which key the fit sample (row numbers when None).
     """
-    n, d = x.shape
+    n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for {n} points")
     ids = np.arange(n) if ids is None else ids
-    sample = np.ascontiguousarray(x[fit_sample(ids, k, max_points_per_centroid, seed)], dtype=np.float32)
-    km = faiss.Kmeans(
-        d,
+    return fit_centroids(
+        x[fit_sample(ids, k, max_points_per_centroid, seed)],
         k,
         niter=niter,
-        nredo=1 if init_centroids is not None else nredo,
         spherical=spherical,
         max_points_per_centroid=max_points_per_centroid,
-        min_points_per_centroid=1,  # small pools: no warning spam, we clamp k ourselves
         seed=seed,
-        gpu=use_gpu(),
-        verbose=False,
+        init_centroids=init_centroids,
+        nredo=nredo,
     )
-    km.train(
+
+
+def fit_and_refine(
+    sample: np.ndarray,
+    k: int,
+    *,
+    niter: int,
+    spherical: bool,
+    max_points_per_centroid: int,
+    seed: int,
+    nredo: int,
+    assign_dtype: AssignDtype,
+) -> np.ndarray:
+    """A k-means's first centroids from its fit sample (rows in id order): the FAISS fit, then a last
+    update of the means over that sample in float64. Runs in one place (driver or GPU actor)."""
+    centroids = kmeans_fit(
         sample,
-        init_centroids=None if init_centroids is None else np.ascontiguousarray(init_centroids, np.float32),
+        k,
+        niter=niter,
+        spherical=spherical,
+        max_points_per_centroid=max_points_per_centroid,
+        seed=seed,
+        nredo=nredo,
     )
-    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+    sample_labels, _ = kmeans_assign(sample, centroids, spherical=spherical, assign_dtype=assign_dtype)
+    return _update(sample, sample_labels, centroids, spherical)
+
+
+def nearest_per_cluster(n: int, k: int, resample_size: int | None) -> int:
+    """Members nearest each centroid that a resampling step re-fits on (default: half the mean
+    cluster size, so dense clusters weigh no more than sparse ones)."""
+    return resample_size or max(1, n // (2 * k))
 
 
 @dataclass
@@ -234,21 +342,19 @@ def kmeans(
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for {n} points")
     ids = np.arange(n) if ids is None else np.asarray(ids)
-    xs = x[fit_sample(ids, k, max_points_per_centroid, seed)]
-    centroids = kmeans_fit(
-        xs,
+    centroids = fit_and_refine(
+        x[fit_sample(ids, k, max_points_per_centroid, seed)],
         k,
         niter=niter,
         spherical=spherical,
         max_points_per_centroid=max_points_per_centroid,
         seed=seed,
         nredo=nredo,
+        assign_dtype=assign_dtype,
     )
-    # A last update of the means over the fitting sample in float64, then one pass over every point.
-    sample_labels, _ = kmeans_assign(xs, centroids, spherical=spherical, assign_dtype=assign_dtype)
-    centroids = _update(xs, sample_labels, centroids, spherical)
+    # Then one pass over every point.
     labels, dist = kmeans_assign(x, centroids, spherical=spherical, assign_dtype=assign_dtype)
-    r = resample_size or max(1, n // (2 * k))
+    r = nearest_per_cluster(n, k, resample_size)
     for step in range(resampling_steps):
         # The r members nearest each centroid: sort by (cluster, distance), keep the first r per cluster.
         order = np.lexsort((dist, labels))
@@ -298,6 +404,53 @@ class Hierarchy:
         return np.bincount(self.labels[:, level], minlength=self.centroids[level].shape[0])
 
 
+def clamp_k(level: int, k: int, points: int) -> int:
+    """k, or the number of points (or centroids) below the level when there are fewer, with a warning."""
+    if k > points:
+        log.warning("cluster: level %d asks k=%d but has %d points; using k=%d", level, k, points, points)
+        return points
+    return k
+
+
+def cluster_centroids(
+    leaf_centroids: np.ndarray,
+    upper_levels: list[tuple[int, int]],
+    *,
+    niter: int = 20,
+    spherical: bool = True,
+    max_points_per_centroid: int = 256,
+    seed: int = 0,
+    assign_dtype: AssignDtype = "auto",
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The levels above level 0: level l clusters the centroids of level l - 1 (unweighted).
+    Returns every level's centroids (level 0's first) and the parents of levels 0 .. L-2."""
+    centroids, parents = [leaf_centroids], []
+    for level, (k, steps) in enumerate(upper_levels, start=1):
+        points = centroids[-1]
+        res = kmeans(
+            points,
+            clamp_k(level, k, points.shape[0]),
+            niter=niter,
+            spherical=spherical,
+            max_points_per_centroid=max_points_per_centroid,
+            seed=seed + 1000 * level,
+            resampling_steps=steps,
+            nredo=UPPER_LEVEL_REDO,
+            assign_dtype=assign_dtype,
+        )
+        parents.append(res.labels)
+        centroids.append(res.centroids)
+    return centroids, parents
+
+
+def level_labels(leaf_labels: np.ndarray, parents: list[np.ndarray]) -> np.ndarray:
+    """(n, L) cluster of each point at each level, from its level-0 cluster and the parents."""
+    labels = [np.asarray(leaf_labels)]
+    for parent in parents:
+        labels.append(parent[labels[-1]])
+    return np.stack(labels, axis=1)
+
+
 def hierarchical_kmeans(
     x: np.ndarray,
     levels: list[tuple[int, int]],
@@ -316,36 +469,26 @@ def hierarchical_kmeans(
         raise ValueError("hierarchical_kmeans needs at least one level")
     if x.shape[0] == 0:
         raise ValueError("hierarchical_kmeans needs at least one point")
-    centroids, parents, point_labels = [], [], []
-    points, distance = x, None
-    for level, (k, steps) in enumerate(levels):
-        if k > points.shape[0]:
-            log.warning(
-                "cluster: level %d asks k=%d but has %d points; using k=%d",
-                level,
-                k,
-                points.shape[0],
-                points.shape[0],
-            )
-            k = points.shape[0]
-        res = kmeans(
-            points,
-            k,
-            niter=niter,
-            spherical=spherical,
-            max_points_per_centroid=max_points_per_centroid,
-            seed=seed + 1000 * level,
-            resampling_steps=steps,
-            nredo=1 if level == 0 else UPPER_LEVEL_REDO,
-            assign_dtype=assign_dtype,
-            ids=ids if level == 0 else None,
-        )
-        if level == 0:
-            point_labels.append(res.labels)
-            distance = res.distance
-        else:
-            parents.append(res.labels)
-            point_labels.append(res.labels[point_labels[-1]])
-        centroids.append(res.centroids)
-        points = res.centroids
-    return Hierarchy(centroids, parents, np.stack(point_labels, axis=1), distance)
+    k, steps = levels[0]
+    res = kmeans(
+        x,
+        clamp_k(0, k, x.shape[0]),
+        niter=niter,
+        spherical=spherical,
+        max_points_per_centroid=max_points_per_centroid,
+        seed=seed,
+        resampling_steps=steps,
+        nredo=1,
+        assign_dtype=assign_dtype,
+        ids=ids,
+    )
+    centroids, parents = cluster_centroids(
+        res.centroids,
+        levels[1:],
+        niter=niter,
+        spherical=spherical,
+        max_points_per_centroid=max_points_per_centroid,
+        seed=seed,
+        assign_dtype=assign_dtype,
+    )
+    return Hierarchy(centroids, parents, level_labels(res.labels, parents), res.distance)

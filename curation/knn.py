@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from lvd.curation.seeded import KNN_RECALL_SAMPLE, KNN_TRAIN_SAMPLE, keyed_uniform
 from lvd.schemas.job_spec import DedupSpec
 
 # One source of truth for defaults: the job spec (these functions are also called directly).
@@ -54,6 +55,32 @@ def _set_nprobe(index: faiss.Index, nprobe: int) -> None:
         pass  # no nprobe on this index type (e.g. flat)
 
 
+def keyed_sample(ids: np.ndarray, size: int, seed: int, stream: int) -> np.ndarray:
+    """Positions of the `size` rows with the smallest keyed draw, in image_id order.
+
+    The draw is a function of the image id only, so the same rows are chosen from any split of the
+    data into parts or shards (see `curation.knn_sharded`)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if size >= ids.size:
+        return np.argsort(ids, kind="stable")
+    keys = keyed_uniform(ids, seed, stream)
+    chosen = np.lexsort((ids, keys))[:size]
+    return chosen[np.argsort(ids[chosen], kind="stable")]
+
+
+def training_size(factory_index: faiss.Index, n: int, requested: int | None = None) -> int:
+    """Vectors to train an index from the factory on: `requested`, by default 40 per IVF list and
+    at least 50k; at most n. Grows with the number of lists, not with n."""
+    ivf = faiss.try_extract_index_ivf(factory_index)
+    nlist = ivf.nlist if ivf is not None else 0
+    size = min(n, requested or max(50_000, 40 * nlist))
+    if size < nlist:
+        raise ValueError(f"an index with {nlist} lists needs at least {nlist} training vectors, got {size}")
+    if size < 39 * nlist:
+        log.warning("faiss: training %d lists on %d vectors (< 39 per list); recall may suffer", nlist, size)
+    return size
+
+
 @dataclass(frozen=True)
 class IndexInfo:
     exact: bool
@@ -69,11 +96,14 @@ def build_index(
     nprobe: int = DEDUP_DEFAULTS.nprobe,
     train_size: int | None = None,
     seed: int = 0,
+    ids: np.ndarray | None = None,
 ) -> tuple[faiss.Index, IndexInfo]:
     """An inner-product index over the rows of `xb` (already L2-normalised float32).
 
-    Exact (flat) below `exact_below` rows; else `factory`, trained on a random sample of
-    `train_size` rows (default: 40 per IVF list, at least 50k) and filled in chunks.
+    Exact (flat) below `exact_below` rows; else `factory`, trained on a sample of `train_size` rows
+    (default: 40 per IVF list, at least 50k) and filled in chunks. With `ids` (the image_id of each
+    row) the sample is the keyed one a sharded build draws (`keyed_sample`), so both train alike;
+    without, a random sample.
     """
     n, d = xb.shape
     if n < exact_below:
@@ -81,15 +111,12 @@ def build_index(
         info = IndexInfo(True, "Flat", 0)
     else:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.try_extract_index_ivf(index)
-        nlist = ivf.nlist if ivf is not None else 0
-        size = min(n, train_size or max(50_000, 40 * nlist))
-        if size < nlist:
-            raise ValueError(f"index {factory!r} needs at least {nlist} training vectors, got {size}")
-        if size < 39 * nlist:
-            log.warning("faiss: training %s on %d vectors (< 39 per list); recall may suffer", factory, size)
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(n, size=size, replace=False)) if size < n else slice(None)
+        size = training_size(index, n, train_size)
+        if ids is not None:
+            sample = keyed_sample(ids, size, seed, KNN_TRAIN_SAMPLE)
+        else:
+            rng = np.random.default_rng(seed)
+            sample = np.sort(rng.choice(n, size=size, replace=False)) if size < n else slice(None)
         info = IndexInfo(False, factory, size)
         if use_gpu():
             index = _to_gpu(index)
@@ -133,6 +160,29 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     )
 
 
+def edge_recall(
+    exact_sims: np.ndarray,
+    exact_ids: np.ndarray,
+    approx_ids: np.ndarray,
+    query_ids: np.ndarray,
+    threshold: float | None,
+) -> float | None:
+    """Recall of an approximate search against the exact one for the same queries.
+
+    With `threshold`: the share of exact neighbour pairs (self excluded, `query_ids` being the
+    queries' own ids) with similarity above it that the approximate search also returns, i.e. the
+    recall of graph edges; None when there are none. Without: the share of the exact top-k ids that
+    it returns.
+    """
+    found = (exact_ids[:, :, None] == approx_ids[:, None, :]).any(axis=2)
+    if threshold is None:
+        return float(found.mean())
+    edges = (exact_sims > threshold) & (exact_ids != np.asarray(query_ids)[:, None]) & (exact_ids >= 0)
+    if not edges.any():
+        return None
+    return float(found[edges].mean())
+
+
 def recall_against_exact(
     index: faiss.Index,
     xb: np.ndarray,
@@ -141,23 +191,19 @@ def recall_against_exact(
     threshold: float | None = None,
     sample_size: int = 1000,
     seed: int = 0,
+    ids: np.ndarray | None = None,
 ) -> float | None:
-    """Recall of `index` against brute force, for a random sample of the indexed rows as queries.
-
-    With `threshold`: the share of exact neighbour pairs (self excluded) with similarity above it
-    that the index also returns, i.e. the recall of graph edges; None when the sample has none.
-    Without: the share of the exact top-k ids that the index returns.
+    """Recall of `index` against brute force, for a sample of the indexed rows as queries (see
+    `edge_recall`). With `ids` (each row's image_id) the sample is the keyed one a sharded search
+    draws; without, a random one.
     """
     n = xb.shape[0]
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, size=min(sample_size, n), replace=False))
+    if ids is not None:
+        rows = keyed_sample(ids, sample_size, seed, KNN_RECALL_SAMPLE)
+    else:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, size=min(sample_size, n), replace=False))
     xq = xb[rows]
     exact_s, exact_i = exact_knn(xq, xb, k)
     _, approx_i = index.search(np.ascontiguousarray(xq), exact_i.shape[1])
-    found = (exact_i[:, :, None] == approx_i[:, None, :]).any(axis=2)
-    if threshold is None:
-        return float(found.mean())
-    edges = (exact_s > threshold) & (exact_i != rows[:, None]) & (exact_i >= 0)
-    if not edges.any():
-        return None
-    return float(found[edges].mean())
+    return edge_recall(exact_s, exact_i, approx_i, rows, threshold)

@@ -6,13 +6,21 @@ whose capacity is under the equal share is taken whole, and the rest split what 
 A child's capacity is its images times `max_repeats`, so an image repeats only when its cluster is
 too small to fill the share it is given. Integer remainders go one unit each to the children with
 the most capacity (ties: the smaller cluster id), so the total is exact.
+
+Over parts: `ClusterTree.of_labels` per part (cluster sizes and parents, merged), `leaf_budgets` on
+the driver (it grows with clusters), the `budget % size` extra picks per leaf as cutoffs of the
+keyed draw (`leaf_pick_keys`, chosen with `lvd.curation.selection`), then `leaf_repeats` per part.
+`balanced_sample` is the same on one table.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from lvd.curation.seeded import LEAF_PICK, keyed_uniform
+from lvd.curation.selection import Cutoffs
 
 
 def water_fill(capacity: np.ndarray, budget: int) -> np.ndarray:
@@ -53,6 +61,92 @@ def _group_by(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order, k[starts], np.stack([starts, ends], axis=1)
 
 
+@dataclass
+class ClusterTree:
+    """The hierarchy as the sampler needs it: points under each cluster of each level, and each
+    cluster's parent at the next level (-1 for clusters without points)."""
+
+    sizes: list[np.ndarray]  # level l: (k_l,) int64
+    parents: list[np.ndarray]  # level l < L-1: (k_l,) int64
+
+    @staticmethod
+    def of_labels(labels: np.ndarray) -> ClusterTree:
+        """The tree of some points (a part's), labels (n, L) finest level first."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.ndim == 1:
+            labels = labels[:, None]
+        sizes = [np.bincount(labels[:, lv]) for lv in range(labels.shape[1])]
+        parents = []
+        for lv in range(labels.shape[1] - 1):
+            parent = np.full(sizes[lv].size, -1, dtype=np.int64)
+            parent[labels[:, lv]] = labels[:, lv + 1]
+            parents.append(parent)
+        return ClusterTree(sizes, parents)
+
+    @staticmethod
+    def merge(a: ClusterTree, b: ClusterTree) -> ClusterTree:
+        def pad(x: np.ndarray, n: int, fill: int) -> np.ndarray:
+            return np.concatenate([x, np.full(n - x.size, fill, dtype=x.dtype)])
+
+        if len(a.sizes) != len(b.sizes):
+            raise ValueError(f"cluster labels with {len(a.sizes)} and {len(b.sizes)} levels")
+        sizes, parents = [], []
+        for lv, (x, y) in enumerate(zip(a.sizes, b.sizes, strict=True)):
+            n = max(x.size, y.size)
+            sizes.append(pad(x, n, 0) + pad(y, n, 0))
+            if lv < len(a.parents):
+                pa_, pb = pad(a.parents[lv], n, -1), pad(b.parents[lv], n, -1)
+                if np.any((pa_ >= 0) & (pb >= 0) & (pa_ != pb)):
+                    raise ValueError(f"a level-{lv} cluster has two parents")
+                parents.append(np.maximum(pa_, pb))
+        return ClusterTree(sizes, parents)
+
+
+def leaf_budgets(tree: ClusterTree, target: int, max_repeats: int) -> np.ndarray:
+    """Samples each leaf (level-0 cluster) gets: top-down water-filling of `target` over the tree."""
+    size = tree.sizes
+    # Top level: the root's children are the top clusters that hold points.
+    top = np.flatnonzero(size[-1])
+    budget = np.zeros(size[-1].size, dtype=np.int64)
+    budget[top] = water_fill(size[-1][top] * max_repeats, target)
+    for lv in range(len(size) - 2, -1, -1):
+        # Each level-lv cluster has one parent at lv + 1; split each parent's budget over its children.
+        children = np.flatnonzero(size[lv])
+        order, parents, spans = _group_by(tree.parents[lv][children])
+        child_budget = np.zeros(size[lv].size, dtype=np.int64)
+        for par, (a, b) in zip(parents, spans, strict=True):
+            if budget[par]:
+                kids = children[order[a:b]]
+                child_budget[kids] = water_fill(size[lv][kids] * max_repeats, int(budget[par]))
+        budget = child_budget
+    return budget
+
+
+def leaf_pick_keys(ids: np.ndarray, seed: int) -> np.ndarray:
+    """The keyed draw that orders a leaf's members for its extra picks (smallest first, ties by id)."""
+    return keyed_uniform(np.asarray(ids, dtype=np.int64), seed, LEAF_PICK)
+
+
+def extra_picks(budget: np.ndarray, leaf_sizes: np.ndarray) -> np.ndarray:
+    """Members of each leaf that get one copy more than budget // size: budget % size."""
+    return np.where(leaf_sizes > 0, budget % np.maximum(leaf_sizes, 1), 0)
+
+
+def leaf_repeats(
+    leaf: np.ndarray,
+    ids: np.ndarray,
+    budget: np.ndarray,
+    leaf_sizes: np.ndarray,
+    extra: Cutoffs,
+    seed: int,
+) -> np.ndarray:
+    """Copies of each point (of any part): budget // size of its leaf, plus one for the points within
+    their leaf's `extra` cutoff (the budget % size smallest keyed draws of the leaf)."""
+    leaf = np.asarray(leaf, dtype=np.int64)
+    base = budget[leaf] // np.maximum(leaf_sizes[leaf], 1)
+    return base + extra.members(leaf, leaf_pick_keys(ids, seed), ids)
+
+
 def balanced_sample(
     labels: np.ndarray,
     target: int,
@@ -72,36 +166,19 @@ def balanced_sample(
         labels = labels[:, None]
     if max_repeats < 1:
         raise ValueError(f"max_repeats must be >= 1, got {max_repeats}")
-    n, levels = labels.shape
+    n = labels.shape[0]
     if n == 0 or target <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    size = [np.bincount(labels[:, lv]) for lv in range(levels)]
-
-    # Top level: the root's children are the top clusters that hold points.
-    top = np.flatnonzero(size[-1])
-    budget = np.zeros(size[-1].size, dtype=np.int64)
-    budget[top] = water_fill(size[-1][top] * max_repeats, target)
-
-    for lv in range(levels - 2, -1, -1):
-        # Each level-lv cluster has one parent at lv + 1; split each parent's budget over its children.
-        children = np.flatnonzero(size[lv])
-        parent = np.zeros(size[lv].size, dtype=np.int64)
-        parent[labels[:, lv]] = labels[:, lv + 1]
-        order, parents, spans = _group_by(parent[children])
-        child_budget = np.zeros(size[lv].size, dtype=np.int64)
-        for par, (a, b) in zip(parents, spans, strict=True):
-            if budget[par]:
-                kids = children[order[a:b]]
-                child_budget[kids] = water_fill(size[lv][kids] * max_repeats, int(budget[par]))
-        budget = child_budget
+    tree = ClusterTree.of_labels(labels)
+    budget = leaf_budgets(tree, target, max_repeats)
 
     # Leaves: every member gets budget // size copies, and a seeded random budget % size of them one more.
     leaf = labels[:, 0]
     ids = np.arange(n) if ids is None else np.asarray(ids, dtype=np.int64)
-    order = np.lexsort((ids, keyed_uniform(ids, seed, LEAF_PICK), leaf))
+    order = np.lexsort((ids, leaf_pick_keys(ids, seed), leaf))
     sorted_leaf = leaf[order]
     rank = np.arange(n) - np.searchsorted(sorted_leaf, sorted_leaf, side="left")
-    b, s = budget[sorted_leaf], size[0][sorted_leaf]
+    b, s = budget[sorted_leaf], tree.sizes[0][sorted_leaf]
     repeats = b // s + (rank < b % s)
     drawn = repeats > 0
     rows = order[drawn]

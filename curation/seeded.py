@@ -38,3 +38,5 @@ def keyed_uniform(ids: np.ndarray, seed: int, stream: int) -> np.ndarray:
 KMEANS_SAMPLE = 1
 LEAF_PICK = 2
 SHARD_ORDER = 3
+KNN_TRAIN_SAMPLE = 4  # the vectors an IVF index is trained on
+KNN_RECALL_SAMPLE = 5  # the queries of the IVF recall check

@@ -15,6 +15,25 @@ from lvd.schemas.layout import RETRIEVAL, list_parts
 from lvd.schemas.tables import embeddings_schema
 
 
+def vector_dtype(dtype: str) -> type[np.floating]:
+    """The numpy type vectors of a model are stored in ("float16" | "float32" in the model spec)."""
+    return np.float16 if dtype == "float16" else np.float32
+
+
+def part_counts(path: str | Path) -> tuple[int, int]:
+    """(rows, rows with an error) of one embeddings part, from its footer when it has statistics."""
+    meta = pq.read_metadata(path)
+    column = meta.schema.names.index("error")
+    errors = 0
+    for rg in range(meta.num_row_groups):
+        stats = meta.row_group(rg).column(column).statistics
+        if stats is None or not stats.has_null_count:
+            err = pq.read_table(path, columns=["error"]).column("error")
+            return len(err), len(err) - err.null_count
+        errors += meta.row_group(rg).num_rows - stats.null_count
+    return meta.num_rows, errors
+
+
 def embeddings_table(
     image_ids: np.ndarray, vectors: np.ndarray, errors: list[str | None], model: str, dtype: str = "float16"
 ) -> pa.Table:
@@ -22,7 +41,7 @@ def embeddings_table(
     n, dim = vectors.shape
     if len(image_ids) != n or len(errors) != n:
         raise ValueError(f"{len(image_ids)} ids, {n} vectors and {len(errors)} errors")
-    np_dtype = np.float16 if dtype == "float16" else np.float32
+    np_dtype = vector_dtype(dtype)
     failed = np.array([e is not None for e in errors], dtype=bool)
     values = pa.array(np.ascontiguousarray(vectors, dtype=np_dtype).reshape(-1))
     column = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(failed))

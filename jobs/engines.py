@@ -67,12 +67,15 @@ def get_spark(spec: JobSpec):
         .config("spark.executor.memory", spec.spark.executor_memory)
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.shuffle.partitions", "8")
         .config("spark.python.worker.reuse", "true")
     )
     if spec.spark.master.startswith("local"):
-        builder = builder.config("spark.driver.bindAddress", "127.0.0.1").config(
-            "spark.driver.host", "127.0.0.1"
+        # One machine: a few shuffle partitions (a cluster keeps Spark's default; adaptive query
+        # execution merges small ones).
+        builder = (
+            builder.config("spark.sql.shuffle.partitions", "8")
+            .config("spark.driver.bindAddress", "127.0.0.1")
+            .config("spark.driver.host", "127.0.0.1")
         )
     for k, v in spec.spark.conf.items():
         builder = builder.config(k, v)

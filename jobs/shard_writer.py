@@ -94,9 +94,12 @@ def tar_bytes(members_bytes: int) -> int:
     return -(-(members_bytes + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
 
 
+# A sidecar's bytes besides its uri: its fixed fields take ~300 bytes, the uri dominates the rest.
+JSON_FIXED_BYTES = 400
+
+
 def _json_estimate(uri_len: np.ndarray) -> np.ndarray:
-    # The sidecar's fixed fields take ~300 bytes; the uri dominates the rest.
-    return tar_member_bytes(uri_len + 400)
+    return tar_member_bytes(uri_len + JSON_FIXED_BYTES)
 
 
 def _lookup(keys: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
@@ -149,15 +152,33 @@ def expand_samples(curated: pa.Table, images: pa.Table, clusters: pa.Table) -> p
 
 def count_shards(sample_bytes: np.ndarray, samples_per_shard: int, max_shard_bytes: int | None) -> int:
     """Shards needed for `samples_per_shard`, and for the byte target given the round-robin deal."""
-    n_samples = len(sample_bytes)
+    return shards_needed(
+        len(sample_bytes),
+        int(sample_bytes.sum()),
+        samples_per_shard,
+        max_shard_bytes,
+        lambda n: max(int(sample_bytes[i::n].sum()) for i in range(n)),
+    )
+
+
+def shards_needed(
+    n_samples: int,
+    total_bytes: int,
+    samples_per_shard: int,
+    max_shard_bytes: int | None,
+    largest_deal: Callable[[int], int],
+) -> int:
+    """`count_shards` for samples held elsewhere: `largest_deal(n)` is the largest byte sum over
+    the n round-robin residues of the sample order (samples i, i + n, i + 2n, ... for each i < n)."""
     if n_samples == 0:
         return 0
     n = -(-n_samples // samples_per_shard)
     if max_shard_bytes is None:
         return n
-    n = max(n, -(-int(sample_bytes.sum()) // max_shard_bytes))
+    # More shards than samples would only add empty shards at the end of the deal.
+    n = min(n_samples, max(n, -(-total_bytes // max_shard_bytes)))
     while n < n_samples:
-        largest = max(tar_bytes(int(sample_bytes[i::n].sum())) for i in range(n))
+        largest = tar_bytes(largest_deal(n))
         if largest <= max_shard_bytes:
             break
         n = min(n_samples, max(n + 1, int(n * largest / max_shard_bytes)))
@@ -207,13 +228,77 @@ def plan_shards(
     for s in range(n_shards):
         members = order[s::n_shards]
         shard[members] = s
-        position[members] = np.random.default_rng([seed, 2, s]).permutation(len(members))
+        position[members] = shard_positions(seed, s, len(members))
     final = np.lexsort((position, shard))
     plan = samples.take(pa.array(final))
     shard, position = pa.array(shard[final]), pa.array(position[final])
     plan = plan.append_column("shard", shard).append_column("position", position)
     plan = plan.append_column("key", sample_keys(shard, position, plan["image_id"], plan["repeat"]))
     return plan.select(PLAN.names).cast(PLAN)
+
+
+def shard_positions(seed: int, shard: int, n_members: int) -> np.ndarray:
+    """The position in shard `shard` of each of its members, members in deal order: a seeded shuffle."""
+    return np.random.default_rng([seed, 2, shard]).permutation(n_members)
+
+
+def image_order_key(image_id: np.ndarray, seed: int) -> np.ndarray:
+    """`spread_order`'s seeded per-image key as an int64 that sorts like the uint64 (top bit
+    flipped), for engines without unsigned integers (Spark)."""
+    return (keyed_bits(image_id, seed, SHARD_ORDER) ^ np.uint64(1 << 63)).view(np.int64)
+
+
+def place_in_shards(samples: pa.Table, seed: int) -> pa.Table:
+    """PLAN rows of whole shards, sorted by (shard, position), from samples that know their shard
+    and `deal_rank`, their index among the shard's members in deal order (as `plan_shards` deals).
+
+    What one executor does for the shards it holds: each shard's positions are its seeded shuffle.
+    """
+    if samples.num_rows == 0:
+        return PLAN.empty_table()
+    shard = samples["shard"].to_numpy()
+    rank = samples["deal_rank"].to_numpy()
+    by_rank = np.lexsort((rank, shard))
+    shard, rank = shard[by_rank], rank[by_rank]
+    starts = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]])
+    ends = np.r_[starts[1:], len(shard)]
+    position = np.empty(len(shard), dtype=np.int32)
+    for start, end in zip(starts, ends, strict=True):
+        if not np.array_equal(rank[start:end], np.arange(end - start)):
+            raise ValueError(f"shard {shard[start]}: members are not ranks 0 .. {end - start - 1}")
+        position[start:end] = shard_positions(seed, int(shard[start]), int(end - start))
+    by_position = np.lexsort((position, shard))
+    plan = samples.take(pa.array(by_rank[by_position]))
+    shard, position = pa.array(shard[by_position], pa.int32()), pa.array(position[by_position])
+    plan = plan.drop_columns(["shard"]).append_column("shard", shard).append_column("position", position)
+    plan = plan.append_column("key", sample_keys(shard, position, plan["image_id"], plan["repeat"]))
+    return plan.select(PLAN.names).cast(PLAN)
+
+
+def write_plan_file(plan: pa.Table, path: str | Path) -> None:
+    """PLAN rows of consecutive whole shards, sorted by (shard, position), as parquet with row
+    group i = the file's i-th shard, so that a shard's task reads only its own rows."""
+    path = Path(path)
+    shards = plan["shard"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]]) if len(shards) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(shards)].astype(int)
+    first = shards[0] if len(shards) else 0
+    if not np.array_equal(shards[starts], np.arange(first, first + len(starts))):
+        raise ValueError(f"{path.name}: shards of a plan file must be consecutive and sorted")
+    tmp = layout.temp_path(path)
+    try:
+        with pq.ParquetWriter(tmp, PLAN) as writer:
+            for start, end in zip(starts, ends, strict=True):
+                writer.write_table(plan.slice(start, end - start), row_group_size=1 << 30)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_plan_rows(path: str, row_group: int) -> list[dict[str, Any]]:
+    """One shard's plan rows: row group `row_group` of a plan file written by `write_plan_file`."""
+    with fsspec.open(path, "rb") as f:
+        return pq.ParquetFile(f).read_row_group(row_group).to_pylist()
 
 
 def _cluster_levels(cluster_ids: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:

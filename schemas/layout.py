@@ -8,6 +8,7 @@
     <output_dir>/<stage>/part-NNNNN-<model>.parquet   embeddings: one file per ingest part and model
     <output_dir>/<stage>/<name>.parquet          single-file tables (centroids)
     <output_dir>/<stage>/_<name>/                a stage's scratch (resume state), removed when done
+    <output_dir>/embed/_<name>/part-NNNNN/chunk-*.parquet   embed: vectors of a part not yet merged
     <output_dir>/shards/lvd-NNNNNN.tar           WebDataset shards, each with lvd-NNNNNN.parquet
     <output_dir>/shards/index.json, index.parquet   the dataset index, written last
 
@@ -99,6 +100,40 @@ def table_file(out_dir: str | Path, table: Table) -> Path:
 def scratch_dir(stage_folder: str | Path, name: str) -> Path:
     """A stage's working folder for resume state (edge chunks, plans); removed when the stage ends."""
     return Path(stage_folder) / f"_{name}"
+
+
+INGEST_PLAN = "_plan.json"  # ingest: fingerprint of the work units its parts were written for
+
+
+def embed_chunk_dir(scratch: str | Path, part: int) -> Path:
+    """The folder of one embeddings part's chunks (vectors not yet merged) in a scratch folder."""
+    return Path(scratch) / f"part-{part:05d}"
+
+
+def embed_chunk_path(scratch: str | Path, part: int, first_row: int, rows: int) -> Path:
+    """A chunk holding `rows` of a part's ok rows, the first being `first_row`: named by them so a
+    retried batch overwrites its own chunk."""
+    return embed_chunk_dir(scratch, part) / f"chunk-{first_row:09d}-{rows}.parquet"
+
+
+def list_embed_chunks(scratch: str | Path, part: int) -> list[Path]:
+    """The chunks of one part (temp files are hidden, so never listed)."""
+    return sorted(embed_chunk_dir(scratch, part).glob("chunk-*.parquet"))
+
+
+# A sharded kNN search's settled facts (database size, index kind, recall), beside its result parts.
+SEARCH_STATE = "_search.json"
+
+
+def bucket_dir(folder: str | Path, bucket: int) -> Path:
+    """One bucket of a shuffle by key (exact dedup by content hash, curated rows by image id range): its
+    parts go here, one per writer."""
+    return Path(folder) / f"bucket-{bucket:05d}"
+
+
+def list_buckets(folder: str | Path) -> list[Path]:
+    """The bucket folders under `folder`, in bucket order."""
+    return sorted(p for p in Path(folder).glob("bucket-*") if p.is_dir())
 
 
 # ---------------------------------------------------------------- parts
@@ -199,3 +234,18 @@ def shard_pattern(n_shards: int) -> str:
 
 def shards_dir(out_dir: str | Path) -> Path:
     return table_dir(out_dir, SHARDS)
+
+
+# ---------------------------------------------------------------- the shard plan (shards stage scratch)
+
+SHARD_PLAN = "plan"  # scratch name of the shards stage: <output_dir>/shards/_plan/
+
+
+def shard_plan_ordered(plan_dir: str | Path) -> Path:
+    """Spark's parquet folder of every sample in deal order (with its sort partition and row)."""
+    return Path(plan_dir) / "ordered"
+
+
+def shard_plan_file(plan_dir: str | Path, index: int) -> Path:
+    """Plan file `index`: the plan rows of a run of consecutive shards, one row group per shard."""
+    return Path(plan_dir) / f"plan-{index:06d}.parquet"

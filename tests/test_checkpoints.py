@@ -224,3 +224,42 @@ def test_missing_file_and_garbage_are_clear_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="junk.pth"):
         load_backbone(tmp_path / "junk.pth")
+
+
+class _RunsCode:
+    """Unpickling this calls `Path.touch` on the marker file: a stand-in for arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _booby_trapped(tmp_path, payload_key: str = "teacher"):
+    from lvd.training.train import CHECKPOINT_FORMAT
+
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"format": CHECKPOINT_FORMAT, payload_key: _RunsCode(str(marker))}, path)
+    return path, marker
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tmp_path):
+    """Embedding weights, `lvd eval knn` backbones and pretraining resume all load with weights_only."""
+    from lvd.training.knn_eval import load_eval_backbone
+    from lvd.training.train import CheckpointRefused, load_checkpoint
+
+    path, marker = _booby_trapped(tmp_path)
+    with pytest.raises(CheckpointRefused, match="could run code"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointRefused, match="evil.pth"):
+        load_eval_backbone(path)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_backbone(path)
+    assert not marker.exists()
+    # The same file unpickled without the guard does run its code: the test's payload is real.
+    torch.load(path, weights_only=False)
+    assert marker.exists()

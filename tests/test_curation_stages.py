@@ -1,5 +1,7 @@
 """dedup -> cluster -> retrieve -> sample drivers on a hand-made images + embeddings table."""
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +14,7 @@ from lvd.schemas import layout
 from lvd.schemas.job_spec import parse_job_spec
 from lvd.schemas.tables import (
     CENTROIDS,
+    DEDUP,
     IMAGES,
     embeddings_schema,
     write_parquet_atomic,
@@ -98,7 +101,11 @@ def world(tmp_path):
             )
             for i in ids
         ]
-    write_parquet_atomic(_images(rows), layout.table_part(tmp_path / "out", layout.IMAGES, 0), IMAGES)
+    # Ingest part 0 holds the pool, part 1 the seed and eval sets; embed part i holds part i's vectors.
+    for i, part_rows in enumerate([rows[:N_POOL], rows[N_POOL:]]):
+        write_parquet_atomic(
+            _images(part_rows), layout.table_part(tmp_path / "out", layout.IMAGES, i), IMAGES
+        )
 
     # retrieval vectors: 3 blobs of 40 pool images in 32-d; copy-detection vectors: random 128-d
     centers = normalize(rng.standard_normal((3, 32)))
@@ -166,7 +173,7 @@ def _run_all(spec, out):
     }
 
 
-def test_stages_on_a_tiny_pool(world):
+def test_stages_on_a_tiny_pool(ray_local, world):
     spec, out, retr, pool_ids = world
     s = _run_all(spec, out)
 
@@ -237,7 +244,7 @@ def test_stages_on_a_tiny_pool(world):
     assert s["sample"].images == len(by_id) and s["sample"].retrieved == len(retrieved_ids)
 
 
-def test_rerun_is_deterministic(world, tmp_path):
+def test_rerun_is_deterministic(ray_local, world, tmp_path):
     spec, out, _, _ = world
     _run_all(spec, out)
     tables = (layout.DEDUP, layout.CLUSTERS, layout.RETRIEVED, layout.CURATED)
@@ -246,5 +253,54 @@ def test_rerun_is_deterministic(world, tmp_path):
     _run_all(spec, out)
     for t, table in first.items():
         assert layout.read_table(out, t).equals(table), t.name
-        assert len(layout.list_parts(layout.table_dir(out, t))) == (3 if t == layout.RETRIEVED else 1)
+        # dedup: one part per ingest part (the seed/eval part's is empty); retrieve: one per seed set
+        want_parts = {layout.DEDUP: 2, layout.RETRIEVED: 3}.get(t, 1)
+        assert len(layout.list_parts(layout.table_dir(out, t))) == want_parts
     assert layout.read_table(out, layout.CENTROIDS).equals(cent)
+
+
+def _split_pool_parts(src, dst, rng):
+    """A copy of a job's output whose pool retrieval vectors lie in three embed parts (numbers 0, 2
+    and 3; the seeds stay in 1), with DEDUP dealt into parts of the same numbers (1: empty)."""
+    shutil.copytree(src, dst)
+    pool = pq.read_table(layout.table_part(dst, layout.EMBEDDINGS, 0, "retrieval"))
+    dedup_rows = layout.read_table(dst, layout.DEDUP)
+    layout.table_part(dst, layout.DEDUP, 0).unlink()
+    pieces = np.array_split(rng.permutation(pool.num_rows), 3)
+    for number, rows in zip((0, 2, 3), pieces, strict=True):
+        part = pool.take(pa.array(rows))
+        write_parquet_atomic(
+            part, layout.table_part(dst, layout.EMBEDDINGS, number, "retrieval"), part.schema
+        )
+        mine = dedup_rows.filter(pa.compute.is_in(dedup_rows["image_id"], part["image_id"]))
+        write_parquet_atomic(mine, layout.table_part(dst, layout.DEDUP, number), DEDUP)
+    write_parquet_atomic(DEDUP.empty_table(), layout.table_part(dst, layout.DEDUP, 1), DEDUP)
+
+
+def test_cluster_and_sample_over_several_parts_equal_one_part(ray_local, world, tmp_path, monkeypatch):
+    """The per-part passes see only parts: the same clusters, centroids, retrievals and curated rows
+    whether the pool's vectors come in one part or in three (dedup parts lining up with them), and
+    whatever the number of curated buckets."""
+    spec, out, _, _ = world
+    _run(spec, out, "dedup", dedup)
+    split = tmp_path / "split"
+    _split_pool_parts(out, split, np.random.default_rng(5))
+    stages = (("cluster", cluster), ("retrieve", retrieve), ("sample", sample))
+    for name, m in stages:
+        _run(spec, out, name, m)
+    monkeypatch.setattr(sample, "ROWS_PER_BUCKET", 7)  # the split run merges in several buckets
+    for name, m in stages:
+        _run(spec, split, name, m)
+    assert [layout.part_index(p) for p in layout.list_parts(layout.table_dir(split, layout.CLUSTERS))] == [
+        0,
+        2,
+        3,
+    ]
+    for t in (layout.CLUSTERS, layout.RETRIEVED):
+        one, three = (layout.read_table(f, t).sort_by("image_id") for f in (out, split))
+        assert three.equals(one), t.name
+    assert layout.read_table(split, layout.CENTROIDS).equals(layout.read_table(out, layout.CENTROIDS))
+    curated_parts = layout.list_parts(layout.table_dir(split, layout.CURATED))
+    assert len(curated_parts) > 3
+    # parts in order are sorted by image_id like the one-part table, and hold the same rows
+    assert layout.read_table(split, layout.CURATED).equals(layout.read_table(out, layout.CURATED))

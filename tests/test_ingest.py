@@ -23,6 +23,7 @@ from PIL import Image
 from lvd.curation.image_io import read_image_bytes
 from lvd.curation.ingest import (
     SourceError,
+    SourceSet,
     WorkUnit,
     check_sources,
     expand_braces,
@@ -341,7 +342,7 @@ def test_stage_resumes_without_duplicates_and_recreates_a_lost_part(
     fourth = stage.run(ctx)
     assert fourth.parts == fourth.parts_written == 5
     assert sorted(layout.read_table(ctx.out_dir, layout.IMAGES).column("image_id").to_pylist()) == ids
-    assert json.loads((ctx.stage_dir / "_plan.json").read_text())["units"] == 5
+    assert json.loads((ctx.stage_dir / layout.INGEST_PLAN).read_text())["units"] == 5
 
 
 def test_ok_rows_decode_from_their_recorded_location(tmp_path, image_bytes):
@@ -376,3 +377,157 @@ def test_mangled_images_never_raise(image_bytes):
         assert probe["status"] in ("ok", "error") and (probe["status"] == "ok") == (probe["error"] is None)
         statuses.add(probe["status"])
     assert "error" in statuses
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing on workers: the same units as the serial listing
+
+
+def _serial_units(sources: list[Source], dataset: str, files_per_part: int) -> list[WorkUnit]:
+    """The listing as it was before it ran on workers: one `find` per folder, in this process."""
+    from lvd.curation.ingest import (
+        IMAGE_EXTENSIONS,
+        _canonical,
+        _exists,
+        _ext,
+        _kind_of,
+        _missing_kind,
+        _pattern_matches,
+    )
+
+    def folder_files(match, every_file):
+        files = []
+        for fs_path, info in match.fs.find(match.fs_path, withdirs=False, detail=True).items():
+            is_file = info.get("type") == "file" or (info.get("islink") and info.get("type") != "directory")
+            if not Path(fs_path).name.startswith(".") and is_file:
+                if every_file or _ext(fs_path) in IMAGE_EXTENSIONS:
+                    files.append(_canonical(match.fs, fs_path))
+        return sorted(files)
+
+    seen: set[str] = set()
+    units, loose = [], []
+
+    def fresh(paths):
+        new = [p for p in paths if p not in seen]
+        seen.update(new)
+        return new
+
+    def chunks(paths):
+        return [tuple(paths[i : i + files_per_part]) for i in range(0, len(paths), files_per_part)]
+
+    for src in sources:
+        for match in [m for p in expand_braces(src.uri) for m in _pattern_matches(p)]:
+            kind = _kind_of(match, src.kind) if _exists(match) else _missing_kind(match, src.kind)
+            if kind == "folder":
+                files = fresh(folder_files(match, src.kind == "folder"))
+                units += [WorkUnit(dataset, "files", c) for c in chunks(files)]
+            elif kind in ("tar", "parquet"):
+                if fresh([match.path]):
+                    units.append(WorkUnit(dataset, kind, (match.path,), src.image_column))
+            elif kind == "file":
+                loose += fresh([match.path])
+    return units + [WorkUnit(dataset, "files", c) for c in chunks(sorted(loose))]
+
+
+@pytest.fixture
+def nested_sources(tmp_path, tiny_images, image_bytes):
+    """A deep folder (hidden files and folders, sidecars, symlinks, names that sort across levels),
+    tars by a brace pattern with one missing, a glob overlapping the folder, a parquet, loose files."""
+    root = tmp_path / "deep"
+    for k, sub in enumerate(["a", "a-b", "a/x", "a/x/y/z", "b", ".hidden", "c/d/e/f/g", "c/d/e2"]):
+        tiny_images(root / sub, 1 + k % 3, seed=10 * k)
+    tiny_images(root, 2, fmt="jpg", seed=99)  # files at the top level, beside the folders
+    (root / "a.png").write_bytes(image_bytes("png", seed=98))  # sorts between a-b/ and a/
+    (root / "a" / ".secret.png").write_bytes(image_bytes("png", seed=97))  # hidden: not listed
+    (root / "a" / "x" / "meta.json").write_text("{}")  # sidecar: not an image
+    os.symlink(root / "b", root / "c" / "link-to-b")  # a folder symlink: not followed
+    os.symlink(tmp_path / "gone.png", root / "c" / "broken.png")  # a broken one: a row
+    (root / "empty" / "deeper").mkdir(parents=True)
+    for i in (0, 1, 3):
+        with tarfile.open(tmp_path / f"s-{i:02d}.tar", "w"):
+            pass
+    pq.write_table(pa.table({"image": [image_bytes("png", seed=5)]}), tmp_path / "t.parquet")
+    tiny_images(tmp_path / "loose", 3, seed=50)
+    return [
+        Source(uri=str(root)),
+        Source(uri=str(root / "a" / "x" / "*.png")),  # listed again: once only
+        Source(uri=str(tmp_path / "s-{00..03}.tar")),  # s-02.tar is missing: a unit all the same
+        Source(uri=str(tmp_path / "t.parquet")),
+        Source(uri=str(tmp_path / "loose" / "*.png")),
+        Source(uri=str(root / "a"), kind="folder"),  # every file: only the sidecar is new
+    ]
+
+
+def test_listing_split_over_tasks_gives_the_serial_units(nested_sources, tmp_path, monkeypatch):
+    from lvd.curation.ingest import list_folder_level, list_folder_tree, map_in_process, plan_work_units
+
+    expected = _serial_units(nested_sources, "pool", files_per_part=4)
+    assert [u.kind for u in expected].count("tar") == 4 and expected[-1].paths[0].startswith(
+        str(tmp_path / "loose")
+    )
+    calls: dict[str, int] = {}
+
+    def counting(fn, groups):
+        calls[fn.__name__] = calls.get(fn.__name__, 0) + len(groups)
+        return map_in_process(fn, groups)
+
+    for parallelism in (1, 2, 8, 64):  # more parallelism: folders split into more, deeper subtrees
+        calls.clear()
+        units = list_work_units(nested_sources, "pool", 4, mapper=counting, parallelism=parallelism)
+        assert units == expected, parallelism
+        assert calls.get(list_folder_level.__name__, 0) >= 1
+    assert calls[list_folder_tree.__name__] > 1  # subtrees went to several tasks
+
+    # Several datasets in one plan: the same as listing each on its own, in set order.
+    sets = [SourceSet("pool", nested_sources[:3]), SourceSet("seed:s", nested_sources[2:])]
+    assert plan_work_units(sets, 4, parallelism=4) == (
+        _serial_units(nested_sources[:3], "pool", 4) + _serial_units(nested_sources[2:], "seed:s", 4)
+    )
+
+
+def test_listing_on_ray_workers_gives_the_serial_units(nested_sources, ray_local):
+    from lvd.curation.ingest import plan_work_units
+    from lvd.jobs.stages.ingest import ray_mapper
+
+    expected = _serial_units(nested_sources, "eval:e", files_per_part=3)
+    units = plan_work_units([SourceSet("eval:e", nested_sources)], 3, mapper=ray_mapper, parallelism=4)
+    assert units == expected
+
+
+def test_plan_fingerprint_is_the_json_of_the_plan(tmp_path, tiny_images):
+    from lvd.jobs.stages.ingest import _plan_fingerprint, plan_units
+
+    tiny_images(tmp_path / "pool", 5)
+    spec = _spec(tmp_path, files_per_part=2).model_copy(update={"seeds": [], "eval_sets": []})
+    spec = spec.model_copy(update={"pool": [Source(uri=str(tmp_path / "pool"))]})
+    units = plan_units(spec)
+    blob = json.dumps(
+        {
+            "units": [u.to_dict() for u in units],
+            "max_pixels": spec.ingest.max_pixels,
+            "max_bytes": spec.ingest.max_bytes,
+        },
+        sort_keys=True,
+    )  # how the fingerprint was computed before it was fed unit by unit: resumes keep their parts
+    assert _plan_fingerprint(units, spec) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert (
+        _plan_fingerprint([], spec)
+        == hashlib.sha256(
+            json.dumps(
+                {"units": [], "max_pixels": 89_478_485, "max_bytes": 64 << 20}, sort_keys=True
+            ).encode()
+        ).hexdigest()[:16]
+    )
+
+
+def test_stage_rejects_a_missing_source_by_name_before_any_part(tmp_path, tiny_images, ray_local):
+    from lvd.jobs.stages import ingest as stage
+
+    tiny_images(tmp_path / "pool", 2)
+    tiny_images(tmp_path / "eval", 1)
+    (tmp_path / "shard.tar").write_bytes(b"")
+    spec = _spec(tmp_path, files_per_part=2)  # no seed folder
+    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage=stage.STAGE)
+    with pytest.raises(SourceError, match=r"seed set 's' source '.*/seed': no such file or folder"):
+        stage.run(ctx)
+    assert not layout.list_parts(ctx.stage_dir)

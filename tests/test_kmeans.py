@@ -1,10 +1,26 @@
 import logging
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from lvd.curation.kmeans import hierarchical_kmeans, kmeans, kmeans_assign, kmeans_fit, mean_by_label
+from lvd.curation import selection
+from lvd.curation.kmeans import (
+    hierarchical_kmeans,
+    kmeans,
+    kmeans_assign,
+    kmeans_fit,
+    level_labels,
+    mean_by_label,
+)
 from lvd.curation.knn import normalize
+from lvd.curation.stage_io import load_vectors
+from lvd.curation.vector_parts import read_labels, read_part_vectors
+from lvd.jobs.kmeans_parts import hierarchical_kmeans_over_parts, kept_pool_parts, kmeans_over_parts
+from lvd.jobs.workers import LocalFanout
+from lvd.schemas import layout
+from lvd.schemas.tables import DEDUP, embeddings_schema, write_parquet_atomic
 
 
 def _blobs(rng, centers, per, spread):
@@ -152,3 +168,218 @@ def test_resampling_on_degenerate_data_keeps_a_valid_clustering(caplog):
     assert "resampling found only" in caplog.text
     # every point sits on its nearest centroid: the two distinct points end in different clusters
     assert res.labels[0] != res.labels[-1] and np.allclose(res.distance, 0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- k-means over parts
+
+
+def _write_embed_parts(folder, ids, x, parts, rng, model="retrieval"):
+    """`x` (rows keyed by `ids`) as float16 embedding parts in a random split; returns their paths."""
+    paths = []
+    for i, rows in enumerate(np.array_split(rng.permutation(len(ids)), parts)):
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel().astype(np.float16)), x.shape[1])
+        table = pa.table(
+            {
+                "image_id": pa.array(ids[rows]),
+                "model": [model] * len(rows),
+                "vector": vec,
+                "error": [None] * len(rows),
+            },
+            schema=embeddings_schema(x.shape[1]),
+        )
+        paths.append(layout.part_path(folder, i, model))
+        write_parquet_atomic(table, paths[-1], table.schema)
+    return paths
+
+
+def _write_dedup_parts(folder, embed_paths, kept, shuffle=None):
+    """One DEDUP part per embed part (same number), or, with `shuffle`, the same rows dealt at random."""
+    tables = []
+    for p in embed_paths:
+        ids = pq.read_table(p, columns=["image_id"])["image_id"].to_numpy()
+        tables.append(
+            pa.table(
+                {
+                    "image_id": pa.array(ids),
+                    "component_id": pa.array(ids),
+                    "keep": pa.array(np.isin(ids, kept)),
+                    "reason": pa.nulls(len(ids), pa.string()),
+                    "duplicate_of": pa.nulls(len(ids), pa.int64()),
+                },
+                schema=DEDUP,
+            )
+        )
+    if shuffle is not None:
+        whole = pa.concat_tables(tables)
+        order = shuffle.permutation(whole.num_rows)
+        tables = [whole.take(pa.array(s)) for s in np.array_split(order, len(tables))]
+    paths = [layout.part_path(folder, layout.part_index(p)) for p in embed_paths]
+    for t, p in zip(tables, paths, strict=True):
+        write_parquet_atomic(t, p, DEDUP)
+    return paths
+
+
+def _pool(rng, n=3000, d=16, centers=12):
+    c = rng.standard_normal((centers, d))
+    x = (c[rng.integers(0, centers, n)] + 0.7 * rng.standard_normal((n, d))).astype(np.float32)
+    return rng.choice(2**62, n, replace=False).astype(np.int64), x
+
+
+def _labels_of(result):
+    """(ids, labels, distances) of all label parts, in id order."""
+    got = [read_labels(p) for p in result.label_parts]
+    ids = np.concatenate([g[0] for g in got])
+    order = np.argsort(ids)
+    return ids[order], np.concatenate([g[1] for g in got])[order], np.concatenate([g[2] for g in got])[order]
+
+
+@pytest.mark.parametrize(
+    "assign_dtype,steps,cap,force_histograms",
+    [
+        ("bfloat16", 0, 256, False),
+        ("bfloat16", 2, 256, False),
+        ("bfloat16", 3, 20, True),
+        ("float32", 2, 30, True),
+    ],
+)
+def test_kmeans_over_parts_equals_kmeans(tmp_path, monkeypatch, assign_dtype, steps, cap, force_histograms):
+    """Several parts, a fit sample capped below n, resampling steps (the r nearest found by histogram
+    passes when forced): the same centroids, labels and distances as the whole-table k-means."""
+    histograms = []
+    if force_histograms:
+        monkeypatch.setattr(selection, "COLLECT_MIN", 50)
+        monkeypatch.setattr(selection, "COLLECT_PER_GROUP", 4)
+        real = selection.Selection.add_histograms
+        monkeypatch.setattr(
+            selection.Selection, "add_histograms", lambda self, h: histograms.append(1) or real(self, h)
+        )
+    rng = np.random.default_rng(7)
+    ids, x = _pool(rng)
+    paths = _write_embed_parts(tmp_path / "embed", ids, x, 5, rng)
+    ref_ids, ref_x = load_vectors(paths, "retrieval", ids)
+    ref = kmeans(
+        ref_x,
+        10,
+        ids=ref_ids,
+        resampling_steps=steps,
+        max_points_per_centroid=cap,
+        seed=3,
+        assign_dtype=assign_dtype,
+    )
+    fanout = LocalFanout()
+    parts, counts = kept_pool_parts(paths, "retrieval", None, fanout=fanout)
+    got = kmeans_over_parts(
+        parts,
+        10,
+        tmp_path / "labels",
+        n=sum(counts),
+        resampling_steps=steps,
+        max_points_per_centroid=cap,
+        seed=3,
+        assign_dtype=assign_dtype,
+        fanout=fanout,
+    )
+    got_ids, labels, dist = _labels_of(got)
+    assert np.array_equal(got_ids, ref_ids) and got.images == len(ids)
+    if assign_dtype == "bfloat16":  # row-by-row the same whatever the chunk: exactly equal
+        assert np.array_equal(got.centroids, ref.centroids) and np.array_equal(dist, ref.distance)
+    else:  # FAISS float32: a distance may differ in its last bit with the chunk's size
+        assert np.allclose(got.centroids, ref.centroids, atol=1e-6) and np.allclose(
+            dist, ref.distance, atol=1e-6
+        )
+    assert np.array_equal(labels, ref.labels)
+    assert np.array_equal(got.sizes, np.bincount(ref.labels, minlength=10))
+    assert bool(histograms) == force_histograms
+
+
+def test_hierarchical_over_parts_equals_hierarchical(tmp_path):
+    rng = np.random.default_rng(8)
+    ids, x = _pool(rng, n=2500, d=24, centers=20)
+    paths = _write_embed_parts(tmp_path / "embed", ids, x, 4, rng)
+    ref_ids, ref_x = load_vectors(paths, "retrieval", ids)
+    levels = [(16, 2), (5, 2), (2, 0)]
+    ref = hierarchical_kmeans(
+        ref_x, levels, seed=5, assign_dtype="bfloat16", ids=ref_ids, max_points_per_centroid=40
+    )
+    fanout = LocalFanout()
+    parts, counts = kept_pool_parts(paths, "retrieval", None, fanout=fanout)
+    got = hierarchical_kmeans_over_parts(
+        parts,
+        levels,
+        tmp_path / "labels",
+        n=sum(counts),
+        seed=5,
+        assign_dtype="bfloat16",
+        max_points_per_centroid=40,
+        fanout=fanout,
+    )
+    assert got.ks == ref.ks == [16, 5, 2]
+    assert all(np.array_equal(a, b) for a, b in zip(got.centroids, ref.centroids, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(got.parents, ref.parents, strict=True))
+    assert all(np.array_equal(got.sizes[lv], ref.sizes(lv)) for lv in range(3))
+    _, labels, dist = _labels_of(got)
+    assert np.array_equal(level_labels(labels, got.parents), ref.labels)
+    assert np.array_equal(dist, ref.distance)
+
+
+def test_kept_pool_from_aligned_and_unaligned_dedup_parts(tmp_path, caplog):
+    """Kept points are the same whether each worker reads the dedup part of its number (aligned),
+    every dedup part (numbers differ), or finds that same-numbered parts do not line up."""
+    rng = np.random.default_rng(9)
+    ids, x = _pool(rng, n=400)
+    x[5] = np.nan  # a failed embed: no vector
+    paths = _write_embed_parts(tmp_path / "embed", ids, x, 4, rng)
+    kept = ids[rng.random(400) < 0.7]
+    want, _ = load_vectors(paths, "retrieval", kept)
+    fanout = LocalFanout()
+    cases = {
+        "aligned": _write_dedup_parts(tmp_path / "aligned", paths, kept),
+        "shuffled": _write_dedup_parts(tmp_path / "shuffled", paths, kept, shuffle=rng),
+        "one part": [_write_one_dedup(tmp_path / "one", paths, kept)],
+    }
+    for name, dedup in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lvd"):
+            parts, counts = kept_pool_parts(paths, "retrieval", dedup, fanout=fanout)
+        got = np.sort(np.concatenate([read_part_vectors(p)[0] for p in parts]))
+        assert np.array_equal(got, want) and sum(counts) == want.size, name
+        assert ("do not line up" in caplog.text) == (name == "shuffled"), name
+        assert all(p.by_number for p in parts) == (name == "aligned"), name
+
+
+def _write_one_dedup(folder, embed_paths, kept):
+    ids = np.concatenate([pq.read_table(p, columns=["image_id"])["image_id"].to_numpy() for p in embed_paths])
+    table = pa.table(
+        {
+            "image_id": pa.array(ids),
+            "component_id": pa.array(ids),
+            "keep": pa.array(np.isin(ids, kept)),
+            "reason": pa.nulls(len(ids), pa.string()),
+            "duplicate_of": pa.nulls(len(ids), pa.int64()),
+        },
+        schema=DEDUP,
+    )
+    path = layout.part_path(folder, 0)
+    write_parquet_atomic(table, path, DEDUP)
+    return path
+
+
+def test_kmeans_over_parts_on_ray_equals_in_process(ray_local, tmp_path):
+    rng = np.random.default_rng(10)
+    ids, x = _pool(rng, n=1500)
+    paths = _write_embed_parts(tmp_path / "embed", ids, x, 3, rng)
+    results = []
+    for name, fanout in (("local", LocalFanout()), ("ray", None)):
+        parts, counts = kept_pool_parts(paths, "retrieval", None, fanout=fanout)
+        res = kmeans_over_parts(
+            parts,
+            8,
+            tmp_path / name,
+            n=sum(counts),
+            resampling_steps=1,
+            max_points_per_centroid=50,
+            assign_dtype="bfloat16",
+            fanout=fanout,
+        )
+        results.append((res.centroids, *_labels_of(res)))
+    assert all(np.array_equal(a, b) for a, b in zip(*results, strict=True))

@@ -1,15 +1,23 @@
-"""kNN search on Ray actors gives exactly the in-process results (flat and IVF), and so does dedup."""
+"""kNN search on Ray actors gives exactly the in-process results (flat and IVF), and so does dedup;
+the sharded search over parts equals one index over the whole database."""
+
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from test_curation_stages import _run, world  # noqa: F401  (world is a fixture)
 
-from lvd.curation import knn_ray
-from lvd.curation.knn import build_index, normalize, search
-from lvd.curation.knn_ray import search_chunks_parallel, search_parallel
+from lvd.curation.knn import build_index, normalize, recall_against_exact, search
+from lvd.curation.knn_ray import search_chunks_parallel, search_parallel, search_parts
+from lvd.curation.knn_sharded import Shard, TopKWriter, VectorPart, merge_topk, read_vector_part
 from lvd.curation.retrieval import retrieve_by_sample
 from lvd.jobs.stages import dedup
 from lvd.schemas import layout
+from lvd.schemas.job_spec import RetrievalSpec
+from lvd.schemas.tables import embeddings_schema, write_parquet_atomic
 
 N, DIM, K, CHUNK = 4000, 32, 10, 300
 
@@ -53,26 +61,109 @@ def test_empty_queries(ray_local, vectors):
     assert d.shape == (0, K) and i.shape == (0, K)
 
 
-def test_dedup_stage_same_with_search_actors(ray_local, world, monkeypatch):  # noqa: F811
+def test_dedup_stage_same_with_one_or_two_shards(ray_local, world):  # noqa: F811
     spec, out, _, _ = world
-    calls = []  # the actor path must really run: copy detection and eval overlap
-    for name in ("search_chunks_parallel", "search_parallel"):
-        real = getattr(knn_ray, name)
-        monkeypatch.setattr(
-            knn_ray, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)
-        )
     tables = {}
-    for actors in (0, 2):
-        # small chunks so both actors get work
+    for actors in (1, 2):
+        # small chunks so every query part sends several chunks to both shards
         s = spec.model_copy(
             update={"dedup": spec.dedup.model_copy(update={"chunk_size": 16, "search_actors": actors})}
         )
         summary = _run(s, out, "dedup", dedup)
+        assert summary.shards == actors and summary.copy == 1 and summary.eval_overlap == 1
         tables[actors] = layout.read_table(out, layout.DEDUP)
-    assert summary.copy == 1 and summary.eval_overlap == 1
-    assert tables[2].equals(tables[0])
-    # copy detection streams chunks; eval overlap collects them (search_parallel streams too)
-    assert calls == ["search_chunks_parallel", "search_parallel", "search_chunks_parallel"]
+    assert tables[2].equals(tables[1])
+
+
+def _write_vector_parts(root: Path, n_parts: int, per_part: int, dim: int, seed: int) -> list[Path]:
+    """Embed parts of random vectors (ids random, not sorted by part) and, beside each, a rows file
+    with a `keep` flag (about 80% kept), like a DEDUP part."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(2**40, size=n_parts * per_part, replace=False).astype(np.int64)
+    x = normalize(rng.standard_normal((ids.size, dim))).astype(np.float16)
+    paths = []
+    for p in range(n_parts):
+        sel = slice(p * per_part, (p + 1) * per_part)
+        emb = pa.table(
+            {
+                "image_id": pa.array(ids[sel]),
+                "model": ["retrieval"] * per_part,
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(x[sel].ravel()), dim),
+                "error": pa.nulls(per_part, pa.string()),
+            },
+            schema=embeddings_schema(dim),
+        )
+        path = layout.part_path(root / "embed", p, "retrieval")
+        write_parquet_atomic(emb, path, emb.schema)
+        keep = pa.table({"image_id": pa.array(ids[sel]), "keep": pa.array(rng.random(per_part) < 0.8)})
+        (root / "kept").mkdir(exist_ok=True)
+        pq.write_table(keep, layout.part_path(root / "kept", p))
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("build", ["flat", "ivf"])
+def test_search_parts_top_k_equals_one_index(ray_local, tmp_path, build, shards):
+    """The retrieval contract: top-k rows of every query part equal one in-process index's over the
+    whole database (ids, ranks and scores), the database limited to the kept images of each part."""
+    embed = _write_vector_parts(tmp_path, n_parts=4, per_part=700, dim=DIM, seed=1)
+    database = [
+        VectorPart(p, rows=layout.part_path(tmp_path / "kept", i), where=pc.field("keep"))
+        for i, p in enumerate(embed)
+    ]
+    queries = [VectorPart(embed[0]), VectorPart(embed[3])]
+    spec = RetrievalSpec(
+        chunk_size=CHUNK,
+        search_actors=shards,
+        nprobe=4,
+        index="IVF32,Flat",
+        exact_below=0 if build == "ivf" else 10**6,
+    )
+    result = search_parts(queries, database, K, spec, write=TopKWriter(tmp_path / "topk"))
+    assert (result.shards, result.exact, result.queries) == (shards, build == "flat", 1400)
+
+    parts = [read_vector_part(p) for p in database]
+    db_ids, db_vec = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    assert result.database == db_ids.size < 4 * 700
+    index, _ = build_index(
+        db_vec, factory=spec.index, exact_below=spec.exact_below, nprobe=spec.nprobe, ids=db_ids
+    )
+    for i, part in enumerate(queries):
+        q_ids, q_vec = read_vector_part(part)
+        sims, pos = search(index, q_vec, K)
+        got = pq.read_table(TopKWriter(tmp_path / "topk").output(i))
+        assert got["query_id"].to_numpy().tolist() == np.repeat(q_ids, K).tolist()
+        assert got["rank"].to_numpy().tolist() == np.tile(np.arange(K), q_ids.size).tolist()
+        assert got["image_id"].to_numpy().tolist() == db_ids[pos].ravel().tolist()
+        np.testing.assert_allclose(got["score"].to_numpy(), sims.ravel(), rtol=1e-6)
+    if build == "ivf":
+        assert result.recall is not None and 0.5 < result.recall < 1  # nprobe 4 of 32 lists
+        assert result.recall == recall_against_exact(index, db_vec, K, ids=db_ids)
+
+
+def test_plain_shards_merge_like_one_flat_index(vectors):
+    """Without Ray: two `Shard`s, their answers merged per query, equal one flat index."""
+    ids = np.arange(N, dtype=np.int64) * 7 + 3
+    shards = [
+        Shard.from_vectors(ids[: N // 3], vectors[: N // 3]),
+        Shard.from_vectors(ids[N // 3 :], vectors[N // 3 :]),
+    ]
+    for shard in shards:
+        shard.build(None, 1)
+    sims, got = merge_topk([s.search(vectors[:50], K) for s in shards], K)
+    index, _ = build_index(vectors, exact_below=N + 1)
+    ref_sims, ref_pos = search(index, vectors[:50], K)
+    np.testing.assert_allclose(sims, ref_sims, rtol=1e-6)
+    assert np.array_equal(got, ids[ref_pos])
+
+
+def test_merge_orders_by_similarity_then_image_id():
+    a = (np.array([[0.9, 0.5, 0.5]], np.float32), np.array([[40, 7, 9]]))
+    b = (np.array([[0.5, 0.95, -3.4e38]], np.float32), np.array([[8, 2, -1]]))  # -1: no hit
+    sims, ids = merge_topk([a, b], 5)
+    assert ids.tolist() == [[2, 40, 7, 8, 9]] and sims[0, 0] == np.float32(0.95)
+    assert merge_topk([a, b], 6)[1].tolist() == [[2, 40, 7, 8, 9, -1]]
 
 
 def test_retrieve_by_sample_same_with_search_actors(ray_local, vectors):
@@ -83,3 +174,21 @@ def test_retrieve_by_sample_same_with_search_actors(ray_local, vectors):
     serial = retrieve_by_sample(*args, k=5, chunk_size=20)
     parallel = retrieve_by_sample(*args, k=5, chunk_size=20, search_actors=2)
     assert parallel.equals(serial) and parallel.num_rows == 250
+
+
+@pytest.mark.parametrize(
+    "shards,node_cpus", [(1, [2.0]), (2, [2.0]), (3, [2.0]), (1, [32.0]), (5, [32.0, 16.0])]
+)
+def test_shards_leave_room_for_query_tasks(shards, node_cpus):
+    """However many shards share the nodes, a query task still fits beside them on every node, and a
+    shard alone on a big node gets many CPUs (its FAISS threads)."""
+    from lvd.curation.knn_ray import _resources
+
+    options, task_cpus = _resources(shards, 0, node_cpus)
+    per_node = -(-shards // len(node_cpus))
+    assert 0 < task_cpus <= 1
+    assert all(per_node * options["num_cpus"] + task_cpus <= cpus for cpus in node_cpus)
+    if shards == 1 and node_cpus == [32.0]:
+        assert options["num_cpus"] == 16
+    gpu_options, _ = _resources(shards, 4, node_cpus)
+    assert gpu_options["num_gpus"] == 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -355,3 +356,158 @@ def test_changed_source_is_left_out_and_reported(tmp_path):
     assert meta["samples"] == len(rows) - len(bad_keys)
     names = [n for n, _ in read_tar(out / "lvd-000000.tar")]
     assert len(names) == 2 * meta["samples"] and not any(n.split(".")[0] in bad_keys for n in names)
+
+
+# ---------------------------------------------------------------- the Spark plan against `plan_shards`
+
+SOURCE_SETS = [["balanced", "seedB"], ["balanced"], ["seedA"], ["seedB"], ["balanced", "seedA"]]
+
+
+def synthetic_tables(n: int = 400, seed: int = 0) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Curated, images and clusters tables for planning only (no image bytes): signed ids, repeats
+    1-3, three cluster levels, as_is images without a cluster row, one with an empty cluster list,
+    source sets whose first appearance differs from their sorted order, uris of varied length and
+    images that are not curated (one of them failed)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(1 << 40, n + 20, replace=False).astype(np.int64) - (1 << 39)
+    images = [
+        {"image_id": int(i), "dataset": "pool", "uri": f"/pool/{'d/' * int(rng.integers(0, 40))}{i}.jpg",
+         "kind": "file", "path": f"/pool/{i}.jpg", "member": None, "offset": None,
+         "size": int(rng.integers(1000, 200_000)), "sha256": f"{abs(int(i)):064x}", "width": 8, "height": 8,
+         "format": "jpeg", "status": "error" if k == n else "ok", "error": None}
+        for k, i in enumerate(ids)
+    ]  # fmt: skip
+    curated = [
+        {"image_id": int(i), "sources": SOURCE_SETS[int(rng.integers(0, len(SOURCE_SETS)))],
+         "repeats": int(rng.choice([1, 1, 1, 2, 3]))}
+        for i in ids[:n]
+    ]  # fmt: skip
+    clusters = []
+    for k, i in enumerate(ids[:n]):
+        if k % 9 == 4:
+            continue  # an as_is seed image: no cluster row
+        fine = int(rng.integers(0, 40))
+        levels = [] if k == 0 else [fine, fine // 5, fine // 20]
+        clusters.append({"image_id": int(i), "cluster_ids": levels, "distance": 0.0})
+    return (
+        pa.Table.from_pylist(curated, schema=CURATED),
+        pa.Table.from_pylist(images, schema=IMAGES),
+        pa.Table.from_pylist(clusters, schema=CLUSTERS),
+    )
+
+
+def write_parts(out: Path, table: pa.Table, name: layout.Table, n_parts: int, seed: int) -> list[Path]:
+    """`table` shuffled into `n_parts` parts of uneven sizes (the Spark plan must not depend on them)."""
+    rng = np.random.default_rng(seed)
+    rows = table.take(pa.array(rng.permutation(table.num_rows)))
+    cuts = np.sort(rng.choice(np.arange(1, max(2, table.num_rows)), n_parts - 1, replace=False))
+    bounds = [0, *cuts.tolist(), table.num_rows]
+    paths = []
+    for p in range(n_parts):
+        path = layout.table_part(out, name, p)
+        write_parquet_atomic(rows.slice(bounds[p], bounds[p + 1] - bounds[p]), path, table.schema)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from lvd.jobs.engines import get_spark
+
+    return get_spark(_spec(Path("unused")))
+
+
+@pytest.fixture(scope="module")
+def synthetic_parts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    curated, images, clusters = synthetic_tables()
+    parts = [
+        write_parts(out, curated, layout.CURATED, 3, 1),
+        write_parts(out, images, layout.IMAGES, 4, 2),
+        write_parts(out, clusters, layout.CLUSTERS, 2, 3),
+    ]
+    return out, (curated, images, clusters), parts
+
+
+@pytest.mark.parametrize(
+    ("samples_per_shard", "max_shard_bytes", "seed", "file_rows", "sort_rows"),
+    [(50, None, 0, 1 << 17, 1 << 21), (10_000, 600_000, 5, 64, 90), (1, None, 2, 100, 200)],
+)
+def test_spark_plan_equals_reference(spark, synthetic_parts, monkeypatch, samples_per_shard, max_shard_bytes,
+                                     seed, file_rows, sort_rows):  # fmt: skip
+    """Row for row the plan of `plan_shards`, with repeats, as_is images, a byte target (whose
+    loop runs more than once), inputs in several parts, the sort in one or several partitions and
+    the plan in one or several files."""
+    from lvd.jobs import shard_plan
+
+    out, tables, parts = synthetic_parts
+    expected = plan_shards(*tables, samples_per_shard, max_shard_bytes, seed)
+    if max_shard_bytes is not None:  # the byte target needs more shards than the bytes alone
+        assert expected["shard"][-1].as_py() + 1 > -(-sum(tables[1]["size"].to_pylist()) // max_shard_bytes)
+    monkeypatch.setattr(shard_plan, "PLAN_FILE_ROWS", file_rows)
+    monkeypatch.setattr(shard_plan, "SORT_PARTITION_ROWS", sort_rows)
+    plan = shard_plan.plan_shards_spark(spark, *parts, out / "plan", samples_per_shard, max_shard_bytes, seed)
+    assert (plan.n_samples, plan.n_shards) == (expected.num_rows, expected["shard"][-1].as_py() + 1)
+    assert (plan.sort_partitions > 1) == (plan.n_samples > sort_rows)
+    assert plan.table().equals(expected)
+    files = sorted((out / "plan").glob("plan-*.parquet"))
+    assert len(files) == -(-plan.n_shards // plan.shards_per_file) and len(files) > (file_rows < 1000)
+    shard = plan.n_shards - 1
+    assert plan.rows(shard) == expected.filter(pc.equal(expected["shard"], shard)).to_pylist()
+    assert not (out / "plan" / "ordered").exists()
+
+
+def test_spark_plan_rejects_what_expand_samples_rejects(spark, tmp_path):
+    """Same errors, same order of checks, same messages (the ids named are the smallest)."""
+    from lvd.jobs.shard_plan import plan_shards_spark
+    from lvd.jobs.shard_writer import ShardPlanError
+
+    curated, images, clusters = synthetic_tables(60, seed=4)
+    status = images.schema.get_field_index("status")
+    repeats = curated.schema.get_field_index("repeats")
+    extra = pa.Table.from_pylist([{"image_id": 5, "sources": ["balanced"], "repeats": 1},
+                                  {"image_id": -3, "sources": ["balanced"], "repeats": 1}], schema=CURATED)  # fmt: skip
+    cases = {
+        "repeats": (curated.set_column(repeats, "repeats", pa.array([1] * 59 + [0], pa.int32())), images),
+        "curated copies": (pa.concat_tables([curated, curated.slice(7, 1)]), images),
+        "image copies": (curated, pa.concat_tables([images, images.slice(70, 1)])),
+        "missing": (pa.concat_tables([curated, extra]), images),
+        "failed": (curated, images.set_column(status, "status", pa.array(["ok", "error"] * 40))),
+    }
+    messages = {}
+    for n, (name, (cur, img)) in enumerate(cases.items()):
+        with pytest.raises(ShardPlanError) as reference:
+            expand_samples(cur, img, clusters)
+        out = tmp_path / str(n)
+        parts = [write_parts(out, cur, layout.CURATED, 2, n), write_parts(out, img, layout.IMAGES, 2, n),
+                 write_parts(out, clusters, layout.CLUSTERS, 1, n)]  # fmt: skip
+        with pytest.raises(ShardPlanError) as err:
+            plan_shards_spark(spark, *parts, out / "plan", 10)
+        messages[name] = str(err.value)
+        assert str(err.value) == str(reference.value), name
+    assert "e.g. [-3, 5]" in messages["missing"] and "failed ingest" in messages["failed"]
+
+
+def test_stage_driver_reads_no_sample_rows(written, tmp_path, monkeypatch):
+    """The stage's driver never reads a table's rows (Spark's executors, separate processes, do):
+    with every parquet row reader of the driver process broken, it writes the same shards."""
+    root, _, _ = written
+    out = tmp_path / "out"
+    for stage in ("ingest", "cluster", "sample"):
+        (out / stage).mkdir(parents=True)
+        (out / stage / "part-00000.parquet").write_bytes(
+            (root / "out" / stage / "part-00000.parquet").read_bytes()
+        )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver read parquet rows")
+
+    import lvd.jobs.shard_writer as shard_writer
+
+    for name in ("read_table", "ParquetFile", "ParquetDataset"):
+        monkeypatch.setattr(pq, name, refuse)
+    monkeypatch.setattr(shard_writer, "plan_shards", refuse)
+    monkeypatch.setattr(shard_writer, "expand_samples", refuse)
+    run_stage(out, samples_per_shard=9, seed=3)
+    monkeypatch.undo()
+    assert tree_bytes(out / "shards") == tree_bytes(root / "out" / "shards")

@@ -69,14 +69,17 @@ def knn_scores(
 
 def load_eval_backbone(path: str | Path) -> nn.Module:
     """The backbone of a pretraining checkpoint (its teacher) or of any format the embed stage loads."""
+    from lvd.training.train import CHECKPOINT_FORMAT, CheckpointRefused, load_checkpoint
+
     path = Path(path)
     obj = None
     if path.is_file():
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = load_checkpoint(path)
+        except CheckpointRefused:
+            raise
         except Exception:  # noqa: BLE001 - not a torch.save file (e.g. TorchScript): the loaders below decide
             obj = None
-    from lvd.training.train import CHECKPOINT_FORMAT
 
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         from lvd.training.config import PretrainConfig

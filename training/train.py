@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,22 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointRefused(ValueError):
+    """A checkpoint file holds more than tensors and plain containers: loading it could run code."""
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A pretraining checkpoint, read with `weights_only=True`: tensors, numbers, strings and plain
+    containers only, so a crafted file cannot run code when resumed or evaluated."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointRefused(
+            f"{path}: refused to load, it holds objects other than tensors and plain containers "
+            f"(loading it could run code): {str(err).splitlines()[0]}"
+        ) from None
+
+
 def _write_metrics(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -192,7 +209,7 @@ def _pretrain(
     step, data_state = 0, None
     saved: dict[str, int | None] = {"step": None}  # step of the checkpoint on disk
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{ckpt_path} is not an lvd pretraining checkpoint")
         if ckpt["world_size"] != env.world_size:

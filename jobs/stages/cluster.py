@@ -1,20 +1,26 @@
 """cluster stage: hierarchical k-means (spec.clustering) of the kept pool's retrieval vectors.
 
 Writes CLUSTERS parts (each image's cluster per level, finest first, and its distance to the
-level-0 centroid) and `centroids.parquet` (every level's centroids, parents and sizes).
+level-0 centroid), one per embed part that holds kept images, and `centroids.parquet` (every
+level's centroids, parents and sizes). The per-image passes run on Ray workers
+(`lvd.jobs.kmeans_parts`); the driver holds the fit sample and per-cluster results only.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from lvd.curation.kmeans import hierarchical_kmeans
-from lvd.curation.stage_io import kept_pool_ids, load_vectors, write_parts
+from lvd.curation.kmeans import level_labels
+from lvd.curation.vector_parts import read_labels
+from lvd.jobs.kmeans_parts import hierarchical_kmeans_over_parts, kept_pool_parts
 from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
+from lvd.jobs.workers import run_tasks
 from lvd.schemas import layout
 from lvd.schemas.layout import RETRIEVAL
 from lvd.schemas.tables import CENTROIDS, CLUSTERS, write_parquet_atomic
@@ -36,35 +42,61 @@ def _list_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(matrix.ravel(), value_type))
 
 
+def _write_clusters_part(label_path: Path, *, out_dir: Path, parents: list[np.ndarray]) -> int:
+    """A worker: one label part -> the CLUSTERS part of the same number (cluster per level)."""
+    ids, labels, dist = read_labels(label_path)
+    table = pa.table(
+        {
+            "image_id": pa.array(ids, pa.int64()),
+            "cluster_ids": _list_column(level_labels(labels, parents).astype(np.int32), pa.int32()),
+            "distance": pa.array(dist, pa.float32()),
+        }
+    )
+    write_parquet_atomic(table, layout.part_path(out_dir, layout.part_index(label_path)), CLUSTERS)
+    return len(ids)
+
+
 def run(ctx: StageContext) -> ClusterSummary:
     cfg = ctx.spec.clustering
-    ids, vectors = load_vectors(
-        ctx.parts(layout.EMBEDDINGS, RETRIEVAL), RETRIEVAL, kept_pool_ids(ctx.parts(layout.DEDUP))
+    requested = [lv.k for lv in cfg.levels]
+    ctx.ray()
+    parts, counts = kept_pool_parts(
+        ctx.parts(layout.EMBEDDINGS, RETRIEVAL), RETRIEVAL, ctx.parts(layout.DEDUP)
     )
+    parts = [p for p, c in zip(parts, counts, strict=True) if c]
     out_dir = ctx.output_dir(layout.CLUSTERS)
-    if ids.size == 0:
+    written: list[Path] = []
+    n = int(sum(counts))
+    if n == 0:
         log.warning("cluster: no kept pool image has a retrieval vector; nothing to cluster")
-        write_parts(CLUSTERS.empty_table(), out_dir, CLUSTERS)
+        written.append(layout.part_path(out_dir, 0))
+        write_parquet_atomic(CLUSTERS.empty_table(), written[0], CLUSTERS)
         write_parquet_atomic(CENTROIDS.empty_table(), ctx.table_file(layout.CENTROIDS), CENTROIDS)
-        return ClusterSummary(requested_levels=[lv.k for lv in cfg.levels])
-    hier = hierarchical_kmeans(
-        vectors,
+        _remove_stale(out_dir, written)
+        return ClusterSummary(requested_levels=requested)
+    scratch = ctx.scratch_dir("labels")
+    hier = hierarchical_kmeans_over_parts(
+        parts,
         [(lv.k, lv.resampling_steps) for lv in cfg.levels],
+        scratch,
+        n=n,
         niter=cfg.niter,
         spherical=cfg.spherical,
         max_points_per_centroid=cfg.max_points_per_centroid,
         seed=cfg.seed,
         assign_dtype=cfg.assign_dtype,
-        ids=ids,
     )
-    clusters = pa.table(
-        {
-            "image_id": pa.array(ids, pa.int64()),
-            "cluster_ids": _list_column(hier.labels.astype(np.int32), pa.int32()),
-            "distance": pa.array(hier.distance, pa.float32()),
-        }
+    run_tasks(
+        _write_clusters_part,
+        hier.label_parts,
+        name="cluster: write clusters",
+        rows=lambda r: r,
+        total_rows=n,
+        out_dir=out_dir,
+        parents=hier.parents,
     )
-    write_parts(clusters, out_dir, CLUSTERS)
+    written = [layout.part_path(out_dir, layout.part_index(p)) for p in hier.label_parts]
+    _remove_stale(out_dir, written)
 
     levels = []
     for lv, cent in enumerate(hier.centroids):
@@ -77,17 +109,24 @@ def run(ctx: StageContext) -> ClusterSummary:
                     "level": pa.array(np.full(k, lv, np.int32)),
                     "cluster_id": pa.array(np.arange(k, dtype=np.int32)),
                     "parent_id": parent,
-                    "size": pa.array(hier.sizes(lv).astype(np.int64)),
+                    "size": pa.array(hier.sizes[lv].astype(np.int64)),
                     "centroid": _list_column(cent, pa.float32()),
                 }
             )
         )
     write_parquet_atomic(pa.concat_tables(levels), ctx.table_file(layout.CENTROIDS), CENTROIDS)
-    summary = ClusterSummary(
-        images=int(ids.size), levels=hier.ks, requested_levels=[lv.k for lv in cfg.levels]
-    )
+    shutil.rmtree(scratch, ignore_errors=True)
+    summary = ClusterSummary(images=n, levels=hier.ks, requested_levels=requested)
     log.info("cluster: %s", summary)
     return summary
+
+
+def _remove_stale(out_dir: Path, written: list[Path]) -> None:
+    """Parts of an earlier run that this one did not write."""
+    keep = set(written)
+    for stale in layout.list_parts(out_dir):
+        if stale not in keep:
+            stale.unlink()
 
 
 STAGE = Stage(

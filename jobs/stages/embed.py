@@ -1,49 +1,52 @@
 """Embed stage: every ok image of the `images` table through the retrieval model (and the copy-detection
 model when the spec names one), in one pass that reads and decodes each image once.
 
-Ray Data pipeline, streaming:
+Ray Data pipeline, streaming; the per-row work is `lvd.embeddings.embed_worker`:
   ingest parts (one row each) -> read the part's ok rows (CPU task)
   -> read bytes + decode + resize/crop to uint8, once per image for all models (CPU tasks)
-  -> normalise + forward in an actor pool of model replicas (one per GPU; CPU here)
-  -> the driver buffers rows per ingest part and writes `embed/<model>/part-N.parquet` atomically
-     when all of part N's rows have arrived (every row carries its part's row count).
-A rerun skips parts that exist for every model, so a killed run resumes where it stopped (the stage
-runner clears the folder when the embedding spec or the ingest output changed).
+  -> normalise + forward in an actor pool of model replicas (one per GPU; CPU here); each actor
+     writes its vectors as chunk files, one per ingest part in its batch, and returns counts
+  -> the driver adds up the counts per part; when all of part N's rows are in chunks (every row
+     carries its part's ok-row count) a task merges them into `part-N-<model>.parquet` atomically.
+No vector reaches the driver: it holds per-part counters only. A rerun skips parts that exist for
+every model, so a killed run resumes where it stopped; chunks of unfinished parts are dropped and
+their parts redone (the stage runner clears the folder when the embedding spec or the ingest
+output changed).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lvd.curation.image_io import read_image_bytes
-from lvd.embeddings.preprocess import (
-    ImageDecodeError,
-    PreprocessConfig,
-    decode_image,
-    resize_center_crop,
-    to_rgb,
+from lvd.embeddings.embed_worker import (
+    RESULT_COLUMNS,
+    EmbedActor,
+    decode_batch,
+    decode_memory_bytes,
+    finalize_part,
+    preprocess_keys,
+    read_part_rows,
 )
-from lvd.embeddings.store import embeddings_table
+from lvd.embeddings.store import part_counts
+from lvd.jobs.progress import Progress
 from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
+from lvd.jobs.workers import run_tasks
 from lvd.schemas import layout
 from lvd.schemas.job_spec import JobSpec, ModelSpec
 from lvd.schemas.layout import COPY_DETECTION, RETRIEVAL
-from lvd.schemas.tables import embeddings_schema, write_parquet_atomic
 
 log = logging.getLogger("lvd")
 
-ROW_COLUMNS = ["image_id", "kind", "path", "member", "offset", "size"]
 DECODE_BATCH = 16  # images per decode task call: small enough to keep the actors fed early
 DECODE_CPUS = 1  # decode is single-threaded PIL work
+FINALIZE_CPUS = 1
+CHUNKS = "vector_chunks"  # scratch folder of the actors' chunk files
 
 
 def model_specs(spec: JobSpec) -> dict[str, ModelSpec]:
@@ -52,146 +55,6 @@ def model_specs(spec: JobSpec) -> dict[str, ModelSpec]:
     if spec.embedding.copy_detection is not None:
         models[COPY_DETECTION] = spec.embedding.copy_detection
     return models
-
-
-# ---------------------------------------------------------------- the per-row work (plain functions)
-
-
-def read_part_rows(batch: pa.Table) -> pa.Table:
-    """Ingest parts -> their ok rows, each tagged with its part index and the part's ok-row count."""
-    tables = []
-    for index, file in zip(batch.column("part").to_pylist(), batch.column("file").to_pylist(), strict=True):
-        t = pq.read_table(file, columns=[*ROW_COLUMNS, "status"])
-        t = t.filter(pc.equal(t.column("status"), "ok")).select(ROW_COLUMNS)
-        t = t.append_column("part", pa.array(np.full(t.num_rows, index, dtype=np.int64)))
-        tables.append(t.append_column("part_rows", pa.array(np.full(t.num_rows, t.num_rows, dtype=np.int64))))
-    return pa.concat_tables(tables)
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    preprocess: dict[str, PreprocessConfig],
-    read_bytes: Callable[..., bytes] = read_image_bytes,
-) -> dict[str, np.ndarray]:
-    """Read and decode each image once, and crop it for every distinct preprocessing in `preprocess`.
-
-    Output: image_id, part, part_rows, error ("" when fine), reads (1 per image: the number of times its
-    bytes were read), and one uint8 [B, S, S, 3] column per preprocessing key. Failed rows get zeros.
-    """
-    n = len(batch["image_id"])
-    crops = {k: np.zeros((n, c.crop_size, c.crop_size, 3), np.uint8) for k, c in preprocess.items()}
-    errors = np.full(n, "", dtype=object)
-    for i in range(n):
-        try:
-            data = read_bytes(
-                str(batch["kind"][i]),
-                str(batch["path"][i]),
-                None if batch["member"][i] is None else str(batch["member"][i]),
-                None if _isnull(batch["offset"][i]) else int(batch["offset"][i]),
-                None if _isnull(batch["size"][i]) else int(batch["size"][i]),
-            )
-            rgb = to_rgb(decode_image(data))
-            for k, cfg in preprocess.items():
-                crops[k][i] = resize_center_crop(rgb, cfg)
-        except ImageDecodeError as err:
-            errors[i] = str(err)
-        except Exception as err:  # noqa: BLE001 - unreadable file, odd mode: recorded, not fatal
-            errors[i] = f"{type(err).__name__}: {err}"
-    out = {k: batch[k] for k in ("image_id", "part", "part_rows")}
-    out.update(error=errors, reads=np.ones(n, np.int64))
-    out.update({f"pixels_{k}": v for k, v in crops.items()})
-    return out
-
-
-def decode_memory_bytes(max_pixels: int) -> int:
-    return 2 * 3 * max_pixels + (64 << 20)
-
-
-def _isnull(v) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v))
-
-
-def preprocess_keys(models: dict[str, ModelSpec]) -> tuple[dict[str, PreprocessConfig], dict[str, str]]:
-    """Distinct preprocessing configs (models with equal sizes share one crop) and model -> key."""
-    configs: dict[str, PreprocessConfig] = {}
-    key_of: dict[str, str] = {}
-    for name, m in models.items():
-        # Patch size of a TorchScript model is unknown: crop to image_size exactly.
-        cfg = PreprocessConfig(m.resize_size, m.image_size, 1 if m.arch == "torchscript" else m.patch_size)
-        key = next((k for k, c in configs.items() if c == cfg), str(len(configs)))
-        configs[key] = cfg
-        key_of[name] = key
-    return configs, key_of
-
-
-class EmbedActor:
-    """One replica of every model; maps decoded crops to L2-normalised float32 vectors."""
-
-    def __init__(self, models: dict[str, dict], pixel_key: dict[str, str], cpu_threads: int) -> None:
-        import torch
-
-        from lvd.embeddings.models import load_embedding_model
-
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, cpu_threads))
-        self.models = {name: load_embedding_model(ModelSpec(**m)) for name, m in models.items()}
-        self.pixel_key = pixel_key
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
-        out = {k: batch[k] for k in ("image_id", "part", "part_rows", "error", "reads")}
-        for name, model in self.models.items():
-            vecs = np.zeros((len(ok), model.dim), np.float32)
-            if ok.any():
-                vecs[ok] = model.embed_uint8(batch[f"pixels_{self.pixel_key[name]}"][ok])
-            out[f"vector_{name}"] = vecs
-        return out
-
-
-# ---------------------------------------------------------------- the driver
-
-
-class PartWriter:
-    """Buffers rows per ingest part and writes a part's tables once all its rows have arrived."""
-
-    def __init__(self, stage_dir: Path, models: dict[str, ModelSpec]) -> None:
-        self.stage_dir = stage_dir
-        self.models = models
-        self.buffers: dict[int, list[dict[str, np.ndarray]]] = {}
-        self.counts: dict[int, int] = {}
-        self.written: list[int] = []
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        parts = batch["part"]
-        for part in np.unique(parts):
-            sel = parts == part
-            rows = {k: v[sel] for k, v in batch.items()}
-            p = int(part)
-            self.buffers.setdefault(p, []).append(rows)
-            self.counts[p] = self.counts.get(p, 0) + int(sel.sum())
-            expected = int(rows["part_rows"][0])
-            if self.counts[p] > expected:
-                raise RuntimeError(f"part {p}: {self.counts[p]} rows arrived, {expected} expected")
-            if self.counts[p] == expected:
-                self._write(p, self.buffers.pop(p))
-
-    def _write(self, part: int, chunks: list[dict[str, np.ndarray]]) -> None:
-        cols = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-        order = np.argsort(cols["image_id"], kind="stable")
-        errors = [e if e else None for e in cols["error"][order]]
-        for name, m in self.models.items():
-            table = embeddings_table(
-                cols["image_id"][order], cols[f"vector_{name}"][order], errors, name, m.dtype
-            )
-            write_parquet_atomic(table, layout.part_path(self.stage_dir, part, name), table.schema)
-        self.written.append(part)
-
-    def write_empty(self, part: int, dims: dict[str, int]) -> None:
-        """An ingest part without ok images still gets (empty) parts, so resume sees it done."""
-        for name, m in self.models.items():
-            schema = embeddings_schema(dims[name], m.dtype)
-            write_parquet_atomic(schema.empty_table(), layout.part_path(self.stage_dir, part, name), schema)
-        self.written.append(part)
 
 
 def check_models(models: dict[str, ModelSpec]) -> dict[str, int]:
@@ -214,13 +77,72 @@ def _dims_on_disk(stage_dir: Path, models: dict[str, ModelSpec]) -> dict[str, in
     return dims
 
 
-def _totals(stage_dir: Path, models: dict[str, ModelSpec]) -> tuple[int, int]:
-    images = errors = 0
-    for p in layout.list_parts(stage_dir, RETRIEVAL):
-        err = pq.read_table(p, columns=["error"]).column("error")
-        images += len(err)
-        errors += len(err) - err.null_count
-    return images, errors
+class PartFinalizer:
+    """Counts embedded rows per ingest part from the actors' results and starts a part's merge task
+    as soon as all its rows are in chunks. Holds per-part counters and task handles only."""
+
+    def __init__(self, files: dict[int, str], progress: Progress, **finalize_kwargs) -> None:
+        import ray
+
+        self.files = files
+        self.progress = progress
+        self.remote = ray.remote(finalize_part).options(num_cpus=FINALIZE_CPUS)
+        self.kwargs = finalize_kwargs
+        self.shared = {k: ray.put(v) for k, v in finalize_kwargs.items()}
+        self.embedded: dict[int, int] = {}
+        self.expected: dict[int, int] = {}
+        self.expected_sum = 0
+        self.pending: dict = {}  # task -> part
+        self.results: dict[int, dict[str, int]] = {}
+        self.reads = 0
+
+    def add(self, batch: dict) -> None:
+        """One batch of actor results (RESULT_COLUMNS per row)."""
+        for part, rows, part_rows, reads in zip(
+            *(batch[k].tolist() for k in ("part", "rows", "part_rows", "reads")), strict=True
+        ):
+            self.reads += reads
+            if part not in self.expected:
+                self.expected[part] = part_rows
+                self.expected_sum += part_rows
+            self.embedded[part] = self.embedded.get(part, 0) + rows
+            if self.embedded[part] > part_rows:
+                raise RuntimeError(
+                    f"embed part {part}: {self.embedded[part]} rows embedded, {part_rows} expected"
+                )
+            if self.embedded[part] == part_rows:
+                self.pending[self.remote.remote((part, self.files[part]), **self.shared)] = part
+            self.progress.update(rows)
+        self._estimate_total()
+        self._collect(block=False)
+
+    def _estimate_total(self) -> None:
+        # A part's ok-row count is known once its first rows are embedded; unseen parts are
+        # counted at the mean of the seen ones, so the ETA firms up as the run goes.
+        seen, known = len(self.expected), self.expected_sum
+        self.progress.total = known + round(known / seen * (len(self.files) - seen)) if seen else None
+
+    def _collect(self, block: bool) -> None:
+        import ray
+
+        while self.pending:
+            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=None if block else 0)
+            if not done:
+                return
+            for ref in done:
+                self.pending.pop(ref)
+                result = ray.get(ref)
+                self.results[result["part"]] = result
+
+    def finish(self) -> None:
+        """Wait for the merges; parts without ok rows (or with rows lost) are finalized now, which
+        writes empty files or raises naming the part."""
+        self._collect(block=True)
+        rest = [(p, f) for p, f in self.files.items() if p not in self.results]
+        for r in run_tasks(
+            finalize_part, rest, name="embed: finalize", num_cpus=FINALIZE_CPUS, **self.kwargs
+        ):
+            self.results[r["part"]] = r
 
 
 @dataclass
@@ -245,13 +167,16 @@ def run(ctx: StageContext) -> EmbedSummary:
     ingest_parts = ctx.parts(layout.IMAGES)
     if not ingest_parts:
         raise FileNotFoundError(f"no images table in {ctx.input_dir(layout.IMAGES)}: run ingest first")
-    todo = [
-        (layout.part_index(p), p)
+    todo = {
+        layout.part_index(p): str(p)
         for p in ingest_parts
         if not all(layout.part_path(stage_dir, layout.part_index(p), name).exists() for name in models)
-    ]
+    }
     dims = check_models(models) if todo else _dims_on_disk(stage_dir, models)
-    writer = PartWriter(stage_dir, models)
+    chunk_root = ctx.scratch_dir(CHUNKS)
+    # Chunks of a killed run: their parts are in `todo` and are redone whole.
+    shutil.rmtree(chunk_root, ignore_errors=True)
+    counts: dict[int, tuple[int, int]] = {}
     reads = 0
     t0 = time.perf_counter()
     if todo:
@@ -260,10 +185,11 @@ def run(ctx: StageContext) -> EmbedSummary:
         configs, pixel_key = preprocess_keys(models)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         emb = spec.embedding
-        num_actors = min(emb.num_actors, gpus) if gpus else emb.num_actors
+        # One replica per GPU where there are GPUs; never more replicas than parts to embed.
+        num_actors = max(1, min(emb.num_actors, gpus or emb.num_actors, len(todo)))
         batch_size = max(m.batch_size for m in models.values())
         ds = ray.data.from_items(
-            [{"part": i, "file": str(p)} for i, p in todo], override_num_blocks=len(todo)
+            [{"part": i, "file": f} for i, f in todo.items()], override_num_blocks=len(todo)
         )
         ds = ds.map_batches(read_part_rows, batch_size=1, batch_format="pyarrow")
         ds = ds.map_batches(
@@ -272,9 +198,9 @@ def run(ctx: StageContext) -> EmbedSummary:
             batch_size=DECODE_BATCH,
             batch_format="numpy",
             num_cpus=DECODE_CPUS,
-            # Room for the largest image ingest lets through (RGB, plus a converted copy). Also, as the
-            # request differs from the actors', Ray does not fuse decode into the model actors: decode
-            # stays in its own CPU tasks and overlaps the forward passes.
+            # Room for the largest image ingest lets through. Also, as the request differs from the
+            # actors', Ray does not fuse decode into the model actors: decode stays in its own CPU
+            # tasks and overlaps the forward passes.
             memory=decode_memory_bytes(spec.ingest.max_pixels),
         )
         ds = ds.map_batches(
@@ -283,24 +209,38 @@ def run(ctx: StageContext) -> EmbedSummary:
                 "models": {n: m.model_dump() for n, m in models.items()},
                 "pixel_key": pixel_key,
                 "cpu_threads": max(1, round(emb.cpus_per_actor)),
+                "chunk_root": str(chunk_root),
             },
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, num_actors)),
+            # A fixed pool: every replica asked for (one per GPU) starts at once.
+            compute=ray.data.ActorPoolStrategy(min_size=num_actors, max_size=num_actors),
             num_gpus=1 if gpus else 0,
             num_cpus=emb.cpus_per_actor,
             batch_size=batch_size,
             batch_format="numpy",
         )
+        progress = Progress("embed", None, "images")
+        finalizer = PartFinalizer(
+            todo,
+            progress,
+            stage_dir=str(stage_dir),
+            chunk_root=str(chunk_root),
+            dtypes={n: m.dtype for n, m in models.items()},
+            dims=dims,
+        )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            reads += int(batch["reads"].sum())
-            writer.add(batch)
-        if writer.buffers:
-            incomplete = {p: sum(len(c["image_id"]) for c in ch) for p, ch in writer.buffers.items()}
-            raise RuntimeError(f"parts with rows missing after the pipeline ended: {incomplete}")
-        for index, _ in todo:
-            if index not in writer.written:  # no ok rows in this ingest part
-                writer.write_empty(index, dims)
+            finalizer.add({k: batch[k] for k in RESULT_COLUMNS})
+        finalizer.finish()
+        progress.close()
+        reads = finalizer.reads
+        counts = {p: (r["rows"], r["errors"]) for p, r in finalizer.results.items()}
     seconds = time.perf_counter() - t0
-    images, errors = _totals(stage_dir, models)
+    shutil.rmtree(chunk_root, ignore_errors=True)
+    for p in ingest_parts:  # skipped parts: counted from their footers
+        index = layout.part_index(p)
+        if index not in counts:
+            counts[index] = part_counts(layout.part_path(stage_dir, index, RETRIEVAL))
+    images = sum(rows for rows, _ in counts.values())
+    errors = sum(errs for _, errs in counts.values())
     log.info("embed: %d parts written, %d skipped, %.1f s", len(todo), len(ingest_parts) - len(todo), seconds)
     return EmbedSummary(
         images=images,

@@ -1,9 +1,11 @@
 """Ingest stage: list every image of the pool, seed sets and eval sets into the `images` table.
 
-The driver only plans: it expands the sources into numbered work units (pool first, then seed
-sets, then eval sets, in spec order) and hands the units whose part file is missing to Ray
-Data. Each task reads its unit, probes the images and writes `part-NNNNN.parquet` itself, so
-the driver never holds image bytes and a killed run resumes with the parts it lacks.
+The driver only plans: it expands brace patterns, and Ray tasks resolve the names, check the
+sources and list folders (level by level, then whole subtrees) and containers; the driver numbers
+the resulting work units (pool first, then seed sets, then eval sets, in spec order), the same
+units however the listing was split. Each unit whose part file is missing goes to a Ray task that
+reads it, probes the images and writes `part-NNNNN.parquet` itself, so the driver never holds
+image bytes and a killed run resumes with the parts it lacks.
 """
 
 from __future__ import annotations
@@ -15,12 +17,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lvd.curation.ingest import WorkUnit, check_sources, ingest_unit, list_work_units, reason_prefix
+from lvd.curation.ingest import (
+    Mapper,
+    SourceSet,
+    WorkUnit,
+    ingest_unit,
+    map_in_process,
+    plan_work_units,
+    reason_prefix,
+)
 from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
+from lvd.jobs.workers import run_tasks
 from lvd.schemas import layout
 from lvd.schemas.job_spec import JobSpec
 from lvd.schemas.layout import POOL, eval_dataset, part_path, seed_dataset
@@ -28,23 +38,28 @@ from lvd.schemas.tables import IMAGES, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger("lvd")
 
-PLAN = "_plan.json"  # fingerprint of the work units the parts were written for
+LISTING_CPUS = 1.0
 
 
-def plan_units(spec: JobSpec) -> list[WorkUnit]:
-    """All work units of a job, numbered by their position; checks every source first."""
-    check_sources(spec.pool, "pool source")
-    for s in spec.seeds:
-        check_sources(s.sources, f"seed set {s.name!r} source")
-    for e in spec.eval_sets:
-        check_sources(e.sources, f"eval set {e.name!r} source")
-    per_part = spec.ingest.files_per_part
-    units = list_work_units(spec.pool, POOL, per_part)
-    for s in spec.seeds:
-        units += list_work_units(s.sources, seed_dataset(s.name), per_part)
-    for e in spec.eval_sets:
-        units += list_work_units(e.sources, eval_dataset(e.name), per_part)
-    return units
+def source_sets(spec: JobSpec) -> list[SourceSet]:
+    """The job's datasets in unit order: pool, seed sets, eval sets."""
+    return [
+        SourceSet(POOL, spec.pool, "pool source"),
+        *(SourceSet(seed_dataset(s.name), s.sources, f"seed set {s.name!r} source") for s in spec.seeds),
+        *(SourceSet(eval_dataset(e.name), e.sources, f"eval set {e.name!r} source") for e in spec.eval_sets),
+    ]
+
+
+def plan_units(spec: JobSpec, mapper: Mapper = map_in_process, parallelism: int = 1) -> list[WorkUnit]:
+    """All work units of a job, numbered by their position; checks every source before listing."""
+    return plan_work_units(
+        source_sets(spec), spec.ingest.files_per_part, mapper=mapper, parallelism=parallelism
+    )
+
+
+def ray_mapper(fn, items: list) -> list:
+    """A listing round as Ray tasks (Ray must be up)."""
+    return run_tasks(fn, items, name="ingest: listing", num_cpus=LISTING_CPUS, unit="tasks")
 
 
 def summarize_part(table: pa.Table) -> dict:
@@ -62,32 +77,35 @@ def summarize_part(table: pa.Table) -> dict:
     return {"by_dataset": by_dataset, "errors_by_reason": dict(by_reason)}
 
 
-def _ingest_batch(batch: dict[str, np.ndarray], stage_dir: str, max_pixels: int, max_bytes: int) -> dict:
-    """Ray Data task body: ingest each unit of the batch and write its part; return small summaries."""
-    summaries = []
-    for index, unit_json in zip(batch["index"], batch["unit"], strict=True):
-        unit = WorkUnit.from_dict(json.loads(unit_json))
-        table = ingest_unit(unit, max_pixels=max_pixels, max_bytes=max_bytes)
-        write_parquet_atomic(table, part_path(stage_dir, int(index)), IMAGES)
-        summaries.append(json.dumps(summarize_part(table)))
-    return {"index": np.asarray(batch["index"]), "summary": np.asarray(summaries, dtype=object)}
+def ingest_part(item: tuple[int, WorkUnit], *, stage_dir: str, max_pixels: int, max_bytes: int) -> dict:
+    """Task: ingest one unit and write its part; return the part's small summary."""
+    index, unit = item
+    table = ingest_unit(unit, max_pixels=max_pixels, max_bytes=max_bytes)
+    write_parquet_atomic(table, part_path(stage_dir, index), IMAGES)
+    return summarize_part(table)
+
+
+def summarize_part_file(path: str) -> dict:
+    """Task: the summary of a part written by an earlier run (two small columns)."""
+    return summarize_part(pq.read_table(path, columns=["dataset", "error"]))
 
 
 def _plan_fingerprint(units: list[WorkUnit], spec: JobSpec) -> str:
-    blob = json.dumps(
-        {
-            "units": [u.to_dict() for u in units],
-            "max_pixels": spec.ingest.max_pixels,
-            "max_bytes": spec.ingest.max_bytes,
-        },
-        sort_keys=True,
+    """sha256 of the plan's JSON (sorted keys), fed unit by unit: no copy of the whole plan as text."""
+    h = hashlib.sha256()
+    h.update(
+        f'{{"max_bytes": {json.dumps(spec.ingest.max_bytes)}, '
+        f'"max_pixels": {json.dumps(spec.ingest.max_pixels)}, "units": ['.encode()
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    for i, u in enumerate(units):
+        h.update(((", " if i else "") + json.dumps(u.to_dict(), sort_keys=True)).encode())
+    h.update(b"]}")
+    return h.hexdigest()[:16]
 
 
 def _drop_stale_parts(stage_dir: Path, fingerprint: str, n_units: int) -> None:
     """Parts written for another plan (sources or limits changed) must not be resumed."""
-    plan_file = stage_dir / PLAN
+    plan_file = stage_dir / layout.INGEST_PLAN
     try:
         old = json.loads(plan_file.read_text()).get("fingerprint")
     except (OSError, ValueError):
@@ -138,44 +156,34 @@ class IngestSummary(StageSummary):
 
 def run(ctx: StageContext) -> IngestSummary:
     """Ingest all sources of the job."""
+    import ray
+
     spec = ctx.spec
     stage_dir = ctx.output_dir(layout.IMAGES)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    units = plan_units(spec)
+    ctx.ray()
+    units = plan_units(spec, ray_mapper, max(1, int(ray.cluster_resources().get("CPU", 1))))
     _drop_stale_parts(stage_dir, _plan_fingerprint(units, spec), len(units))
     todo = [i for i in range(len(units)) if not part_path(stage_dir, i).exists()]
     log.info("ingest: %d work units, %d to do", len(units), len(todo))
 
-    summaries: dict[int, dict] = {}
-    if todo:
-        import ray
-
-        ctx.ray()
-        items = [{"index": i, "unit": json.dumps(units[i].to_dict())} for i in todo]
-        results = (
-            ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(
-                _ingest_batch,
-                batch_size=1,
-                fn_kwargs={
-                    "stage_dir": str(stage_dir),
-                    "max_pixels": spec.ingest.max_pixels,
-                    "max_bytes": spec.ingest.max_bytes,
-                },
-                num_cpus=1,
-            )
-            .take_all()
-        )
-        summaries = {int(r["index"]): json.loads(r["summary"]) for r in results}
-
+    written = run_tasks(
+        ingest_part,
+        [(i, units[i]) for i in todo],
+        name="ingest",
+        stage_dir=str(stage_dir),
+        max_pixels=spec.ingest.max_pixels,
+        max_bytes=spec.ingest.max_bytes,
+    )
+    summaries = dict(zip(todo, written, strict=True))
     missing = [i for i in range(len(units)) if not part_path(stage_dir, i).exists()]
     if missing:
         raise RuntimeError(f"ingest: parts {missing[:10]} were not written")
-    for i in range(len(units)):
-        if i not in summaries:  # resumed part: count it from its file (two small columns)
-            summaries[i] = summarize_part(
-                pq.read_table(part_path(stage_dir, i), columns=["dataset", "error"])
-            )
+    resumed = [i for i in range(len(units)) if i not in summaries]
+    counted = run_tasks(
+        summarize_part_file, [str(part_path(stage_dir, i)) for i in resumed], name="ingest: resumed parts"
+    )
+    summaries.update(zip(resumed, counted, strict=True))
     return IngestSummary(
         **_merge([summaries[i] for i in range(len(units))]), parts=len(units), parts_written=len(todo)
     )

@@ -1,40 +1,27 @@
 """Stage "shards": curated ⋈ images -> WebDataset tars, one Spark task per shard.
 
-The driver plans (numpy/Arrow, deterministic for spec.shards.seed) and writes the plan as parquet
-with one row group per shard; Spark runs one task per shard id, which reads that row group and
-writes the shard (`jobs.shard_writer.write_shard`). Shards finished by an earlier run of the same
-plan are kept; only the missing ones go to Spark. The index is written last.
+Spark plans on its executors (`jobs.shard_plan`: join, deal order, shard count, positions; the
+plan lands in scratch as files of a few whole shards each). Then one Spark task per shard reads its
+shard's rows and writes the shard (`jobs.shard_writer.write_shard`), unless a shard finished by an
+earlier run of the same rows is there: that one is kept. The index is written last. The driver
+holds per-shard results only.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from lvd.jobs.shard_writer import (
-    finished_shard,
-    plan_digest,
-    plan_shards,
-    remove_stale,
-    write_index,
-    write_shard,
-)
+from lvd.jobs.shard_plan import ShardPlan, plan_shards_spark
+from lvd.jobs.shard_writer import finished_shard, plan_digest, remove_stale, write_index, write_shard
 from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
 from lvd.schemas import layout
-from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES, read_parts
 
 log = logging.getLogger("lvd")
-
-PLAN_FILE = "_plan.parquet"  # read by the Spark tasks, removed when all shards are written
 
 
 @dataclass
@@ -47,74 +34,58 @@ class ShardsSummary(StageSummary):
     pattern: str = ""
 
 
-def _write_plan(plan: pa.Table, path: Path, n_shards: int) -> None:
-    """The plan as parquet with row group i = shard i, so a task reads only its own rows."""
-    shards = plan["shard"].to_numpy()
-    bounds = np.searchsorted(shards, np.arange(n_shards + 1))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pq.ParquetWriter(tmp, plan.schema) as writer:
-        for s in range(n_shards):
-            writer.write_table(plan.slice(bounds[s], bounds[s + 1] - bounds[s]), row_group_size=1 << 30)
-    os.replace(tmp, path)
+def _shard_writer(out_dir: str, plan: ShardPlan):
+    """The Spark task: for each shard id of its partition, keep the shard if an earlier run finished
+    it for the same rows, else write it. Yields (kept, result)."""
 
-
-def _shard_writer(out_dir: str, plan_path: str):
-    """The Spark task: write each shard id of its partition from the plan's row group of that id."""
-
-    def write(shards: Iterable[int]) -> Iterator[dict[str, Any]]:
-        with fsspec.open(plan_path, "rb") as f:
-            plan = pq.ParquetFile(f)
-            for shard in shards:
-                yield write_shard(out_dir, shard, plan.read_row_group(shard).to_pylist())
+    def write(shards: Iterable[int]) -> Iterator[tuple[bool, dict[str, Any]]]:
+        for shard in shards:
+            rows = plan.rows(shard)
+            done = finished_shard(out_dir, shard, plan_digest(sorted(rows, key=lambda r: r["key"])))
+            yield (True, done) if done is not None else (False, write_shard(out_dir, shard, rows))
 
     return write
 
 
-def write_shards_spark(spark, plan: pa.Table, out_dir: str | Path) -> list[dict[str, Any]]:
+def write_shards_spark(spark, plan: ShardPlan, out_dir: str | Path) -> list[dict[str, Any]]:
     """Write every shard of `plan` not already finished; returns one result per shard, in order.
 
-    One Spark task per shard: the driver distributes only shard ids (`parallelize` with one slice
-    per shard) and each task reads its rows from `<out_dir>/_plan.parquet` (on a cluster, the output
-    folder must be on storage the executors see).
+    One Spark task per shard: the driver distributes only shard ids and each task reads its own
+    rows from the plan (on a cluster, the output folder must be on storage the executors see).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = int(plan["shard"][-1].as_py()) + 1 if plan.num_rows else 0
-    remove_stale(out_dir, n_shards)
-    shards = plan["shard"].to_numpy()
-    bounds = np.searchsorted(shards, np.arange(n_shards + 1))
-    results: dict[int, dict] = {}
-    todo = []
-    for shard in range(n_shards):
-        rows = plan.slice(bounds[shard], bounds[shard + 1] - bounds[shard]).to_pylist()
-        done = finished_shard(out_dir, shard, plan_digest(sorted(rows, key=lambda r: r["key"])))
-        if done is not None:
-            results[shard] = done
-        else:
-            todo.append(shard)
-    log.info("shards: %d to write, %d kept from an earlier run", len(todo), len(results))
-    if todo:
-        plan_path = out_dir / PLAN_FILE
-        _write_plan(plan, plan_path, n_shards)
-        written = (
-            spark.sparkContext.parallelize(todo, numSlices=len(todo))
-            .mapPartitions(_shard_writer(str(out_dir), str(plan_path)))
-            .collect()
-        )
-        for meta in written:
-            results[layout.shard_number(meta["shard"])] = meta
-        plan_path.unlink(missing_ok=True)
-    return [results[s] for s in range(n_shards)]
+    remove_stale(out_dir, plan.n_shards)
+    if plan.n_shards == 0:
+        return []
+    outcomes = (
+        spark.sparkContext.parallelize(range(plan.n_shards), numSlices=plan.n_shards)
+        .mapPartitions(_shard_writer(str(out_dir), plan))
+        .collect()
+    )
+    kept = sum(k for k, _ in outcomes)
+    log.info("shards: %d written, %d kept from an earlier run", len(outcomes) - kept, kept)
+    results = {layout.shard_number(meta["shard"]): meta for _, meta in outcomes}
+    return [results[s] for s in range(plan.n_shards)]
 
 
 def run(ctx: StageContext) -> ShardsSummary:
     spec = ctx.spec.shards
-    curated = read_parts(ctx.parts(layout.CURATED), CURATED)
-    images = read_parts(ctx.parts(layout.IMAGES), IMAGES, columns=IMAGES.names)
-    clusters = read_parts(ctx.parts(layout.CLUSTERS), CLUSTERS, columns=["image_id", "cluster_ids"])
-    plan = plan_shards(curated, images, clusters, spec.samples_per_shard, spec.max_shard_bytes, spec.seed)
-    results = write_shards_spark(ctx.spark(), plan, ctx.output_dir(layout.SHARDS))
+    spark = ctx.spark()
+    scratch = ctx.scratch_dir(layout.SHARD_PLAN)
+    plan = plan_shards_spark(
+        spark,
+        ctx.parts(layout.CURATED),
+        ctx.parts(layout.IMAGES),
+        ctx.parts(layout.CLUSTERS),
+        scratch,
+        spec.samples_per_shard,
+        spec.max_shard_bytes,
+        spec.seed,
+    )
+    results = write_shards_spark(spark, plan, ctx.output_dir(layout.SHARDS))
     index = write_index(ctx.output_dir(layout.SHARDS), results)
+    shutil.rmtree(scratch, ignore_errors=True)
     errors = [e for r in results for e in r.get("errors", [])]
     for key, uri, reason in errors[:20]:
         log.warning("shards: left out %s (%s): %s", key, uri, reason)

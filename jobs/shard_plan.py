@@ -1,0 +1,274 @@
+"""The shard plan as Spark DataFrame work on executors: `plan_shards`'s result for inputs of any size.
+
+The driver sees only per-partition, per-source-set and per-shard results; every per-sample step runs
+on executors, each a Spark job:
+1. read the curated, images and clusters parts and check them (the errors of `expand_samples`);
+2. join them, expand repeats, compute the deal order (coarsest cluster, sources in order of first
+   image id, finest cluster, seeded image key, image id, repeat) and sort; executors write the
+   ordered samples with their sort partition and row number to scratch. Materialised because a
+   recomputed global sort may cut its partitions elsewhere, and the next step counts them;
+3. per-partition counts give every sample its global index g (the driver adds them up);
+4. the shard count (with a byte target: per-residue byte sums as aggregations, per candidate);
+5. shard = g mod n, its deal rank g div n; executors group the samples by plan file (a run of
+   consecutive shards), place each shard's members (`place_in_shards`) and write that file with a
+   row group per shard, so a shard's task reads a small footer and its own rows only.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from lvd.jobs.shard_writer import (
+    JSON_FIXED_BYTES,
+    PLAN,
+    TAR_BLOCK,
+    ShardPlanError,
+    image_order_key,
+    place_in_shards,
+    read_plan_rows,
+    shards_needed,
+    write_plan_file,
+)
+from lvd.schemas import layout
+from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES
+
+log = logging.getLogger("lvd")
+
+# Rows per plan file (a run of whole shards): a few tens of MB for one executor to place and write.
+PLAN_FILE_ROWS = 1 << 17
+# Samples per partition of the global sort: its partition count follows the data, not the session's
+# shuffle setting (a sort partition is sorted by one task and written as one file).
+SORT_PARTITION_ROWS = 1 << 21
+# Columns of a sample that the plan carries (PLAN without what placing adds).
+SAMPLE_COLUMNS = [n for n in PLAN.names if n not in ("shard", "position", "key")]
+# Columns of the images table a sample takes (where its bytes are and what its sidecar names).
+IMAGE_COLUMNS = ["dataset", "uri", "kind", "path", "member", "offset", "size", "sha256", "format"]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where the plan of `n_shards` shards lies: plan files of `shards_per_file` consecutive shards."""
+
+    folder: str
+    n_shards: int
+    n_samples: int
+    shards_per_file: int
+    sort_partitions: int = 1
+
+    def rows(self, shard: int) -> list[dict]:
+        """Plan rows of one shard (what its writing task reads)."""
+        file = layout.shard_plan_file(self.folder, shard // self.shards_per_file)
+        return read_plan_rows(str(file), shard % self.shards_per_file)
+
+    def table(self) -> pa.Table:
+        """The whole plan in (shard, position) order: for tests and small runs only."""
+        import pyarrow.parquet as pq
+
+        files = [
+            layout.shard_plan_file(self.folder, i) for i in range(-(-self.n_shards // self.shards_per_file))
+        ]
+        return pa.concat_tables([PLAN.empty_table(), *(pq.read_table(f, schema=PLAN) for f in files)])
+
+
+def _read(spark, paths: list[Path], schema: pa.Schema, columns: list[str]):
+    """A table's parts as a DataFrame read by the executors (its empty frame with no parts)."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    spark_schema = from_arrow_schema(schema)
+    if not paths:
+        frame = spark.createDataFrame([], spark_schema)
+    else:
+        frame = spark.read.schema(spark_schema).parquet(*(str(p) for p in paths))
+    return frame.select(*columns)
+
+
+def check_inputs(curated, images) -> int:
+    """Raise `ShardPlanError` as `expand_samples` does (same checks, order and messages); returns
+    the number of samples (the sum of repeats). One Spark job: both tables grouped by image id."""
+    from pyspark.sql import functions as F
+
+    c, i = F.col("curated"), F.col("images")
+    no_int, no_text = F.lit(None).cast("int"), F.lit(None).cast("string")
+    rows = curated.select("image_id", F.lit(1).alias("curated"), F.lit(0).alias("images"), "repeats",
+                          no_text.alias("status"))  # fmt: skip
+    rows = rows.unionByName(
+        images.select(
+            "image_id", F.lit(0).alias("curated"), F.lit(1).alias("images"), no_int.alias("repeats"), "status"
+        )  # fmt: skip
+    )
+    per_id = rows.groupBy("image_id").agg(
+        F.sum("curated").alias("curated"),
+        F.sum("images").alias("images"),
+        F.min("repeats").alias("min_repeats"),
+        F.sum("repeats").alias("samples"),
+        F.max((F.col("status") != "ok").cast("int")).alias("failed"),
+    )
+    missing = (c > 0) & (i == 0)
+    failed = (c > 0) & (i > 0) & (F.col("failed") == 1)
+    t = per_id.agg(
+        F.sum("curated").alias("rows"),
+        F.min("min_repeats").alias("min_repeats"),
+        F.max("curated").alias("curated_copies"),
+        F.max("images").alias("image_copies"),
+        F.sum(missing.cast("long")).alias("missing"),
+        F.sum(failed.cast("long")).alias("failed"),
+        F.sum("samples").alias("samples"),
+    ).first()
+
+    def first_ids(condition) -> list[int]:  # only when raising: the smallest few, like the old message
+        return [
+            r.image_id
+            for r in per_id.filter(condition).select("image_id").orderBy("image_id").limit(5).collect()
+        ]
+
+    if t.rows and t.min_repeats < 1:
+        raise ShardPlanError("curated: repeats must be >= 1")
+    if t.rows and t.curated_copies > 1:
+        raise ShardPlanError("curated: image_id repeated; use `repeats` instead")
+    if t.image_copies is not None and t.image_copies > 1:
+        raise ShardPlanError("images: an image_id appears more than once")
+    if t.missing:
+        raise ShardPlanError(
+            f"{t.missing} curated image(s) not in the images table, e.g. {first_ids(missing)}"
+        )
+    if t.failed:
+        raise ShardPlanError(f"{t.failed} curated image(s) failed ingest, e.g. {first_ids(failed)}")
+    return int(t.samples or 0)
+
+
+def _member_bytes(size):
+    """`tar_member_bytes` as a Spark column expression (integer arithmetic only)."""
+    padded = size.cast("long") + (TAR_BLOCK - 1)
+    return padded - padded % TAR_BLOCK + TAR_BLOCK
+
+
+def ordered_samples(spark, curated, images, clusters, seed: int, partitions: int = 1):
+    """Every sample with its deal order keys and estimated tar bytes, sorted in deal order into
+    `partitions` range partitions (partition i holds samples before those of partition i + 1)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import pandas_udf
+
+    @pandas_udf("long")
+    def image_key(image_id):  # pandas Series in, Series out (Arrow batches on the executor)
+        import pandas as pd
+
+        return pd.Series(image_order_key(image_id.to_numpy(), seed))
+
+    sources_text = F.array_join("sources", "|")
+    # `plan_shards` numbers source sets in order of first appearance among samples sorted by
+    # image_id (`dictionary_encode`), i.e. by the smallest image_id of each set: one row per set.
+    first_id = curated.groupBy(sources_text.alias("sources_text")).agg(F.min("image_id").alias("source"))
+    levels = F.col("cluster_ids")
+    has_levels = F.coalesce(F.size(levels), F.lit(0)) > 0
+    samples = (
+        curated.withColumn("sources_text", sources_text)
+        .join(F.broadcast(first_id), "sources_text")
+        .join(images.filter(F.col("status") == "ok").drop("status"), "image_id")
+        .join(clusters, "image_id", "left")
+        .withColumn("repeat", F.explode(F.sequence(F.lit(0), F.col("repeats") - 1)))
+        .withColumn("coarse", F.when(has_levels, F.element_at(levels, -1)).otherwise(-1).cast("long"))
+        .withColumn("fine", F.when(has_levels, F.element_at(levels, 1)).otherwise(-1).cast("long"))
+        .withColumn("image_key", image_key("image_id"))
+        .withColumn(
+            "bytes",
+            _member_bytes(F.col("size")) + _member_bytes(F.octet_length("uri") + JSON_FIXED_BYTES),
+        )
+    )
+    order = ["coarse", "source", "fine", "image_key", "image_id", "repeat"]
+    sorted_samples = samples.repartitionByRange(partitions, *order).sortWithinPartitions(*order)
+    return sorted_samples.select(*SAMPLE_COLUMNS, "bytes")
+
+
+def plan_shards_spark(
+    spark,
+    curated_parts: list[Path],
+    images_parts: list[Path],
+    clusters_parts: list[Path],
+    folder: str | Path,
+    samples_per_shard: int,
+    max_shard_bytes: int | None = None,
+    seed: int = 0,
+) -> ShardPlan:
+    """Plan the shards on executors into `folder` (scratch on storage every executor sees).
+
+    Same plan as `plan_shards` on the same tables, row for row.
+    """
+    from pyspark.sql import functions as F
+
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    curated = _read(spark, curated_parts, CURATED, CURATED.names)
+    images = _read(spark, images_parts, IMAGES, ["image_id", "status", *IMAGE_COLUMNS])
+    clusters = _read(spark, clusters_parts, CLUSTERS, ["image_id", "cluster_ids"])
+    n_samples = check_inputs(curated, images)
+    if n_samples == 0:
+        return ShardPlan(str(folder), 0, 0, 1)
+
+    # Sort partition and row within it, taken right after the sort (nondeterministic expressions
+    # stay where they are): the lower 33 bits of monotonically_increasing_id count rows.
+    ordered_dir = layout.shard_plan_ordered(folder)
+    partitions = -(-n_samples // SORT_PARTITION_ROWS)
+    ordered_samples(spark, curated, images, clusters, seed, partitions).select(
+        "*",
+        F.spark_partition_id().alias("part"),
+        (F.monotonically_increasing_id().bitwiseAND((1 << 33) - 1)).alias("row"),
+    ).write.parquet(str(ordered_dir))
+    ordered = spark.read.parquet(str(ordered_dir))
+    parts = sorted(
+        ordered.groupBy("part").agg(F.count("*").alias("rows"), F.sum("bytes").alias("bytes")).collect()
+    )
+    counted = sum(p.rows for p in parts)
+    if counted != n_samples:
+        raise RuntimeError(f"shard plan: {counted} ordered samples, expected {n_samples}")
+    starts = np.cumsum([p.rows for p in parts]) - [p.rows for p in parts]
+    offsets = spark.createDataFrame(
+        [(p.part, int(start)) for p, start in zip(parts, starts, strict=True)], "part int, start long"
+    )
+    dealt = ordered.join(F.broadcast(offsets), "part").withColumn("g", F.col("start") + F.col("row"))
+
+    def largest_deal(n: int) -> int:
+        residues = dealt.groupBy((F.col("g") % n).alias("residue")).agg(F.sum("bytes").alias("bytes"))
+        return int(residues.agg(F.max("bytes")).first()[0])
+
+    total_bytes = sum(int(p.bytes) for p in parts)
+    n_shards = shards_needed(n_samples, total_bytes, samples_per_shard, max_shard_bytes, largest_deal)
+    per_file = max(1, PLAN_FILE_ROWS // -(-n_samples // n_shards))
+    placed = (
+        dealt.withColumn("shard", (F.col("g") % n_shards).cast("int"))
+        .withColumn("deal_rank", F.expr(f"g div {n_shards}"))
+        .withColumn("file", F.expr(f"shard div {per_file}").cast("int"))
+        .select(*SAMPLE_COLUMNS, "shard", "deal_rank", "file")
+        .repartition(-(-n_shards // per_file), "file")
+        .groupBy("file")
+        .applyInArrow(_plan_file_writer(str(folder), per_file, seed), "shard int, samples long")
+        .collect()
+    )
+    counts = dict(placed)
+    if sorted(counts) != list(range(n_shards)) or sum(counts.values()) != n_samples:
+        raise RuntimeError(f"shard plan: {len(counts)} shards placed, expected {n_shards}")
+    shutil.rmtree(ordered_dir)
+    log.info("shards: planned %d samples into %d shards (%d sort partitions, %d plan files)",
+             n_samples, n_shards, len(parts), -(-n_shards // per_file))  # fmt: skip
+    return ShardPlan(str(folder), n_shards, n_samples, per_file, len(parts))
+
+
+def _plan_file_writer(folder: str, per_file: int, seed: int):
+    """The executor's work for one plan file: place its shards' members and write the file."""
+
+    def write(table: pa.Table) -> pa.Table:
+        file = int(table["file"][0].as_py())
+        plan = place_in_shards(table.drop_columns(["file"]), seed)
+        write_plan_file(plan, layout.shard_plan_file(folder, file))
+        shards, counts = np.unique(plan["shard"].to_numpy(), return_counts=True)
+        if shards[0] != file * per_file:
+            raise RuntimeError(f"plan file {file} starts at shard {shards[0]}")
+        return pa.table({"shard": pa.array(shards, pa.int32()), "samples": pa.array(counts, pa.int64())})
+
+    return write
