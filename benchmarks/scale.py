@@ -234,7 +234,9 @@ def run_child(job_path: Path, quiet: bool) -> None:
 
     hwm_imports = _vm_kib("VmHWM")
     t0 = time.perf_counter()
-    app(["run", str(job_path), *(["--quiet"] if quiet else [])], standalone_mode=False)
+    code = app(["run", str(job_path), *(["--quiet"] if quiet else [])], standalone_mode=False)
+    if code:  # typer.Exit of a failed run, returned rather than raised outside standalone mode
+        sys.exit(code)
     seconds = time.perf_counter() - t0
     result = {"hwm_kib": _vm_kib("VmHWM"), "hwm_imports_kib": hwm_imports, "seconds": seconds}
     stop_spark()
