@@ -1,11 +1,11 @@
 """Driver memory of the whole pipeline (ingest to shards) at two or more pool sizes.
 
 The rule this measures: the process that runs a job (the driver) holds what grows with the number of
-parts or clusters, never with the number of images. For each size the job runs through the public
-pipeline (`run_job`, what `lvd run` calls) in a fresh subprocess, which prints its own peak resident
-memory (VmHWM of /proc/self/status: the driver alone, not Ray's workers nor Spark's JVM). Printed:
-each size's driver peak, images per second per stage (pool images / the stage marker's seconds), and
-the growth in bytes per image between sizes, against the target of 0.5 KB (500 bytes) per image.
+parts or clusters, never with the number of images. For each size a fresh subprocess runs the job with
+`lvd run` (the CLI, called in that process) and then prints its own peak resident memory (VmHWM of
+/proc/self/status: the driver alone, not Ray's workers nor Spark's JVM). Printed: each size's driver
+peak, images per second per stage (pool images / the stage marker's seconds), and the growth in bytes
+per image between sizes, against the target of 0.5 KB (500 bytes) per image.
 
 Pools are generated once and kept under --work (32 px JPEG/PNG in WebDataset tars of
 --files-per-part images, so each tar is one ingest part; Zipf-skewed classes; planted exact and
@@ -227,25 +227,16 @@ def _vm_kib(field: str) -> int:
 
 
 def run_child(job_path: Path, quiet: bool) -> None:
-    """Run the job through the public pipeline and print this process's peak RSS (the driver's)."""
-    import logging
-
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from lvd.jobs import progress
+    """`lvd run` of the job, in this process; then print this process's peak RSS (the driver's)."""
+    import lvd.jobs.pipeline  # noqa: F401  (imported before the baseline: `lvd run` loads it anyway)
+    from lvd.jobs.cli import app
     from lvd.jobs.engines import shutdown_ray, stop_spark
-    from lvd.jobs.pipeline import run_job
-    from lvd.schemas.job_spec import load_job_spec
 
-    progress.set_enabled(not quiet)
-
-    spec = load_job_spec(job_path)
     hwm_imports = _vm_kib("VmHWM")
     t0 = time.perf_counter()
-    run_job(spec)
+    code = app(["run", str(job_path), *(["--quiet"] if quiet else [])], standalone_mode=False)
+    if code:  # typer.Exit of a failed run, returned rather than raised outside standalone mode
+        sys.exit(code)
     seconds = time.perf_counter() - t0
     result = {"hwm_kib": _vm_kib("VmHWM"), "hwm_imports_kib": hwm_imports, "seconds": seconds}
     stop_spark()
@@ -265,6 +256,8 @@ def measure(job_path: Path, quiet: bool) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         sys.exit(f"run of {job_path} failed (exit {proc.returncode}):\n{proc.stdout}")
+    stage_rows = proc.stdout.split("\nfunnel:")[0]  # `lvd run`'s row per stage (the funnel comes below)
+    print(stage_rows, flush=True)
     result = json.loads(lines[-1][len(RESULT_PREFIX) :])
     result["stage_seconds"] = {name: secs for name, (_, secs) in stage_summaries(out_dir).items()}
     return result
@@ -307,7 +300,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/lvd-scale"), help="Pools and outputs live here.")
     ap.add_argument("--sizes", default="20000,200000", help="Pool sizes, comma-separated (at least two).")
     ap.add_argument("--files-per-part", type=int, default=4000, help="Images per tar (one ingest part each).")
-    ap.add_argument("--quiet", action="store_true", help="Only warnings from the runs, not their progress.")
+    ap.add_argument("--quiet", action="store_true", help="`lvd run --quiet`: only the runs' warnings.")
     ap.add_argument("--check", action="store_true", help="Exit 1 when the growth is above the target.")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -21,6 +21,7 @@ app.add_typer(eval_app, name="eval")
 
 # Loggers of the engines whose info lines a quiet run drops too (their warnings still show).
 _ENGINE_LOGGERS = ("ray", "ray.data", "py4j")
+_RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
 def _setup_logging(verbose: bool, quiet: bool = False) -> None:
@@ -36,9 +37,13 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.getLogger().setLevel(level)
     logging.getLogger("lvd").setLevel(level)
     progress.set_enabled(not quiet)
+    # lvd turns Ray Data's progress bars off on purpose (its own lines replace them): no warning about it.
+    logging.getLogger(_RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
     if quiet:
-        # Ray sets its loggers' levels when first imported, and Ray Data again whenever it configures
-        # logging (from RAY_DATA_LOG_LEVEL when set): import Ray first, then lower them.
+        # Ray sets the levels of its loggers when imported and again in ray.init (from RAY_LOGGER_LEVEL),
+        # and Ray Data whenever it configures logging (from RAY_DATA_LOG_LEVEL): set both, import Ray,
+        # then lower the levels it has set.
+        os.environ["RAY_LOGGER_LEVEL"] = "warning"
         os.environ["RAY_DATA_LOG_LEVEL"] = "WARNING"
         import ray  # noqa: F401
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +37,8 @@ _slow_square = _make_slow_square()
 def every_update(monkeypatch):
     """A progress line at every update, and progress and the lvd and root log levels restored after."""
     monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)
-    monkeypatch.delenv("RAY_DATA_LOG_LEVEL", raising=False)  # restored after the test
+    for name in ("RAY_DATA_LOG_LEVEL", "RAY_LOGGER_LEVEL"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
     levels = {name: logging.getLogger(name).level for name in ("", "lvd", *cli._ENGINE_LOGGERS)}
     yield
     progress.set_enabled(True)
@@ -121,3 +125,19 @@ def test_lvd_run_quiet_flag(ray_local, tmp_path, monkeypatch, caplog, every_upda
     else:
         assert lines and PROGRESS_LINE.match(lines[0])
         assert any(r.getMessage() == "stage fake: running" for r in infos)
+
+
+def test_quiet_reaches_the_level_ray_init_sets():
+    """ray.init sets the "ray" logger's level again, from a default read when Ray is imported: a quiet
+    run must have chosen it by then (a fresh process, as `lvd run` is)."""
+    code = (
+        "import inspect, logging\n"
+        "from lvd.jobs.cli import _setup_logging\n"
+        "_setup_logging(False, quiet=True)\n"
+        "import ray\n"
+        "print(inspect.signature(ray.init).parameters['logging_level'].default)\n"
+        "print(logging.getLogger('ray').getEffectiveLevel())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_LOGGER_LEVEL", "RAY_DATA_LOG_LEVEL")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["warning", str(logging.WARNING)]
