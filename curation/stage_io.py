@@ -1,4 +1,6 @@
-"""Reading the inputs of the curation stages (images, embeddings) as numpy, and writing their parts."""
+"""Whole tables as numpy (images of a dataset, vectors of ids, the kept pool): the in-memory references
+that tests and tools compare the stages' per-part passes with. Stages never read whole tables: they hand
+parts to workers (ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from lvd.curation.knn import normalize
-from lvd.schemas.layout import COPY_DETECTION, RETRIEVAL, list_parts, part_path
-from lvd.schemas.tables import DEDUP, IMAGES, read_parts, write_parquet_atomic
-
-ROWS_PER_PART = 1_000_000
+from lvd.schemas.layout import COPY_DETECTION, RETRIEVAL
+from lvd.schemas.tables import DEDUP, IMAGES, read_parts
 
 
 def load_images(image_parts: list[Path], dataset: str, columns: list[str]) -> pa.Table:
@@ -62,16 +62,3 @@ def kept_pool_ids(dedup_parts: list[Path]) -> np.ndarray:
     """Pool images the dedup stage kept, sorted."""
     table = read_parts(dedup_parts, DEDUP, columns=["image_id", "keep"])
     return np.sort(table.filter(table["keep"])["image_id"].to_numpy())
-
-
-def write_parts(
-    table: pa.Table, stage_dir: Path, schema: pa.Schema, rows_per_part: int = ROWS_PER_PART
-) -> int:
-    """Write `table` as numbered parts (atomic each), removing parts of an earlier, larger run."""
-    stage_dir = Path(stage_dir)
-    count = max(1, -(-table.num_rows // rows_per_part))
-    for i in range(count):
-        write_parquet_atomic(table.slice(i * rows_per_part, rows_per_part), part_path(stage_dir, i), schema)
-    for stale in list_parts(stage_dir)[count:]:
-        stale.unlink()
-    return count

@@ -305,3 +305,50 @@ def test_cluster_and_sample_over_several_parts_equal_one_part(ray_local, world, 
     assert len(curated_parts) > 3
     # parts in order are sorted by image_id like the one-part table, and hold the same rows
     assert layout.read_table(split, layout.CURATED).equals(layout.read_table(out, layout.CURATED))
+
+
+def test_retrieve_over_parts_equals_the_in_memory_reference(ray_local, world):
+    """Sample-based retrieval (sharded search) and cluster-based retrieval with the seed set's own
+    k-means (`num_clusters`, k-means over parts) give the rows of the whole-table functions."""
+    from lvd.curation.kmeans import kmeans
+    from lvd.curation.knn import build_index
+    from lvd.curation.retrieval import retrieve_by_cluster, retrieve_by_sample
+    from lvd.curation.stage_io import kept_pool_ids, load_images, load_vectors
+
+    spec, out, _, _ = world
+    seeds = [s.model_copy(update={"num_clusters": 5}) if s.name == "clus" else s for s in spec.seeds]
+    spec = spec.model_copy(update={"seeds": seeds})
+    for name, m in (("dedup", dedup), ("cluster", cluster), ("retrieve", retrieve)):
+        _run(spec, out, name, m)
+    got = layout.read_table(out, layout.RETRIEVED)
+
+    embed_parts = layout.list_parts(layout.table_dir(out, layout.EMBEDDINGS), "retrieval")
+    image_parts = layout.list_parts(layout.table_dir(out, layout.IMAGES))
+    pool_ids, pool = load_vectors(
+        embed_parts, "retrieval", kept_pool_ids(layout.list_parts(layout.table_dir(out, layout.DEDUP)))
+    )
+
+    def seed_vectors(name):
+        ids = load_images(image_parts, f"seed:{name}", ["image_id"])["image_id"].to_numpy()
+        return load_vectors(embed_parts, "retrieval", ids)
+
+    def rows(name):
+        t = got.filter(pa.compute.equal(got["seed_set"], name))
+        return t.sort_by([("seed_id", "ascending"), ("rank", "ascending"), ("image_id", "ascending")])
+
+    near_ids, near = seed_vectors("near")
+    index, _ = build_index(pool, exact_below=pool.shape[0] + 1)
+    want = retrieve_by_sample(index, pool_ids, near, near_ids, "near", k=3)
+    assert rows("near").equals(want) and want.num_rows == 6
+
+    cfg = spec.clustering
+    km = kmeans(pool, 5, niter=cfg.niter, spherical=cfg.spherical, seed=cfg.seed,
+                max_points_per_centroid=cfg.max_points_per_centroid, assign_dtype=cfg.assign_dtype,
+                ids=pool_ids)  # fmt: skip
+    _, clus = seed_vectors("clus")
+    want = retrieve_by_cluster(
+        pool_ids, km.labels, km.distance, km.centroids, clus, "clus",
+        min_seed_images=3, images_per_cluster=4, max_images=10,
+    )  # fmt: skip
+    have = got.filter(pa.compute.equal(got["seed_set"], "clus"))
+    assert have.equals(want) and 0 < want.num_rows <= 10
