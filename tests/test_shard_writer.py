@@ -486,6 +486,13 @@ def test_spark_plan_rejects_what_expand_samples_rejects(spark, tmp_path):
         messages[name] = str(err.value)
         assert str(err.value) == str(reference.value), name
     assert "e.g. [-3, 5]" in messages["missing"] and "failed ingest" in messages["failed"]
+    # Nothing curated: no shards, as in `plan_shards`.
+    out = tmp_path / "empty"
+    parts = [write_parts(out, images, layout.IMAGES, 2, 0), write_parts(out, clusters, layout.CLUSTERS, 1, 0)]
+    plan = plan_shards_spark(spark, [], *parts, out / "plan", 10)
+    assert (plan.n_shards, plan.n_samples) == (0, 0) and plan.table().equals(
+        plan_shards(CURATED.empty_table(), images, clusters, 10)
+    )
 
 
 def test_stage_driver_reads_no_sample_rows(written, tmp_path, monkeypatch):
