@@ -28,6 +28,7 @@ from lvd.curation.ingest import ingest_unit, probe_image
 from lvd.jobs.engines import ensure_ray, shutdown_ray
 from lvd.jobs.stage import StageContext
 from lvd.jobs.stages import ingest as ingest_stage
+from lvd.schemas import layout
 from lvd.schemas.job_spec import Source, parse_job_spec
 
 
@@ -137,7 +138,7 @@ def main() -> None:
         ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage=ingest_stage.STAGE)
         t_ray = timed(lambda: ingest_stage.run(ctx))
         t_resume = timed(lambda: ingest_stage.run(ctx))
-        for part in ctx.stage_dir.glob("part-*.parquet"):
+        for part in layout.list_parts(ctx.stage_dir):
             part.unlink()
         t_warm = timed(lambda: ingest_stage.run(ctx))  # workers already up and imported
         print(f"one process   : {t_loop:6.2f}s  {n / t_loop:7.1f} img/s  ({len(units)} units)")

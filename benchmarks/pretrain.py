@@ -24,6 +24,7 @@ import torch
 import webdataset as wds
 
 from lvd.jobs.demo import CLASS_NAMES, COLOURS, build_labelled_folder, generate_image
+from lvd.schemas import layout
 from lvd.training.augment import MultiCrop, MultiCropConfig, augment_batch
 from lvd.training.config import load_config
 from lvd.training.knn_eval import knn_val_scores, load_eval_backbone
@@ -38,13 +39,13 @@ def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int, colou
     rng = np.random.default_rng(seed)
     n_shards = -(-n_images // per_shard)
     for s in range(n_shards):
-        with wds.TarWriter(str(out / f"lvd-{s:06d}.tar")) as w:
+        with wds.TarWriter(str(out / layout.shard_name(s))) as w:
             for i in range(s * per_shard, min(n_images, (s + 1) * per_shard)):
                 buf = io.BytesIO()
                 label = int(rng.integers(len(CLASS_NAMES)))
                 generate_image(rng, label, colours).save(buf, "JPEG", quality=90)
                 w.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "json": b"{}"})
-    return str(out / f"lvd-{{000000..{n_shards - 1:06d}}}.tar")
+    return str(out / layout.shard_pattern(n_shards))
 
 
 def matmul_flops(n: int = 2048, trials: int = 5) -> float:

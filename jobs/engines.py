@@ -10,6 +10,8 @@ from lvd.schemas.job_spec import JobSpec
 
 log = logging.getLogger("lvd")
 
+LOOPBACK = "127.0.0.1"
+
 
 def local_env_defaults() -> None:
     """Settings that a local, single-machine run needs (see README: Ray auth, loopback binding)."""
@@ -24,17 +26,26 @@ def local_env_defaults() -> None:
 
 
 def ensure_ray(spec: JobSpec) -> None:
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported: set it first.
+    local_env_defaults()
     import ray
 
     if ray.is_initialized():
         return
-    local_env_defaults()
     address = spec.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         # Inside a submitted Ray job RAY_ADDRESS points at the cluster this job runs on.
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+        # "local": a new instance of our own, never a cluster recorded by an earlier `ray start` (which
+        # may be dead); every Ray process of it listens on loopback only.
+        ray.init(
+            address="local",
+            _node_ip_address=LOOPBACK,
+            num_cpus=spec.ray.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
