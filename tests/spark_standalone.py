@@ -28,6 +28,9 @@ from ray_head import free_ports
 
 MASTER = "org.apache.spark.deploy.master.Master"
 WORKER = "org.apache.spark.deploy.worker.Worker"
+# For the short-lived JVMs of a test: the quick (C1) JIT only and a single-threaded collector about
+# halve their CPU time (measured 59 s -> 31 s for a master, two workers, a driver and two executors).
+TEST_JVM_OPTS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 
 
 def spark_home() -> Path:
@@ -52,6 +55,15 @@ class SparkStandalone:
     def executor_logs(self, app_id: str) -> list[list[Path]]:
         """Per worker, the stderr files of the executors it ran for `app_id` (WORKDIR/APP/EXECUTOR/stderr)."""
         return [sorted((d / app_id).glob("*/stderr")) for d in self.worker_dirs]
+
+    def job_conf(self) -> dict[str, str]:
+        """Spark settings for a job on this cluster (a job spec's `spark.conf`)."""
+        return {
+            "spark.driver.extraJavaOptions": TEST_JVM_OPTS,
+            "spark.executor.extraJavaOptions": TEST_JVM_OPTS,
+            # Wait for every worker's executor before the first task, so that each gets work.
+            "spark.scheduler.minRegisteredResourcesRatio": "1.0",
+        }
 
     def log_tail(self, chars: int = 2000) -> str:
         logs = sorted((self.root / "logs").glob("*.out"))
@@ -94,6 +106,7 @@ def spark_standalone(
         "PYSPARK_PYTHON": sys.executable,
         # The REST submission server would take the fixed port 6066.
         "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
+        "SPARK_DAEMON_JAVA_OPTS": TEST_JVM_OPTS,
     }
     (root / "conf").mkdir()
     cluster = SparkStandalone(f"spark://127.0.0.1:{port}", f"http://127.0.0.1:{ui}", root)

@@ -99,8 +99,7 @@ def curated(clusters, tmp_path_factory, ray_local) -> Curation:
         "master": spark_c.master_url,
         "driver_memory": "1g",
         "executor_memory": "512m",
-        # Wait for both workers' executors before the first task, so both get work.
-        "conf": {"spark.scheduler.minRegisteredResourcesRatio": "1.0"},
+        "conf": spark_c.job_conf(),
     }
     cluster_yaml = job_yaml.with_name("cluster-job.yaml")  # beside job.yaml: same relative paths
     cluster_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
