@@ -10,7 +10,7 @@ from lvd.embeddings.vit import ARCHS, build_vit
 
 
 def _official_keys(depth: int, ffn: str, registers: bool) -> set[str]:
-    """The key list of an official DINOv2 checkpoint, written out from DESIGN.md section 4."""
+    """The key list of an official DINOv2 checkpoint (the layout of the released dinov2 weights)."""
     keys = {"cls_token", "pos_embed", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias"}
     keys |= {"norm.weight", "norm.bias"} | ({"register_tokens"} if registers else set())
     mlp = ("mlp.fc1", "mlp.fc2") if ffn == "mlp" else ("mlp.w12", "mlp.w3")
