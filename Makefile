@@ -24,4 +24,4 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: setup
-	$(PY) benchmarks/embed.py && $(PY) benchmarks/curation.py --n 200000 && $(PY) benchmarks/shards.py && $(PY) benchmarks/pretrain.py
+	$(PY) benchmarks/embed.py && $(PY) benchmarks/curation.py --n 200000 && $(PY) benchmarks/shards.py && $(PY) benchmarks/scale.py && $(PY) benchmarks/pretrain.py
