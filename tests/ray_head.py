@@ -117,7 +117,7 @@ def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Po
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _terminate(procs: Sequence[subprocess.Popen], grace: float = 5.0) -> None:
+def _terminate(procs: Sequence[subprocess.Popen], grace: float = 3.0) -> None:
     """End nodes: each one's whole process group (raylet, GCS, dashboard, agents and its workers).
 
     SIGTERM first; what is left after `grace` seconds (Ray's graceful shutdown can take tens of

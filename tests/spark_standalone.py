@@ -28,8 +28,8 @@ from ray_head import free_ports
 
 MASTER = "org.apache.spark.deploy.master.Master"
 WORKER = "org.apache.spark.deploy.worker.Worker"
-# For the short-lived JVMs of a test: the quick (C1) JIT only and a single-threaded collector about
-# halve their CPU time (measured 59 s -> 31 s for a master, two workers, a driver and two executors).
+# For the short-lived JVMs of a test: the quick (C1) JIT only and a single-threaded collector; most
+# of the CPU a JVM that lives a minute spends goes to optimising compilation and GC threads.
 TEST_JVM_OPTS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 
 
