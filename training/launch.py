@@ -206,18 +206,21 @@ def launch_ray_train(
     returns rank 0's run summary (RunResult.summary()).
 
     `output_dir` and the shards must be reachable from every node (shared or fsspec storage). Without
-    `address`, joins the cluster this process runs in (RAY_ADDRESS, set inside a submitted Ray job)
-    or starts a local Ray.
+    `address`, joins the cluster in RAY_ADDRESS (set inside a submitted Ray job) or starts a local Ray.
     """
+    from lvd.jobs.engines import LOOPBACK, local_env_defaults
+
+    local_env_defaults()  # before Ray is imported: it reads them then
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from lvd.jobs.engines import local_env_defaults
-
     if not ray.is_initialized():
-        local_env_defaults()
-        ray.init(address=address)
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:  # as a local curation run: a new instance of our own, on loopback
+            ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False)
     shards, output_dir = _absolute(shards), _absolute(output_dir)
     loop_config = {
         "config": cfg_dict,
