@@ -1,13 +1,17 @@
 """Embed stage throughput vs a bare PyTorch loop, and the model's FLOP/s vs a large matmul's, in one run.
 
-Same images (JPEG photos-sized), same model (ViT-S/14 at 224 px, fp32), same thread count for both.
+Same images (JPEG photos-sized), same model (ViT-S/14 at 224 px), same precision (the spec's default,
+`auto`: bf16 autocast on CPUs with native bf16) and same thread count for both.
 The stage runs its real Ray Data pipeline (decode tasks + one model actor); Ray gets one logical CPU
 more than the actor uses so a decode task can run beside it, as on a GPU node where decode has
 its own cores. On a shared machine wall-clock rates also measure how much CPU share each side wins,
 so CPU seconds per image (this process and all its descendants, from /proc) are compared too.
 Ratios are printed last.
 
-    .venv/bin/python benchmarks/embed.py [--images 192] [--batch-size 32] [--bf16]
+The compute limit is the bf16 (or fp32) matmul rate divided by the model's FLOP per image: no
+implementation of this model can embed faster on this CPU.
+
+    .venv/bin/python benchmarks/embed.py [--images 192] [--batch-size 32] [--precision auto]
 """
 
 from __future__ import annotations
@@ -143,8 +147,8 @@ class CpuMeter:
         return sum(t - self.base.get(pid, 0.0) for pid, t in self.last.items())
 
 
-def matmul_flops(n: int = 2048, reps: int = 6) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(n: int = 2048, reps: int = 6, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -164,7 +168,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast on CPU and its error")
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -181,15 +185,22 @@ def main() -> None:
             "sampling": {"target_size": 1},
             "ray": {"num_cpus": args.threads + 1},
             "embedding": {
-                "retrieval": {"arch": "vit_small", "batch_size": args.batch_size, "dtype": "float32"},
+                "retrieval": {
+                    "arch": "vit_small",
+                    "batch_size": args.batch_size,
+                    "dtype": "float32",
+                    "precision": args.precision,
+                },
                 "num_actors": 1,
                 "cpus_per_actor": args.threads,
             },
         }
     )
     model = load_embedding_model(spec.embedding.retrieval, "cpu")
+    precision = "bf16" if model.autocast_dtype == torch.bfloat16 else "fp32"
     print(
-        f"{args.images} JPEGs ~500x375, ViT-S/14 at 224 px fp32, {args.threads} threads, batch {args.batch_size}"
+        f"{args.images} JPEGs ~500x375, ViT-S/14 at 224 px {precision} ({args.precision}), "
+        f"{args.threads} threads, batch {args.batch_size}"
     )
 
     # Bare loop before and after the stage, averaged: the machine is shared, so load drifts.
@@ -219,26 +230,30 @@ def main() -> None:
 
     flops_img = model_flops_per_image(model.module, model.preprocess.crop_size)
     model_fps = flops_img * 1e3 / bare["forward_ms"]
-    mm_fps = matmul_flops()
+    mm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    mm_fps = matmul_flops(dtype=mm_dtype)
+    limit_ips = mm_fps / flops_img
     print(
-        f"model: {flops_img / 1e9:.2f} GFLOP/img -> {model_fps / 1e9:.1f} GFLOP/s; matmul 2048^3: {mm_fps / 1e9:.1f} GFLOP/s"
+        f"model: {flops_img / 1e9:.2f} GFLOP/img -> {model_fps / 1e9:.1f} GFLOP/s; "
+        f"{precision} matmul 2048^3: {mm_fps / 1e9:.1f} GFLOP/s -> compute limit {limit_ips:.1f} img/s"
     )
 
-    if args.bf16:
-        bf = load_embedding_model(spec.embedding.retrieval, "cpu", cpu_bf16=True)
-        x = np.stack([preprocess_image(p.read_bytes(), model.preprocess) for p in paths[: args.batch_size]])
-        bf.embed(x)
-        t0 = time.perf_counter()
-        v16 = bf.embed(x)
-        dt = time.perf_counter() - t0
-        err = np.abs(v16 - model.embed(x)).max()
-        print(f"bf16 autocast: forward {1e3 * dt / len(x):.1f} ms/img, max |v_bf16 - v_fp32| = {err:.2e}")
+    # What the precision changes: the fp32 vectors of the same crops, and how far the used ones are.
+    fp32 = load_embedding_model(spec.embedding.retrieval.model_copy(update={"precision": "float32"}), "cpu")
+    x = np.stack([preprocess_image(p.read_bytes(), model.preprocess) for p in paths[: args.batch_size]])
+    fp32.embed(x)
+    t0 = time.perf_counter()
+    v32 = fp32.embed(x)
+    fp32_ms = 1e3 * (time.perf_counter() - t0) / len(x)
+    err = np.abs(model.embed(x) - v32).max()
+    print(f"fp32 forward {fp32_ms:.1f} ms/img; max |v_{precision} - v_fp32| = {err:.2e}")
 
     tmp.cleanup()
     print(f"ratio stage / bare loop images/s: {stage_ips / bare['ips']:.3f}")
     print(f"ratio stage / bare loop images per CPU-second: {bare['cpu_s_per_img'] / stage_cpu:.3f}")
-    print(f"ratio model FLOP/s / matmul FLOP/s: {model_fps / mm_fps:.3f}")
-
+    print(f"ratio stage / {precision} compute limit: {stage_ips / limit_ips:.3f}")
+    print(f"ratio model FLOP/s / {precision} matmul FLOP/s: {model_fps / mm_fps:.3f}")
+    print(f"ratio forward fp32 ms / {precision} ms: {fp32_ms / bare['forward_ms']:.3f}")
 
 if __name__ == "__main__":
     main()

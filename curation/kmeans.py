@@ -32,6 +32,7 @@ import torch
 
 from lvd.curation.knn import use_gpu
 from lvd.curation.seeded import KMEANS_SAMPLE, keyed_uniform
+from lvd.embeddings.hardware import cpu_has_native_bf16
 
 log = logging.getLogger("lvd")
 
@@ -49,16 +50,6 @@ def _flat_index(centroids: np.ndarray, spherical: bool) -> faiss.Index:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     return index
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 dot-product instructions, where oneDNN runs bf16 matmuls natively."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return torch.backends.mkldnn.is_available() and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def resolve_assign_dtype(assign_dtype: AssignDtype) -> Literal["float32", "bfloat16"]:

@@ -9,6 +9,7 @@ sees any.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,53 @@ ADD_CHUNK = 262_144  # vectors per index.add call: bounds the temporary copies F
 
 def use_gpu() -> bool:
     return faiss.get_num_gpus() > 0
+
+
+AUTO_INDEX = "auto"
+# Parts of a factory string FAISS has no GPU version of: fast-scan PQ (`x4fs`), refinement wrappers and
+# HNSW storage. An index holding one stays on the CPU even on a GPU node.
+_CPU_ONLY = ("fs", "RFlat", "Refine", "HNSW")
+
+
+def runs_on_gpu(factory: str) -> bool:
+    """Whether FAISS can move an index built from `factory` to a GPU."""
+    return not any(part in factory for part in _CPU_ONLY)
+
+
+def _pq_width(dim: int) -> int:
+    """Sub-quantizers for fast-scan PQ: the most of 64, 32, 16, 8 that divide `dim` (4 bits each)."""
+    return next((m for m in (64, 32, 16, 8) if dim % m == 0), 0)
+
+
+def auto_index(n: int, dim: int, gpu: bool) -> str:
+    """The default factory string for `n` vectors of width `dim` on a CPU or a GPU.
+
+    IVF lists: about 2 sqrt(n) up to a million vectors (FAISS's rule of thumb, and the set-up
+    benchmarked here at 1M), then about one list per 500 vectors, so a probe scans the same short
+    lists as the pool grows. The cap bounds the training set (40 vectors per list) and its k-means:
+    GPUs train more lists than CPUs can. Past 16k lists an HNSW graph finds the lists to probe.
+    Codes on a CPU: fast-scan PQ with an exact float re-ranking of the candidates (`RFlat`). On a
+    GPU, FAISS has neither: 8-bit scalar codes (`SQ8`), a quarter of the float memory, with cosines
+    close enough to the float ones for a copy threshold.
+    """
+    n = max(n, 1)
+    cap = 262_144 if gpu else 65_536
+    nlist = int(min(max(2 ** round(math.log2(max(2 * math.sqrt(n), n / 500))), 256), cap))
+    if gpu:
+        return f"IVF{nlist},SQ8"
+    coarse = f"IVF{nlist}_HNSW32" if nlist > 16_384 else f"IVF{nlist}"
+    m = _pq_width(dim)
+    return f"{coarse},PQ{m}x4fs,RFlat" if m else f"{coarse},SQ8"
+
+
+def resolve_index(factory: str, n: int, dim: int, gpu: bool) -> str:
+    """`factory` as given, or the device's default for "auto"; warns when a given one cannot use the
+    GPU of a GPU node."""
+    if factory == AUTO_INDEX:
+        return auto_index(n, dim, gpu)
+    if gpu and not runs_on_gpu(factory):
+        log.warning("faiss: index %r has no GPU version; it runs on the CPU of a GPU node", factory)
+    return factory
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -100,7 +148,7 @@ def build_index(
 ) -> tuple[faiss.Index, IndexInfo]:
     """An inner-product index over the rows of `xb` (already L2-normalised float32).
 
-    Exact (flat) below `exact_below` rows; else `factory`, trained on a sample of `train_size` rows
+    Exact (flat) below `exact_below` rows; else `factory` ("auto": `auto_index` for this device), trained on a sample of `train_size` rows
     (default: 40 per IVF list, at least 50k) and filled in chunks. With `ids` (the image_id of each
     row) the sample is the keyed one a sharded build draws (`keyed_sample`), so both train alike;
     without, a random sample.
@@ -110,6 +158,7 @@ def build_index(
         index: faiss.Index = faiss.IndexFlatIP(d)
         info = IndexInfo(True, "Flat", 0)
     else:
+        factory = resolve_index(factory, n, d, use_gpu())
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         size = training_size(index, n, train_size)
         if ids is not None:

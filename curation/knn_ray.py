@@ -17,7 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from lvd.curation.knn import edge_recall, training_size
+from lvd.curation.knn import edge_recall, resolve_index, runs_on_gpu, training_size
 from lvd.curation.knn_sharded import (
     PartWriter,
     Shard,
@@ -47,7 +47,9 @@ class SearchResult:
     rows: int  # result rows written
     database: int  # database vectors
     shards: int  # shard actors (0: every part was written by an earlier run)
-    exact: bool  # flat index (else search.index)
+    exact: bool  # flat index (else `index`)
+    index: str  # the factory string that ran ("Flat" when exact)
+    device: str  # where the shards searched: "gpu" or "cpu"
     recall: float | None  # IVF recall against exact search on a sample; None when exact or not asked
     resumed_parts: int  # query parts an earlier run had written
 
@@ -158,23 +160,24 @@ def _start_shards(
         raise ValueError(f"knn: database parts hold vectors of different sizes {sorted(dims)}")
     dim = dims.pop() if dims else 0
     exact = n < search.exact_below or n < 2  # nothing to train an index on
-    trained, recall, exact_answer = None, None, None
+    trained, recall, exact_answer, factory = None, None, None, "Flat"
     if not exact:
         if check_recall:  # exact answers from the raw vectors, before the build frees them
             recall_ids, xq = _keyed_sample(actors, RECALL_SAMPLE, n, KNN_RECALL_SAMPLE)
             exact_answer = _merged(actors, "exact_search", xq, k)
-        trained = _train(actors, search.index, dim, n)
+        factory = resolve_index(search.index, n, dim, gpu=gpus > 0)
+        trained = _train(actors, factory, dim, n)
     ray.get([a.build.remote(trained, search.nprobe) for a in actors])
     if exact_answer is not None:
         _, approx_ids = _merged(actors, "search", xq, exact_answer[1].shape[1])
         recall = edge_recall(exact_answer[0], exact_answer[1], approx_ids, recall_ids, recall_threshold)
         log.info(
-            "knn: IVF %s nprobe %d, recall vs exact on a sample: %s", search.index, search.nprobe, recall
+            "knn: %s nprobe %d, recall vs exact on a sample: %s", factory, search.nprobe, recall
         )
-    state = {"database": n, "shards": len(actors), "exact": exact, "recall": recall}
-    log.info(
-        "knn: %d database vectors on %d shard actors (%s)", n, len(actors), "flat" if exact else search.index
-    )
+    device = "gpu" if gpus and (exact or runs_on_gpu(factory)) else "cpu"
+    state = {"database": n, "shards": len(actors), "exact": exact, "recall": recall, "index": factory}
+    state["device"] = device
+    log.info("knn: %d database vectors on %d shard actors, index %s on %s", n, len(actors), factory, device)
     return actors, state, task_cpus
 
 
@@ -213,7 +216,7 @@ def search_parts(
     k: neighbours per query (fewer when the database is smaller). A query that is also in the
       database finds itself (writers such as `EdgeWriter` drop self pairs; ask for k + 1).
     search: the search section of the spec. Flat (exact) index below `search.exact_below` database
-      vectors, else `search.index` trained once on a keyed sample (40 per IVF list, at least 50k),
+      vectors, else `search.index` ("auto": chosen for the pool's size and device) trained once on a keyed sample (40 per IVF list, at least 50k),
       probed with `search.nprobe`. `search.search_actors` shard actors (0: one per GPU, or one per
       node on a CPU cluster); queries go in chunks of `search.chunk_size`.
     write: a `PartWriter` (e.g. `EdgeWriter`, `TopKWriter`) turning results into rows; each query
@@ -231,7 +234,7 @@ def search_parts(
 
     items = list(enumerate(query_parts))
     if not items:
-        return SearchResult(0, 0, 0, 0, True, None, 0)
+        return SearchResult(0, 0, 0, 0, True, "Flat", "cpu", None, 0)
     state_file = write.folder / layout.SEARCH_STATE
     resumed = sum(1 for i, _ in items if write.output(i).exists())
     actors: list = []
@@ -268,6 +271,8 @@ def search_parts(
         database=state["database"],
         shards=state["shards"],
         exact=state["exact"],
+        index=state.get("index", "Flat" if state["exact"] else search.index),
+        device=state.get("device", "cpu"),
         recall=state["recall"],
         resumed_parts=resumed,
     )

@@ -10,16 +10,13 @@ import torch
 from torch import nn
 
 from lvd.embeddings.checkpoints import CheckpointError, load_backbone
+from lvd.embeddings.hardware import autocast_dtype, default_device
 from lvd.embeddings.preprocess import PreprocessConfig, normalize
 from lvd.embeddings.vit import DinoVisionTransformer, build_vit
 from lvd.schemas.job_spec import ModelSpec
 
 # Random-init models (weights: None, for tests) are seeded so every replica computes the same vectors.
 RANDOM_INIT_SEED = 0
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -30,7 +27,7 @@ class EmbeddingModel:
     dim: int
     preprocess: PreprocessConfig
     device: torch.device
-    autocast_dtype: torch.dtype | None  # bf16 on CUDA; None = full fp32
+    autocast_dtype: torch.dtype | None  # None = full fp32
     batch_size: int = 32
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,15 +85,13 @@ def build_module(spec: ModelSpec) -> nn.Module:
         )
 
 
-def load_embedding_model(
-    spec: ModelSpec, device: torch.device | str | None = None, *, cpu_bf16: bool = False
-) -> EmbeddingModel:
-    """Load `spec` onto `device` (CUDA when present): bf16 autocast on CUDA, fp32 on CPU unless cpu_bf16."""
+def load_embedding_model(spec: ModelSpec, device: torch.device | str | None = None) -> EmbeddingModel:
+    """Load `spec` onto `device` (CUDA when present), at the spec's precision on that device."""
     device = torch.device(device) if device is not None else default_device()
     module = build_module(spec).eval().to(device)
     for p in module.parameters():
         p.requires_grad_(False)
-    autocast = torch.bfloat16 if device.type == "cuda" or cpu_bf16 else None
+    autocast = autocast_dtype(spec.precision, device)
     patch = module.patch_size if isinstance(module, DinoVisionTransformer) else 1
     pre = PreprocessConfig(resize_size=spec.resize_size, image_size=spec.image_size, patch_size=patch)
     model = EmbeddingModel(module, 0, pre, device, autocast, spec.batch_size)

@@ -73,6 +73,13 @@ class ModelSpec(_Strict):
     resize_size: int = Field(256, ge=14)
     batch_size: int = Field(32, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
+    # bf16 moves unit vectors far less than any dedup or cluster threshold can see, and runs much faster
+    # where the CPU has native bf16; benchmarks/embed.py measures the speed and the agreement.
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Inference precision. auto: bf16 autocast on CUDA and on CPUs with native bf16 "
+        "(AVX512-BF16, AMX), float32 elsewhere.",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> ModelSpec:
@@ -95,10 +102,10 @@ class EmbeddingSpec(_Strict):
 class SearchSpec(_Strict):
     """How a FAISS kNN search runs: the index (a factory string) and where the queries go."""
 
-    # The default index was measured at 1M x 384 (benchmarks/curation.py); PQ64 needs the dimension
-    # divisible by 64.
     index: str = Field(
-        "IVF2048,PQ64x4fs,RFlat", description="FAISS index factory string used above exact_below vectors."
+        "auto",
+        description="FAISS index factory string used above exact_below vectors. auto: sized for the pool "
+        "and chosen for the device (fast-scan PQ with re-ranking on CPUs, SQ8 on GPUs).",
     )
     nprobe: int = Field(64, ge=1)
     exact_below: int = Field(1_000_000, ge=0, description="Use exact (flat) search below this many vectors.")

@@ -158,7 +158,9 @@ def test_torchscript_copy_detection_model(tmp_path):
     path = tmp_path / "sscd.torchscript.pt"
     torch.jit.script(net).save(str(path))
     assert detect_format(path) == "torchscript"
-    spec = ModelSpec(arch="torchscript", weights=str(path), image_size=32, resize_size=32)
+    spec = ModelSpec(
+        arch="torchscript", weights=str(path), image_size=32, resize_size=32, precision="float32"
+    )
     model = load_embedding_model(spec, "cpu")
     assert model.dim == 12 and model.preprocess.crop_size == 32
     x = torch.randn(3, 3, 32, 32)
@@ -173,7 +175,9 @@ def test_torchscript_copy_detection_model(tmp_path):
 def test_embedding_model_gives_unit_cls_vectors(tmp_path, vit_tiny_regs):
     torch.save(vit_tiny_regs.state_dict(), tmp_path / "w.pth")
     # Native grid: official register checkpoints interpolate positions differently (antialiased, as dinov2 hub).
-    spec = ModelSpec(arch="vit_tiny", weights=str(tmp_path / "w.pth"), image_size=42, resize_size=48)
+    spec = ModelSpec(
+        arch="vit_tiny", weights=str(tmp_path / "w.pth"), image_size=42, resize_size=48, precision="float32"
+    )
     model = load_embedding_model(spec, "cpu")
     x = torch.randn(4, 3, 42, 42)
     with torch.no_grad():
@@ -263,3 +267,20 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(tmp_path):
     # The same file unpickled without the guard does run its code: the test's payload is real.
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+def test_auto_precision_is_bf16_where_the_cpu_has_it(tmp_path, vit_tiny_regs):
+    from lvd.embeddings.hardware import cpu_has_native_bf16
+
+    torch.save(vit_tiny_regs.state_dict(), tmp_path / "w.pth")
+    base = dict(arch="vit_tiny", weights=str(tmp_path / "w.pth"), image_size=42, resize_size=48)
+    auto = load_embedding_model(ModelSpec(**base), "cpu")
+    fp32 = load_embedding_model(ModelSpec(**base, precision="float32"), "cpu")
+    bf16 = load_embedding_model(ModelSpec(**base, precision="bfloat16"), "cpu")
+    assert auto.autocast_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert fp32.autocast_dtype is None and bf16.autocast_dtype == torch.bfloat16
+    x = torch.randn(4, 3, 42, 42)
+    v32, v16 = fp32(x), bf16(x)
+    assert not np.array_equal(v32, v16)  # bf16 really ran
+    # Unit vectors: bf16 moves cosines by far less than any copy or cluster threshold's margin.
+    assert (v32 * v16).sum(axis=1).min() > 0.99

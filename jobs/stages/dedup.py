@@ -177,7 +177,7 @@ def dedup_parts(
         kept=sum(r[1] for r in written),
         copy_edges=copy.rows,
         eval_images=eval_images,
-        search="exact" if copy.exact else dedup.index,
+        search="exact" if copy.exact else f"{copy.index} on {copy.device}",
         ivf_recall=copy.recall,
         shards=copy.shards,
     )
