@@ -255,5 +255,6 @@ def main() -> None:
     print(f"ratio model FLOP/s / {precision} matmul FLOP/s: {model_fps / mm_fps:.3f}")
     print(f"ratio forward fp32 ms / {precision} ms: {fp32_ms / bare['forward_ms']:.3f}")
 
+
 if __name__ == "__main__":
     main()

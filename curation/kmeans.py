@@ -20,10 +20,8 @@ on their union warm-started from the current centroids, float64 means, then reas
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import faiss

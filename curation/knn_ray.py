@@ -171,9 +171,7 @@ def _start_shards(
     if exact_answer is not None:
         _, approx_ids = _merged(actors, "search", xq, exact_answer[1].shape[1])
         recall = edge_recall(exact_answer[0], exact_answer[1], approx_ids, recall_ids, recall_threshold)
-        log.info(
-            "knn: %s nprobe %d, recall vs exact on a sample: %s", factory, search.nprobe, recall
-        )
+        log.info("knn: %s nprobe %d, recall vs exact on a sample: %s", factory, search.nprobe, recall)
     device = "gpu" if gpus and (exact or runs_on_gpu(factory)) else "cpu"
     state = {"database": n, "shards": len(actors), "exact": exact, "recall": recall, "index": factory}
     state["device"] = device
