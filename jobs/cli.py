@@ -21,6 +21,9 @@ app.add_typer(eval_app, name="eval")
 
 # Loggers of the engines whose info lines a quiet run drops too (their warnings still show).
 _ENGINE_LOGGERS = ("ray", "ray.data", "py4j")
+# faiss logs, at info, each CPU build it tries and fails to load before the one it loads: noise that
+# reads like an error. Shown with -v.
+_NOISY_LOGGERS = ("faiss.loader",)
 _RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
@@ -39,12 +42,18 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     progress.set_enabled(not quiet)
     # lvd turns Ray Data's progress bars off on purpose (its own lines replace them): no warning about it.
     logging.getLogger(_RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
+    if not verbose:
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     if quiet:
         # Ray sets the levels of its loggers when imported and again in ray.init (from RAY_LOGGER_LEVEL),
         # and Ray Data whenever it configures logging (from RAY_DATA_LOG_LEVEL): set both, import Ray,
         # then lower the levels it has set.
         os.environ["RAY_LOGGER_LEVEL"] = "warning"
         os.environ["RAY_DATA_LOG_LEVEL"] = "WARNING"
+        from lvd.jobs.engines import local_env_defaults
+
+        local_env_defaults()  # Ray reads its binding settings when imported
         import ray  # noqa: F401
 
         for name in _ENGINE_LOGGERS:

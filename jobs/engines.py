@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from lvd.schemas.job_spec import JobSpec
 
 log = logging.getLogger("lvd")
 
 LOOPBACK = "127.0.0.1"
+SPARK_LOG4J = Path(__file__).with_name("spark-log4j2.properties")
 
 
 def local_env_defaults() -> None:
@@ -81,6 +83,8 @@ def get_spark(spec: JobSpec):
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.python.worker.reuse", "true")
+        # Replaces Spark's default log4j profile and its start-up banner (spec.spark.conf may override).
+        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{SPARK_LOG4J}")
     )
     if spec.spark.master.startswith("local"):
         # One machine: a few shuffle partitions (a cluster keeps Spark's default; adaptive query

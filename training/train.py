@@ -153,6 +153,12 @@ def _read_metrics(path: Path, before_step: int) -> list[dict]:
     return [r for r in rows if r["step"] < before_step]
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def _endless(loader) -> Iterator[list[PIL.Image.Image]]:
     while True:
         yield from loader
@@ -352,6 +358,23 @@ def _pretrain(
     # The next step's batch is read and cropped in a background thread while this step computes.
     ahead = ThreadPoolExecutor(1)
     pending = ahead.submit(prepare, step) if step < stop else None
+    if env.is_main:
+        params = sum(p.numel() for p in model.student.parameters())
+        log.info(
+            "pretraining %s (%.1fM student parameters) on %s, %s; steps %d-%d of %d, batch %d x %d data "
+            "rank(s), %d processes; checkpoints in %s",
+            cfg.model.arch,
+            params / 1e6,
+            shards if isinstance(shards, str) else f"{len(shards)} shard files",
+            env.device,
+            step,
+            stop,
+            total,
+            batch_size,
+            data_ranks,
+            env.world_size,
+            output_dir,
+        )
     t0, images_seen = time.perf_counter(), 0
     try:
         while step < stop:
@@ -401,8 +424,10 @@ def _pretrain(
             if on_step is not None:
                 on_step(step - 1, row)
             if env.is_main and (step % tc.log_every == 0 or step == stop):
+                elapsed = time.perf_counter() - t0
+                done = step - result.start_step
                 log.info(
-                    "step %d/%d loss %.4f (dino %.4f ibot %.4f koleo %.4f) lr %.2e",
+                    "step %d/%d loss %.4f (dino %.4f ibot %.4f koleo %.4f) lr %.2e, %.1f img/s, ETA %s",
                     step,
                     total,
                     row["total"],
@@ -410,6 +435,8 @@ def _pretrain(
                     row["ibot"],
                     row["koleo"],
                     row["lr"],
+                    images_seen * env.world_size / elapsed,
+                    _duration(elapsed / done * (stop - step)),
                 )
             if step % tc.checkpoint_every == 0 or step == stop:
                 save()
