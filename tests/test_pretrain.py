@@ -168,6 +168,7 @@ def test_exported_teacher_embeds_in_embed_stage(full_run):
         image_size=size,
         resize_size=size + 8,
         dtype="float32",
+        precision="float32",  # compared with the fp32 reference below
     )
     model = load_embedding_model(spec, "cpu")
     assert model.dim == 192
