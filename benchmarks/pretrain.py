@@ -27,7 +27,7 @@ from lvd.jobs.demo import CLASS_NAMES, COLOURS, build_labelled_folder, generate_
 from lvd.schemas import layout
 from lvd.training.augment import MultiCrop, MultiCropConfig, augment_batch
 from lvd.training.config import load_config
-from lvd.training.knn_eval import knn_val_scores, load_eval_backbone
+from lvd.training.knn_eval import knn_val_scores, load_eval_backbone, paired_test
 from lvd.training.masking import BlockMaskGenerator, sample_masks
 from lvd.training.meta_arch import SSLMetaArch
 from lvd.training.train import pretrain
@@ -178,9 +178,8 @@ def main() -> None:
     knn_trained = knn_val_scores(load_eval_backbone(result.teacher_export), labelled)
     print(f"kNN trained teacher: top-1 {knn_trained.top1:.4f}")
     # Paired on the same val images (McNemar): only images where the two models disagree count.
-    gained = int((knn_trained.correct & ~knn_random.correct).sum())
-    lost = int((knn_random.correct & ~knn_trained.correct).sum())
-    z = (gained - lost) / max((gained + lost) ** 0.5, 1.0)
+    test = paired_test(knn_trained.correct, knn_random.correct)
+    gained, lost, z = test.only_a, test.only_b, test.z
     print(f"val images right only when trained: {gained}, only at random init: {lost}, McNemar z = {z:+.2f}")
 
     print("--- ratios ---")

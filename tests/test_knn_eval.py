@@ -14,7 +14,13 @@ from typer.testing import CliRunner
 from lvd.embeddings.checkpoints import save_lvd_backbone
 from lvd.embeddings.vit import build_vit
 from lvd.jobs.cli import app
-from lvd.training.knn_eval import evaluate_knn, knn_scores, list_labelled_folder
+from lvd.training.knn_eval import (
+    evaluate_knn,
+    knn_scores,
+    labelled_splits,
+    list_labelled_folder,
+    random_init_like,
+)
 
 
 def _reference_scores(train, labels, query, num_classes, k, t):
@@ -70,7 +76,58 @@ def test_eval_knn_on_labelled_folder_and_cli(tmp_path):
     export = save_lvd_backbone(backbone, tmp_path / "teacher.pth")
     out = CliRunner().invoke(app, ["eval", "knn", str(export), str(tmp_path / "data"), "--k", "3"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output.strip().splitlines()[-1]) == result
+    printed = json.loads(out.output.strip().splitlines()[-1])
+    baseline = printed.pop("baseline")
+    assert printed == result
+    assert baseline["backbone"] == "random init" and 0 <= baseline["top1"] <= 1
+    # Paired counts on the same val images: their difference is the two top-1s' difference.
+    diff = baseline["right_only_checkpoint"] - baseline["right_only_baseline"]
+    assert diff == round((result["top1"] - baseline["top1"]) * result["n_val"])
+    none = CliRunner().invoke(app, ["eval", "knn", str(export), str(tmp_path / "data"), "--baseline", "none"])
+    assert "baseline" not in json.loads(none.output.strip().splitlines()[-1])
 
     bad = CliRunner().invoke(app, ["eval", "knn", str(export), str(tmp_path / "missing")])
     assert bad.exit_code == 2
+
+
+def test_class_folders_are_split_per_class_the_same_way_every_time(tmp_path):
+    root = tmp_path / "flat"
+    sizes = {"a": 10, "b": 3, "c": 2, "d": 1}
+    for name, n in sizes.items():
+        (root / name).mkdir(parents=True)
+        for j in range(n):
+            PIL.Image.new("RGB", (8, 8), (j, 0, 0)).save(root / name / f"img{j}.png")
+    train, val = labelled_splits(root)
+    assert train.classes == val.classes == ["a", "b", "c", "d"]
+    assert not set(train.paths) & set(val.paths)
+    assert len(train.paths) + len(val.paths) == sum(sizes.values())
+    per_class_val = np.bincount(val.labels, minlength=4).tolist()
+    assert per_class_val == [2, 1, 1, 0]  # 20% of 10; at least one of 3 and of 2; a lone image trains
+    again = labelled_splits(root)
+    assert again[1].paths == val.paths
+    # Renaming the folder keeps the split (it is drawn from file names, not paths).
+    root.rename(tmp_path / "moved")
+    assert [p.name for p in labelled_splits(tmp_path / "moved")[1].paths] == [p.name for p in val.paths]
+
+
+def test_bad_labelled_layouts_are_named(tmp_path):
+    (tmp_path / "half" / "train" / "x").mkdir(parents=True)
+    with pytest.raises(ValueError, match="train/ and val/"):
+        labelled_splits(tmp_path / "half")
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "one" / "only" / "a.png")
+    with pytest.raises(ValueError, match="at least two class folders"):
+        labelled_splits(tmp_path / "one")
+
+
+def test_random_init_like_reinitialises_every_weight():
+    torch.manual_seed(0)
+    trained = build_vit("vit_tiny", img_size=28, layerscale_init=1.0)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.5)  # stands in for training: every weight moved
+    fresh = random_init_like(trained)
+    for (name, a), b in zip(trained.named_parameters(), fresh.parameters(), strict=True):
+        assert not torch.equal(a, b), name
+    again = random_init_like(trained)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), again.parameters(), strict=True))

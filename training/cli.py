@@ -118,20 +118,46 @@ def eval_knn(
     checkpoint: Path = typer.Argument(
         ..., help="A pretraining checkpoint.pth, teacher export, or any backbone the embed stage loads."
     ),
-    data: Path = typer.Argument(..., help="Labelled folder DATA/{train,val}/<class>/*."),
+    data: Path = typer.Argument(
+        ...,
+        help="Labelled images: DATA/{train,val}/<class>/*, or DATA/<class>/* (split 80/20 per class, "
+        "the same split on every run).",
+    ),
     k: int = typer.Option(20, help="Neighbours that vote."),
     temperature: float = typer.Option(0.07, help="Vote weight exp(cosine / T)."),
     image_size: int = typer.Option(None, help="Evaluation crop (default: the backbone's training size)."),
     batch_size: int = typer.Option(64),
+    baseline: str = typer.Option(
+        "random",
+        help="Score to read the checkpoint's against, on the same images: 'random' (the same network "
+        "at random init), 'none', or another checkpoint's path.",
+    ),
 ) -> None:
-    """kNN classification of a checkpoint's backbone on a labelled image folder."""
-    from lvd.training.knn_eval import evaluate_knn, load_eval_backbone
+    """kNN classification of a checkpoint's backbone on a labelled image folder, beside a baseline."""
+    from lvd.training.knn_eval import (
+        knn_result,
+        knn_val_scores,
+        load_eval_backbone,
+        paired_test,
+        random_init_like,
+    )
 
+    kwargs = dict(k=k, temperature=temperature, image_size=image_size, batch_size=batch_size)
     try:
         backbone = load_eval_backbone(checkpoint)
-        result = evaluate_knn(
-            backbone, data, k=k, temperature=temperature, image_size=image_size, batch_size=batch_size
-        )
+        scores = knn_val_scores(backbone, data, **kwargs)
+        result: dict = knn_result(scores, k)
+        if baseline != "none":
+            base = random_init_like(backbone) if baseline == "random" else load_eval_backbone(baseline)
+            base_scores = knn_val_scores(base, data, **{**kwargs, "image_size": scores.image_size})
+            test = paired_test(scores.correct, base_scores.correct)
+            result["baseline"] = {
+                "backbone": "random init" if baseline == "random" else baseline,
+                "top1": base_scores.top1,
+                "right_only_checkpoint": test.only_a,
+                "right_only_baseline": test.only_b,
+                "mcnemar_z": round(test.z, 3),
+            }
     except (FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,63 @@ def list_labelled_folder(split_dir: Path, classes: list[str] | None = None) -> L
     if not paths:
         raise ValueError(f"no images under {split_dir}/<class>/")
     return LabelledSplit(paths, np.asarray(labels, dtype=np.int64), classes)
+
+
+VAL_SHARE = 0.2
+
+
+def _val_draw(name: str) -> float:
+    """A uniform draw in [0, 1) from a file name: which split an image falls in, the same on every run."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def labelled_splits(
+    data_dir: str | Path, val_share: float = VAL_SHARE
+) -> tuple[LabelledSplit, LabelledSplit]:
+    """(train, val) of a labelled folder: `DATA/{train,val}/<class>/*` as given, or `DATA/<class>/*`
+    split per class by a draw from each file name (`val_share` of each class, at least one image of
+    every class with two or more on each side)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"no folder {data_dir}")
+    if (data_dir / "train").is_dir() and (data_dir / "val").is_dir():
+        train = list_labelled_folder(data_dir / "train")
+        return train, list_labelled_folder(data_dir / "val", train.classes)
+    if (data_dir / "train").is_dir() or (data_dir / "val").is_dir():
+        raise ValueError(f"{data_dir} has one of train/ and val/ but not both")
+    whole = list_labelled_folder(data_dir)
+    if len(whole.classes) < 2:
+        raise ValueError(
+            f"{data_dir}: kNN evaluation needs at least two class folders, found {whole.classes}"
+        )
+    is_val = np.zeros(len(whole.paths), dtype=bool)
+    for c in range(len(whole.classes)):
+        rows = np.flatnonzero(whole.labels == c)
+        if rows.size < 2:
+            continue
+        draws = np.array([_val_draw(whole.paths[r].name) for r in rows])
+        n_val = min(max(1, int(round(val_share * rows.size))), rows.size - 1)
+        is_val[rows[np.argsort(draws, kind="stable")[:n_val]]] = True
+
+    def pick(mask: np.ndarray) -> LabelledSplit:
+        rows = np.flatnonzero(mask)
+        return LabelledSplit([whole.paths[r] for r in rows], whole.labels[rows], whole.classes)
+
+    return pick(~is_val), pick(is_val)
+
+
+def random_init_like(backbone: nn.Module, seed: int = 0) -> nn.Module:
+    """The same network with fresh initial weights: the baseline a trained backbone's score is read
+    against (what training added, not what the architecture gives for free)."""
+    fresh = copy.deepcopy(backbone)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in fresh.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        if hasattr(fresh, "init_weights"):
+            fresh.init_weights()
+    return fresh.eval()
 
 
 def knn_scores(
@@ -113,6 +172,21 @@ def extract_features(
     return torch.cat(feats)
 
 
+@dataclass(frozen=True)
+class PairedTest:
+    """McNemar's test of two models on the same images: only the images where they disagree count."""
+
+    only_a: int  # images model a gets right and model b wrong
+    only_b: int
+    z: float  # (only_a - only_b) / sqrt(only_a + only_b); |z| > 2 is beyond noise
+
+
+def paired_test(a_correct: torch.Tensor, b_correct: torch.Tensor) -> PairedTest:
+    only_a = int((a_correct & ~b_correct).sum())
+    only_b = int((b_correct & ~a_correct).sum())
+    return PairedTest(only_a, only_b, (only_a - only_b) / max((only_a + only_b) ** 0.5, 1.0))
+
+
 @dataclass
 class KnnValScores:
     scores: torch.Tensor  # [n_val, C] class votes
@@ -140,11 +214,9 @@ def knn_val_scores(
     image_size: int | None = None,
     batch_size: int = 64,
 ) -> KnnValScores:
-    """kNN class scores of `data_dir/val` with `data_dir/train` as the memory bank.
-    Default image size: the backbone's training resolution."""
-    data_dir = Path(data_dir)
-    train = list_labelled_folder(data_dir / "train")
-    val = list_labelled_folder(data_dir / "val", train.classes)
+    """kNN class scores of the val split of `data_dir` with its train split as the memory bank (see
+    `labelled_splits`). Default image size: the backbone's training resolution."""
+    train, val = labelled_splits(data_dir)
     if image_size is None:
         size = getattr(getattr(backbone, "patch_embed", None), "img_size", 224)
         image_size = int(size[0] if isinstance(size, tuple | list) else size)
@@ -164,11 +236,16 @@ def evaluate_knn(
     image_size: int | None = None,
     batch_size: int = 64,
 ) -> dict[str, float | int]:
-    """Top-1 (and top-5 when there are more than 5 classes) accuracy on `data_dir/val` with
-    `data_dir/train` as the memory bank. Default image size: the backbone's training resolution."""
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy on the val split of `data_dir` with
+    its train split as the memory bank. Default image size: the backbone's training resolution."""
     v = knn_val_scores(
         backbone, data_dir, k=k, temperature=temperature, image_size=image_size, batch_size=batch_size
     )
+    return knn_result(v, k)
+
+
+def knn_result(v: KnnValScores, k: int) -> dict[str, float | int]:
+    """The figures of a kNN evaluation: top-1 (top-5 with more than 5 classes) and the set's sizes."""
     result: dict[str, float | int] = {
         "top1": v.top1,
         "n_train": v.n_train,
