@@ -77,9 +77,18 @@ def test_bad_inputs_recorded_and_job_completes(demo_run):
 def test_funnel_is_consistent(demo_run):
     spec, _, _, _ = demo_run
     f = {label: value for _, label, value in funnel(Path(spec.output_dir))}
-    assert f["images in"] > f["errors (unreadable / corrupt)"] > 0
-    assert f["exact duplicates"] > 0 and f["near duplicates (copy detection)"] > 0
-    assert f["curated images"] > 0 and f["shards written"] > 0
+    assert f["images in"] > f["- unreadable or corrupt"] > 0
+    assert f["- exact duplicates"] > 0 and f["- copies (copy detection)"] > 0
+    assert f["= curated images"] > 0 and f["shards written"] > 0
+    # Every line follows from the ones above it.
+    removed = ("- unreadable or corrupt", "- embed errors", "- exact duplicates", "- copies (copy detection)")
+    assert f["= kept pool"] == f["images in"] - sum(f[k] for k in removed) - f["- eval-set overlap"]
+    assert f["clustered"] == f["= kept pool"]
+    both = f["balanced sample of the kept pool"] + f["+ retrieved by seed sets"] - f["- in both"]
+    assert f["= curated images"] == both
+    # "in both", from the curated table itself: images with "balanced" and a seed set among their sources.
+    sources = layout.read_table(spec.output_dir, layout.CURATED).column("sources").to_pylist()
+    assert f["- in both"] == sum("balanced" in s and len(s) > 1 for s in sources)
 
 
 def test_rerun_skips_every_stage_quickly(demo_run):

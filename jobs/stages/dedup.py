@@ -57,9 +57,10 @@ SCRATCH = ("pool_rows", "exact", "copy_edges", "eval_edges")
 @dataclass
 class DedupSummary(StageSummary):
     FUNNEL = (
-        ("exact duplicates", "exact"),
-        ("near duplicates (copy detection)", "copy"),
-        ("eval-set overlap", "eval_overlap"),
+        ("- exact duplicates", "exact"),
+        ("- copies (copy detection)", "copy"),
+        ("- eval-set overlap", "eval_overlap"),
+        ("= kept pool", "kept"),
     )
     images: int = 0
     exact: int = 0

@@ -147,7 +147,7 @@ class PartFinalizer:
 
 @dataclass
 class EmbedSummary(StageSummary):
-    FUNNEL = (("embed errors", "errors"),)
+    FUNNEL = (("- embed errors", "errors"),)
     images: int = 0
     errors: int = 0
     models: list[str] = field(default_factory=list)

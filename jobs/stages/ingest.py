@@ -143,7 +143,7 @@ def _merge(summaries: list[dict]) -> dict:
 class IngestSummary(StageSummary):
     """images/errors: all rows and rows with an error, over every dataset."""
 
-    FUNNEL = (("images in", "pool_images"), ("errors (unreadable / corrupt)", "pool_errors"))
+    FUNNEL = (("images in", "pool_images"), ("- unreadable or corrupt", "pool_errors"))
     images: int = 0
     errors: int = 0
     pool_images: int = 0

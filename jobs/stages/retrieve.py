@@ -55,7 +55,7 @@ ROWS_PER_COUNT_TASK = 1_000_000  # retrieved rows per id-range task of the summa
 
 @dataclass
 class RetrieveSummary(StageSummary):
-    FUNNEL = (("retrieved by seeds", "images"),)
+    FUNNEL = (("retrieved by seed sets", "images"),)
     images: int = 0
     rows: int = 0
     collisions: int = 0

@@ -52,8 +52,10 @@ SCATTER_TASKS = 512  # writers of bucket files: the scratch holds at most this m
 @dataclass
 class SampleSummary(StageSummary):
     FUNNEL = (
-        ("balanced sample (images)", "balanced_images"),
-        ("curated images", "images"),
+        ("balanced sample of the kept pool", "balanced_images"),
+        ("+ retrieved by seed sets", "retrieved"),
+        ("- in both", "in_both"),
+        ("= curated images", "images"),
         ("curated samples (with repeats)", "samples"),
     )
     images: int = 0
@@ -61,6 +63,11 @@ class SampleSummary(StageSummary):
     balanced: int = 0
     balanced_images: int = 0
     retrieved: int = 0
+
+    @property
+    def in_both(self) -> int:
+        """Images both drawn by the balanced sample and retrieved (the curated set holds them once)."""
+        return self.balanced_images + self.retrieved - self.images
 
 
 # ---------------------------------------------------------------- per-part work (Ray tasks)
