@@ -2,6 +2,7 @@
 kNN accuracy of the trained teacher against the same network at random initialisation.
 
     .venv/bin/python benchmarks/pretrain.py [--steps 150] [--batch 32] [--threads 0] [--colours grey]
+        [--precision fp32|bf16]
 
 The training pool and the labelled set come from the demo's class generators. By default they are grey, so
 only the patterns tell the classes apart: with each class in its own hues (--colours class) an untrained
@@ -48,9 +49,9 @@ def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int, colou
     return str(out / layout.shard_pattern(n_shards))
 
 
-def matmul_flops(n: int = 2048, trials: int = 5) -> float:
-    """Best of `trials` timings of an n x n fp32 matmul (the best is the least disturbed by other load)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(n: int = 2048, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best of `trials` timings of an n x n matmul (the best is the least disturbed by other load)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm up
     best = float("inf")
     for _ in range(trials):
@@ -107,6 +108,12 @@ def main() -> None:
         "random: random hues; grey: no colour. With random or grey only the patterns tell classes apart.",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="training precision (bf16: autocast on the CPU); the matmul rate is measured in the same dtype",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/lvd-bench-pretrain"))
     ap.add_argument(
         "--override",
@@ -129,6 +136,7 @@ def main() -> None:
             "checkpoint_every": args.steps,
         },
         "optim": {"epochs": args.steps / epoch_length},
+        "compute": {"precision": args.precision},
     }
     for section, values in json.loads(args.override).items():
         overrides.setdefault(section, {}).update(values)
@@ -138,8 +146,9 @@ def main() -> None:
         f"{cfg.crops.local_crops_number} x local {cfg.crops.local_crops_size}px, batch {args.batch}, {args.steps} steps"
     )
 
-    peak = matmul_flops()
-    print(f"matmul 2048^3 fp32: {peak / 1e9:.1f} GFLOP/s")
+    mm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = matmul_flops(dtype=mm_dtype)
+    print(f"matmul 2048^3 {args.precision}: {peak / 1e9:.1f} GFLOP/s")
     rng = np.random.default_rng(3)
     step_flops = flops_per_step(
         cfg, [generate_image(rng, i % len(CLASS_NAMES), args.colours) for i in range(args.batch)]
@@ -172,7 +181,9 @@ def main() -> None:
     print(f"training: {ips:.1f} images/s ({ips / args.batch:.2f} steps/s), {result.bad_samples} bad samples")
     achieved = step_flops * ips / args.batch
     print(f"achieved: {achieved / 1e9:.1f} GFLOP/s")
-    peak = max(peak, matmul_flops())  # again after training: the machine may be busier at either time
+    peak = max(
+        peak, matmul_flops(dtype=mm_dtype)
+    )  # again after training: the machine may be busier at either time
     print(f"matmul peak (best before/after training): {peak / 1e9:.1f} GFLOP/s")
 
     knn_trained = knn_val_scores(load_eval_backbone(result.teacher_export), labelled)
@@ -181,7 +192,7 @@ def main() -> None:
     test = paired_test(knn_trained.correct, knn_random.correct)
     gained, lost, z = test.only_a, test.only_b, test.z
     print(f"val images right only when trained: {gained}, only at random init: {lost}, McNemar z = {z:+.2f}")
-
+    print(f"achieved FLOP/s / {args.precision} matmul FLOP/s: {achieved / peak:.3f}")
     print("--- ratios ---")
     print(f"achieved FLOP/s / matmul FLOP/s: {achieved / peak:.3f}")
     print(
