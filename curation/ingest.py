@@ -135,7 +135,12 @@ def _pattern_matches(pattern: str) -> list[_Match]:
     """What one brace-free pattern names: itself, or what its glob finds (in name order)."""
     fs, fs_path = fsspec.core.url_to_fs(pattern)
     if _has_glob(fs_path):
-        return [_Match(_canonical(fs, p), p, fs, False) for p in sorted(fs.glob(fs_path))]
+        # As in a shell and in folder listings, a glob takes hidden names only when it asks for them.
+        hidden_ok = PurePosixPath(fs_path).name.startswith(".")
+        found = [
+            p for p in sorted(fs.glob(fs_path)) if hidden_ok or not PurePosixPath(p).name.startswith(".")
+        ]
+        return [_Match(_canonical(fs, p), p, fs, False) for p in found]
     return [_Match(_canonical(fs, fs_path), fs_path, fs, True)]
 
 
