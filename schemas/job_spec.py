@@ -283,6 +283,8 @@ def _format_errors(err: ValidationError) -> str:
             msg = f"{msg} (got {e.get('input')!r})"
         elif e["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"  {loc}: {msg}")
     return "invalid job spec:\n" + "\n".join(lines)
 
