@@ -181,7 +181,12 @@ def main() -> None:
             "sampling": {"target_size": 1},
             "ray": {"num_cpus": args.threads + 1},
             "embedding": {
-                "retrieval": {"arch": "vit_small", "batch_size": args.batch_size, "dtype": "float32"},
+                "retrieval": {
+                    "arch": "vit_small",
+                    "weights": "random",  # speed does not depend on the weights' values
+                    "batch_size": args.batch_size,
+                    "dtype": "float32",
+                },
                 "num_actors": 1,
                 "cpus_per_actor": args.threads,
             },

@@ -180,7 +180,7 @@ class IngestSummary(StageSummary):
     """images/errors: all rows and rows with an error, over every dataset; notes: usable images with
     something odd about them (animated, EXIF orientation), per note prefix."""
 
-    FUNNEL = (("images in", "pool_images"), ("errors (unreadable / corrupt / rejected)", "pool_errors"))
+    FUNNEL = (("images in", "pool_images"), ("errors (unreadable / corrupt)", "pool_errors"))
     images: int = 0
     errors: int = 0
     pool_images: int = 0
