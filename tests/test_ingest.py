@@ -535,3 +535,29 @@ def test_stage_rejects_a_missing_source_by_name_before_any_part(tmp_path, tiny_i
     with pytest.raises(SourceError, match=r"seed set 's' source '.*/seed': no such file or folder"):
         stage.run(ctx)
     assert not layout.list_parts(ctx.stage_dir)
+
+
+def test_stage_names_a_seed_set_with_no_readable_image_after_writing_its_parts(
+    tmp_path, tiny_images, ray_local
+):
+    from lvd.jobs.stages import ingest as stage
+
+    tiny_images(tmp_path / "pool", 2)
+    tiny_images(tmp_path / "eval", 1)
+    (tmp_path / "seed").mkdir()
+    (tmp_path / "seed" / "a.jpg").write_bytes(b"")
+    (tmp_path / "seed" / "b.png").write_bytes(b"not a png")
+    with tarfile.open(tmp_path / "shard.tar", "w"):
+        pass
+    spec = _spec(tmp_path, files_per_part=2)
+    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage=stage.STAGE)
+    with pytest.raises(
+        stage.NoReadableImages, match=r"^seed set 's': none of its 2 files is a readable image"
+    ):
+        stage.run(ctx)
+    table = layout.read_table(ctx.out_dir, layout.IMAGES)  # the reasons are there to read
+    seed = {r["uri"]: r["error"] for r in table.to_pylist() if r["dataset"] == "seed:s"}
+    assert seed == {
+        str(tmp_path / "seed" / "a.jpg"): "empty file",
+        str(tmp_path / "seed" / "b.png"): "not an image",
+    }
