@@ -14,7 +14,8 @@ status "error" and a short reason whose text before the first ':' is stable (`em
 `missing bytes`, `truncated image`, `not an image`, `unsupported format`, `decompression bomb`,
 `extreme aspect ratio`, `too small`, `unsupported mode`, `too large`, `corrupt image`,
 `unreadable`, `unsafe name`, `wrong column type`). Good images may carry a `note` with the same
-prefix rule (`animated`: the first frame is used; `exif orientation`: applied when decoding).
+prefix rule (`animated` or `multi-frame`: the first frame is used; `exif orientation`: applied
+when decoding).
 """
 
 from __future__ import annotations
@@ -457,6 +458,7 @@ _ACCEPTED = tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1"})
 _AVIF_BRANDS = frozenset({b"avif", b"avis"})
 _EXIF_ORIENTATION = 0x0112
+ANIMATED_FORMATS = frozenset({"gif", "png", "webp", "avif"})
 
 
 def _result(width=None, height=None, fmt=None, error: str | None = None, note: str | None = None) -> dict:
@@ -561,8 +563,10 @@ def probe_image(
         except Exception:  # noqa: BLE001 - any failure means the embed stage could not use it either
             return _result(width, height, fmt, f"unsupported mode: {img.mode}")
     notes = []
-    if frames > 1:
+    if frames > 1 and fmt in ANIMATED_FORMATS:
         notes.append(f"animated: {frames} frames, the first is used")
+    elif frames > 1:  # TIFF pages, MPO pictures
+        notes.append(f"multi-frame: {frames} frames, the first is used")
     if isinstance(orientation, int) and 2 <= orientation <= 8:
         notes.append(f"exif orientation: {orientation}, applied when decoding")
         if orientation >= 5:  # 5-8 turn the picture a quarter: the displayed sides swap
@@ -595,8 +599,10 @@ def _unreadable(err: BaseException) -> str:
 
 def _is_utf8(name: str | None) -> bool:
     # Listings decode undecodable bytes of a file name as surrogates (PEP 383); Arrow strings cannot hold them.
+    if name is None:
+        return True
     try:
-        name is None or name.encode("utf-8")
+        name.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True

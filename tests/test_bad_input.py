@@ -132,6 +132,7 @@ def folder_kinds() -> dict[str, tuple[bytes, str, str | None, str | None]]:
         "animated.png": (animated("PNG"), "ok", None, "png"),
         "animated.apng": (animated("PNG"), "ok", None, "png"),
         "animated.webp": (animated("WEBP"), "ok", None, "webp"),
+        "pages.tif": (animated("TIFF"), "ok", None, "tiff"),  # a multi-page TIFF
         "photo.avif": (encode(good, "AVIF"), "ok", None, "avif"),
         "photo.heic": (fake_heic(), "error", "unsupported format", None),
         "photo.jfif": (jpeg, "ok", None, "jpeg"),
@@ -281,7 +282,7 @@ def shared_run(tmp_path_factory):
     if os.geteuid() == 0 and CAN_DENY:
         command = ["setpriv", f"--inh-caps={DROP_DAC}", f"--bounding-set={DROP_DAC}", *command]
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=180)  # a blocked read fails
         assert proc.returncode == 0, proc.stderr[-3000:]
         yield root / "data", pq.read_table(root / "images.parquet"), info
     finally:
@@ -329,6 +330,7 @@ def test_notes_flag_animated_and_oriented_images(shared_run):
         # Recorded as displayed: orientations 5-8 store the picture turned a quarter.
         assert (row["width"], row["height"]) == (48, 40), o
         assert row["note"] == (None if o == 1 else f"exif orientation: {o}, applied when decoding")
+    assert rows[str(data_root / "pool" / "pages.tif")]["note"] == "multi-frame: 3 frames, the first is used"
     assert rows[str(data_root / "pool" / "good.png")]["note"] is None
 
 
@@ -381,7 +383,7 @@ def test_nothing_uncounted_and_no_uri_twice(shared_run):
     summary = _merge([summarize_part(table)])
     errors = Counter(reason_prefix(e) for e in table.column("error").to_pylist() if e)
     assert summary["errors_by_reason"] == dict(errors) and summary["errors"] == sum(errors.values())
-    assert summary["notes"] == {"animated": 4, "exif orientation": 7}
+    assert summary["notes"] == {"animated": 4, "exif orientation": 7, "multi-frame": 1}
     assert summary["images"] == table.num_rows
 
 
