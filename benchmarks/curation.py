@@ -201,6 +201,7 @@ def write_pool_parts(x: np.ndarray, out, n_parts: int) -> None:
                 "format": pa.array(["png"] * rows.size),
                 "status": pa.array(["ok"] * rows.size),
                 "error": pa.nulls(rows.size, pa.string()),
+                "note": pa.nulls(rows.size, pa.string()),
             }
         )
         write_parquet_atomic(images, layout.table_part(out, layout.IMAGES, p), IMAGES)

@@ -187,6 +187,7 @@ def main() -> None:
             "embedding": {
                 "retrieval": {
                     "arch": "vit_small",
+                    "weights": "random",  # speed does not depend on the weights' values
                     "batch_size": args.batch_size,
                     "dtype": "float32",
                     "precision": args.precision,

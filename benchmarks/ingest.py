@@ -123,6 +123,7 @@ def main() -> None:
                 "output_dir": str(root / "out"),
                 "pool": [{"uri": str(root / "pool")}],
                 "sampling": {"target_size": 1},
+                "embedding": {"retrieval": {"weights": "random"}},  # ingest only: never loaded
                 "ingest": {"files_per_part": args.files_per_part},
                 "ray": {"num_cpus": 2},
             }

@@ -112,6 +112,7 @@ def job_spec(n: int, n_tars: int) -> dict:
         "embedding": {
             "retrieval": {
                 "arch": "vit_tiny_d4",
+                "weights": "random",  # driver memory does not depend on the weights' values
                 "patch_size": 8,
                 "image_size": IMAGE_SIZE,
                 "resize_size": IMAGE_SIZE,

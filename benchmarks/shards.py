@@ -155,6 +155,7 @@ def main() -> None:
         print(f"disk sequential write + fsync: {disk:.0f} MB/s")
 
         spec = parse_job_spec({"name": "bench", "output_dir": str(root), "pool": [{"uri": "unused"}],
+                               "embedding": {"retrieval": {"weights": "random"}},
                                "sampling": {"target_size": 1}, "spark": {"master": "local[*]", "conf": {"spark.ui.showConsoleProgress": "false"}}})  # fmt: skip
         t0 = time.perf_counter()
         spark = get_spark(spec)

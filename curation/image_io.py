@@ -5,6 +5,22 @@ from __future__ import annotations
 import fsspec
 import pyarrow.parquet as pq
 
+# The image formats ingest accepts (PIL format name -> the extension a shard stores it under). Other
+# formats Pillow can read (PPM, ICO, TGA, EPS, ...) are rejected: training loaders and WebDataset
+# users expect one of these extensions, and some of Pillow's other decoders run external programs.
+IMAGE_FORMATS = {
+    "JPEG": "jpg",
+    "MPO": "jpg",  # multi-picture JPEG from cameras; the first picture is a plain JPEG
+    "PNG": "png",  # APNG too (its first frame is the PNG)
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tif",
+    "AVIF": "avif",
+}
+# Extensions of an image member in a WebDataset shard: those ingest writes, and other spellings of them.
+SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif")
+
 
 def read_image_bytes(kind: str, path: str, member: str | None, offset: int | None, size: int | None) -> bytes:
     """The encoded bytes of one image as recorded in the `images` table (local paths or fsspec URLs).

@@ -3,23 +3,28 @@
 Plain functions; `jobs/stages/ingest.py` runs the listing tasks (`plan_work_units` with a Ray
 mapper) and `ingest_unit` over many work units on Ray workers.
 
-Which files a folder contributes: with `kind: auto` only files with an image extension
-(IMAGE_EXTENSIONS), so sidecars (json, txt, READMEs) are left alone; with `kind: folder` every
-non-hidden file, for pools whose files have no extension (non-images then become
-`not an image` rows). Symlinked folders are not followed (no cycles); a broken symlink is a row
-with an `unreadable` reason.
+Which files a folder contributes: every file that is not hidden (name starting with '.'), whatever its
+extension, so nothing under a source folder goes uncounted: a sidecar (json, txt) or a file of an
+unsupported format becomes an error row saying so. Symlinked folders are not followed (no cycles); a
+broken or looping symlink, a FIFO or a file that cannot be read is a row with an `unreadable` reason.
+A glob takes what it matches the same way; a file named literally in the spec must have a known kind.
 
 Every image gets one row in the `images` table whether it is good or not: bad ones have
 status "error" and a short reason whose text before the first ':' is stable (`empty file`,
-`truncated image`, `not an image`, `decompression bomb`, `unsupported mode`, `too large`,
-`corrupt image`, `unreadable`).
+`missing bytes`, `truncated image`, `not an image`, `unsupported format`, `decompression bomb`,
+`extreme aspect ratio`, `too small`, `unsupported mode`, `too large`, `corrupt image`,
+`unreadable`, `unsafe name`, `wrong column type`). Good images may carry a `note` with the same
+prefix rule (`animated` or `multi-frame`: the first frame is used; `exif orientation`: applied
+when decoding).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
+import stat
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -29,14 +34,25 @@ from typing import Any, Literal
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, UnidentifiedImageError
 
+from lvd.curation.image_io import IMAGE_FORMATS
+from lvd.embeddings.preprocess import to_rgb
 from lvd.schemas.job_spec import Source
 from lvd.schemas.tables import IMAGES
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+# Names that say "image": a file named so in the spec is read as one, and so is a tar member (other tar
+# members are WebDataset sidecars). HEIC/HEIF are here so they are counted: Pillow has no decoder for
+# them, so they become `unsupported format` rows.
+IMAGE_EXTENSIONS = frozenset(
+    {
+        *(".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".gif", ".bmp", ".tif", ".tiff"),
+        *(".avif", ".avifs", ".heic", ".heif"),
+    }
+)
 TAR_EXTENSIONS = (".tar",)
 PARQUET_EXTENSIONS = (".parquet", ".parq")
 
@@ -120,7 +136,12 @@ def _pattern_matches(pattern: str) -> list[_Match]:
     """What one brace-free pattern names: itself, or what its glob finds (in name order)."""
     fs, fs_path = fsspec.core.url_to_fs(pattern)
     if _has_glob(fs_path):
-        return [_Match(_canonical(fs, p), p, fs, False) for p in sorted(fs.glob(fs_path))]
+        # As in a shell and in folder listings, a glob takes hidden names only when it asks for them.
+        hidden_ok = PurePosixPath(fs_path).name.startswith(".")
+        found = [
+            p for p in sorted(fs.glob(fs_path)) if hidden_ok or not PurePosixPath(p).name.startswith(".")
+        ]
+        return [_Match(_canonical(fs, p), p, fs, False) for p in found]
     return [_Match(_canonical(fs, fs_path), fs_path, fs, True)]
 
 
@@ -141,8 +162,8 @@ def _kind_of(match: _Match, declared: str) -> str | None:
         return "tar"
     if ext in PARQUET_EXTENSIONS:
         return "parquet"
-    if ext in IMAGE_EXTENSIONS:
-        return "file"
+    if ext in IMAGE_EXTENSIONS or not match.literal:
+        return "file"  # a glob's match of another extension is still counted (a `not an image` row)
     return None
 
 
@@ -159,13 +180,12 @@ def _missing_kind(match: _Match, declared: str) -> str | None:
     return "file"
 
 
-def _keep(info: dict, every_file: bool) -> bool:
-    """Whether a folder listing entry is a file to ingest: not hidden, a file (or a symlink that is
-    not a folder), with an image extension unless the source takes every file."""
+def _keep(info: dict) -> bool:
+    """Whether a folder listing entry gets a row: anything not hidden that is not a folder being walked
+    (files, symlinks of any kind, FIFOs...), so nothing under a source folder goes uncounted."""
     if PurePosixPath(info["name"]).name.startswith("."):
         return False
-    is_file = info.get("type") == "file" or (info.get("islink") and info.get("type") != "directory")
-    return bool(is_file) and (every_file or _ext(info["name"]) in IMAGE_EXTENSIONS)
+    return info.get("type") != "directory" or bool(info.get("islink"))
 
 
 def _chunks(paths: list[str], size: int) -> Iterator[tuple[str, ...]]:
@@ -229,35 +249,35 @@ def resolve_patterns(group: list[tuple[str, str]]) -> list[list[Match] | str]:
     return out
 
 
-def list_folder_level(group: list[tuple[str, bool]]) -> list[tuple[list[str], list[str]]]:
-    """Task: each (folder, every_file) -> (the files to ingest directly in it, its subfolders).
+def list_folder_level(group: list[str]) -> list[tuple[list[str], list[str]]]:
+    """Task: each folder -> (the files to ingest directly in it, its subfolders).
 
     One level of the same walk `fs.find` does, so levels plus `list_folder_tree` of the subfolders
     give exactly what one `find` of the folder gives.
     """
     out = []
-    for folder, every_file in group:
+    for folder in group:
         fs, fs_path = fsspec.core.url_to_fs(folder)
         files: list[str] = []
         subfolders: list[str] = []
         for _, dirs, entries in fs.walk(fs_path, maxdepth=1, detail=True):
-            files = [_canonical(fs, info["name"]) for info in entries.values() if _keep(info, every_file)]
+            files = [_canonical(fs, info["name"]) for info in entries.values() if _keep(info)]
             subfolders = [_canonical(fs, info["name"].rstrip("/")) for info in dirs.values()]
         out.append((files, subfolders))
     return out
 
 
-def list_folder_tree(group: list[tuple[str, bool]]) -> list[list[str]]:
-    """Task: each (folder, every_file) -> every file to ingest below it, at any depth."""
+def list_folder_tree(group: list[str]) -> list[list[str]]:
+    """Task: each folder -> every file to ingest below it, at any depth."""
     out = []
-    for folder, every_file in group:
+    for folder in group:
         fs, fs_path = fsspec.core.url_to_fs(folder)
         out.append(
             [
                 _canonical(fs, info["name"])
                 for _, _, entries in fs.walk(fs_path, detail=True)
                 for info in entries.values()
-                if _keep(info, every_file)
+                if _keep(info)
             ]
         )
     return out
@@ -317,20 +337,20 @@ def _check(src: Source, matches: list[Match], what: str) -> None:
             )
 
 
-def _list_folders(roots: list[tuple[str, bool]], mapper: Mapper, parallelism: int) -> list[list[str]]:
-    """The sorted files to ingest under each (folder, every_file)."""
+def _list_folders(roots: list[str], mapper: Mapper, parallelism: int) -> list[list[str]]:
+    """The sorted files to ingest under each folder."""
     files: list[list[str]] = [[] for _ in roots]
-    frontier = [(i, folder, every) for i, (folder, every) in enumerate(roots)]
+    frontier = list(enumerate(roots))
     depth = 0
     while frontier and len(frontier) < TASKS_PER_WORKER * parallelism and depth < MAX_SPLIT_DEPTH:
-        levels = _run(mapper, list_folder_level, [(f, e) for _, f, e in frontier], parallelism)
+        levels = _run(mapper, list_folder_level, [f for _, f in frontier], parallelism)
         below = []
-        for (i, _, every), (level_files, subfolders) in zip(frontier, levels, strict=True):
+        for (i, _), (level_files, subfolders) in zip(frontier, levels, strict=True):
             files[i] += level_files
-            below += [(i, sub, every) for sub in subfolders]
+            below += [(i, sub) for sub in subfolders]
         frontier, depth = below, depth + 1
-    trees = _run(mapper, list_folder_tree, [(f, e) for _, f, e in frontier], parallelism)
-    for (i, _, _), tree in zip(frontier, trees, strict=True):
+    trees = _run(mapper, list_folder_tree, [f for _, f in frontier], parallelism)
+    for (i, _), tree in zip(frontier, trees, strict=True):
         files[i] += tree
     return [sorted(f) for f in files]
 
@@ -372,7 +392,7 @@ def plan_work_units(
             for src, matches in zip(s.sources, per_source, strict=True):
                 _check(src, matches, s.what)
     roots = [
-        (m.path, src.kind == "folder")
+        m.path
         for s, per_source in zip(sets, found, strict=True)
         for src, matches in zip(s.sources, per_source, strict=True)
         for m in matches
@@ -431,15 +451,24 @@ def list_work_units(
 
 
 _PIL_BOMB = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+)")
+Image.init()  # registers every plugin: open(formats=...) looks them up by name
+# The only decoders probe_image lets Pillow try (MPO comes through JPEG's; AVIF needs Pillow >= 11.3).
+_ACCEPTED = tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+# ISO-BMFF major brands (bytes 8-12 after an 'ftyp' box) of HEIF stills and of AVIF.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_EXIF_ORIENTATION = 0x0112
+ANIMATED_FORMATS = frozenset({"gif", "png", "webp", "avif"})
 
 
-def _result(width=None, height=None, fmt=None, error: str | None = None) -> dict:
+def _result(width=None, height=None, fmt=None, error: str | None = None, note: str | None = None) -> dict:
     return {
         "width": width,
         "height": height,
         "format": fmt,
         "status": "error" if error else "ok",
         "error": error,
+        "note": None if error else note,
     }
 
 
@@ -450,12 +479,33 @@ def _webp_truncated(data: bytes) -> bool:
     return int.from_bytes(data[4:8], "little") + 8 > len(data)
 
 
-def probe_image(data: bytes, max_pixels: int) -> dict:
-    """width, height, format, status ("ok" | "error") and error (reason) of one encoded image.
+def _unidentified(data: bytes) -> str:
+    """Why no accepted decoder opens `data`: a format we can name, or not an image."""
+    brand = data[8:12] if data[4:8] == b"ftyp" else b""
+    if brand in _HEIF_BRANDS:
+        return "unsupported format: heif (Pillow has no decoder for it)"
+    if brand in _AVIF_BRANDS:
+        return "unsupported format: avif (this Pillow has no AVIF decoder)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Only the header is read to name the format: no decoder runs (some start other programs).
+            with Image.open(io.BytesIO(data)) as other:
+                return f"unsupported format: {(other.format or 'unknown').lower()}"
+    except Exception:  # noqa: BLE001 - nothing Pillow knows: the plain answer
+        return "not an image"
 
-    The header is read first (PIL's open is lazy) and the pixel count checked before anything
-    is decoded; then the whole stream is decoded (JPEG at 1/8 scale via draft(), which still
-    reads every byte) so truncated files are caught here rather than in training.
+
+def probe_image(
+    data: bytes, max_pixels: int, *, min_side: int = 1, max_aspect_ratio: float | None = None
+) -> dict:
+    """width, height, format, status ("ok" | "error"), error (reason) and note of one encoded image.
+
+    Only the formats in IMAGE_FORMATS are opened. The header is read first (PIL's open is lazy) and the
+    pixel count, the aspect ratio (longer side over shorter side) and the shorter side are checked
+    before anything is decoded or resized; then the first frame is decoded whole (JPEG at 1/8 scale
+    via draft(), which still reads every byte) so truncated files are caught here rather than in
+    training. width and height are as displayed, after the EXIF orientation.
     """
     if not data:
         return _result(error="empty file")
@@ -464,13 +514,13 @@ def probe_image(data: bytes, max_pixels: int) -> dict:
             # PIL warns above Image.MAX_IMAGE_PIXELS (our max_pixels is the cap that counts) and on
             # damaged metadata (the outcome is in the result): no log spam per image.
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=_ACCEPTED)
     except Image.DecompressionBombError as err:
         m = _PIL_BOMB.search(str(err))
         detail = f"{m.group(1)} pixels > PIL limit {m.group(2)}" if m else "over PIL's pixel limit"
         return _result(error=f"decompression bomb: {detail}")
     except UnidentifiedImageError:
-        return _result(error="not an image")
+        return _result(error=_unidentified(data))
     except Exception as err:  # PIL's plugins raise many types on malformed headers; all are bad data
         return _result(error=_decode_reason(err, data))
     with img:
@@ -482,22 +532,46 @@ def probe_image(data: bytes, max_pixels: int) -> dict:
             return _result(width, height, fmt, "corrupt image: zero size")
         if width * height > max_pixels:
             return _result(width, height, fmt, f"decompression bomb: {width} x {height} > {max_pixels}")
+        longer, shorter = max(width, height), min(width, height)
+        if max_aspect_ratio is not None and longer > max_aspect_ratio * shorter:
+            return _result(
+                width,
+                height,
+                fmt,
+                f"extreme aspect ratio: {width} x {height} ({longer / shorter:.1f}:1 > {max_aspect_ratio:g}:1)",
+            )
+        if shorter < min_side:
+            return _result(width, height, fmt, f"too small: {width} x {height} (shorter side < {min_side})")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                frames = int(getattr(img, "n_frames", 1))  # GIF: walks the frame headers
+                if frames > 1:
+                    img.seek(0)
                 if fmt == "jpeg":
                     img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
                 img.load()
+                orientation = img.getexif().get(_EXIF_ORIENTATION)
         except Image.DecompressionBombError:
             return _result(width, height, fmt, f"decompression bomb: {width} x {height} over PIL's limit")
         except Exception as err:  # as above: any decoder failure means the stream is bad
             return _result(width, height, fmt, _decode_reason(err, data))
         try:
-            # Odd modes (CMYK, I;16, P, LA) are fine if they convert to RGB; try it on one pixel.
-            img.crop((0, 0, 1, 1)).convert("RGB")
-        except Exception:
+            # Odd modes (CMYK, I;16, F, 1, P, LA) are fine if they convert as the embed stage converts
+            # them; try it on one pixel.
+            to_rgb(img.crop((0, 0, 1, 1)))
+        except Exception:  # noqa: BLE001 - any failure means the embed stage could not use it either
             return _result(width, height, fmt, f"unsupported mode: {img.mode}")
-    return _result(width, height, fmt)
+    notes = []
+    if frames > 1 and fmt in ANIMATED_FORMATS:
+        notes.append(f"animated: {frames} frames, the first is used")
+    elif frames > 1:  # TIFF pages, MPO pictures
+        notes.append(f"multi-frame: {frames} frames, the first is used")
+    if isinstance(orientation, int) and 2 <= orientation <= 8:
+        notes.append(f"exif orientation: {orientation}, applied when decoding")
+        if orientation >= 5:  # 5-8 turn the picture a quarter: the displayed sides swap
+            width, height = height, width
+    return _result(width, height, fmt, note="; ".join(notes) or None)
 
 
 def _decode_reason(err: BaseException, data: bytes) -> str:
@@ -523,19 +597,43 @@ def _unreadable(err: BaseException) -> str:
     return f"unreadable: {type(err).__name__}: {str(err)[:120]}"
 
 
+def _is_utf8(name: str | None) -> bool:
+    # Listings decode undecodable bytes of a file name as surrogates (PEP 383); Arrow strings cannot hold them.
+    if name is None:
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str | None) -> str | None:
+    """A name with its undecodable bytes written as \\xNN, so the row can still say which file it is."""
+    if name is None or _is_utf8(name):
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+NOT_UTF8 = "unsafe name: not UTF-8 (the file cannot be named in the images table)"
+
+
 class _Rows:
     """Accumulates rows of the images table column by column."""
 
-    def __init__(self, dataset: str, max_pixels: int):
+    def __init__(self, dataset: str, max_pixels: int, min_side: int, max_aspect_ratio: float | None):
         self.dataset = dataset
-        self.max_pixels = max_pixels
+        self.limits = {"max_pixels": max_pixels, "min_side": min_side, "max_aspect_ratio": max_aspect_ratio}
         self.cols: dict[str, list] = {name: [] for name in IMAGES.names}
 
     def add(
         self, uri, kind, path, member=None, offset=None, data: bytes | None = None, error=None, size=None
     ):
+        if error is None and not all(_is_utf8(v) for v in (uri, path, member)):
+            error, data = NOT_UTF8, None
+        uri, path, member = _printable(uri), _printable(path), _printable(member)
         if data is not None and error is None:
-            probe = probe_image(data, self.max_pixels)
+            probe = probe_image(data, **self.limits)
         else:
             probe = _result(error=error)
         row = {
@@ -561,67 +659,123 @@ def _too_large(size: int) -> str:
     return f"too large: {size} bytes"
 
 
+def _not_regular(path: str) -> str:
+    """What a listed path that is neither a file nor a folder is (FIFO, socket, device)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "not a regular file"
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device")):
+        if test(mode):
+            return f"not a regular file: {name}"
+    return "not a regular file"
+
+
 def _ingest_files(unit: WorkUnit, rows: _Rows, max_bytes: int) -> None:
     for path in unit.paths:
+        if not _is_utf8(path):
+            rows.add(path, "file", path, error=NOT_UTF8)
+            continue
+        ext = _ext(path)
+        if ext in TAR_EXTENSIONS or ext in PARQUET_EXTENSIONS:
+            rows.add(
+                path,
+                "file",
+                path,
+                error=f"unsupported format: {ext[1:]} inside a folder (name it as a source)",
+            )
+            continue
         try:
             fs, fs_path = fsspec.core.url_to_fs(path)
-            size = fs.size(fs_path)
-            if fs.isdir(fs_path):
+            info = fs.info(fs_path)  # follows symlinks: a broken or looping one raises here
+            if info.get("type") == "directory":
+                if info.get("islink"):
+                    rows.add(path, "file", path, error="unreadable: a symlink to a folder (not followed)")
+                    continue
                 raise IsADirectoryError(21, "Is a directory")
+            if info.get("type") != "file":  # a FIFO would block the read forever
+                rows.add(path, "file", path, error=f"unreadable: {_not_regular(fs_path)}")
+                continue
+            size = info.get("size")
             if size is not None and size > max_bytes:
                 rows.add(path, "file", path, error=_too_large(size), size=size)
                 continue
             with fs.open(fs_path, "rb") as f:
-                data = f.read()
+                data = f.read(max_bytes + 1)  # a file that grew since it was listed is still capped
+            if len(data) > max_bytes:
+                rows.add(path, "file", path, error=_too_large(len(data)), size=len(data))
+                continue
         except (OSError, ValueError) as err:
             rows.add(path, "file", path, error=_unreadable(err))
             continue
         rows.add(path, "file", path, data=data)
 
 
+def _unsafe_member(name: str) -> str | None:
+    """Why a tar member name must not be used: it would land outside the folder it is extracted to."""
+    if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
+        return "unsafe name: absolute path in a tar member"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "unsafe name: '..' in a tar member"
+    return None
+
+
 def _ingest_tar(unit: WorkUnit, rows: _Rows, max_bytes: int) -> None:
     (path,) = unit.paths
+    seen: set[str] = set()
     try:
         with fsspec.open(path, "rb") as f:
             # "r:" (uncompressed only): recorded offsets must address the member bytes in the file.
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 for member in tar:
-                    if not member.isfile() or _ext(member.name) not in IMAGE_EXTENSIONS:
+                    if member.isdir() or _ext(member.name) not in IMAGE_EXTENSIONS:
                         continue  # WebDataset sidecars (.json, .cls, .txt) and folders
                     uri = f"{path}#{member.name}"
-                    if member.size > max_bytes:
+
+                    def reject(reason: str, uri: str = uri, member: tarfile.TarInfo = member) -> None:
                         rows.add(
-                            uri,
-                            "tar",
-                            path,
-                            member.name,
-                            member.offset_data,
-                            error=_too_large(member.size),
-                            size=member.size,
+                            uri, "tar", path, member.name, member.offset_data, error=reason, size=member.size
+                        )
+
+                    if member.name in seen:  # the same uri twice: the later one gets its own
+                        reject(
+                            "duplicate name: an earlier member of this tar has it", f"{uri}@{member.offset}"
                         )
                         continue
-                    data = tar.extractfile(member).read()
-                    if len(data) != member.size:
-                        rows.add(
-                            uri,
-                            "tar",
-                            path,
-                            member.name,
-                            member.offset_data,
-                            error="truncated image",
-                            size=member.size,
-                        )
-                        continue
-                    rows.add(uri, "tar", path, member.name, member.offset_data, data=data)
+                    seen.add(member.name)
+                    unsafe = _unsafe_member(member.name)
+                    if unsafe:
+                        reject(unsafe)
+                    elif not member.isfile():
+                        reject(f"unreadable: a {'symlink' if member.issym() else 'link or special'} member")
+                    elif member.size > max_bytes:
+                        reject(_too_large(member.size))
+                    else:
+                        data = tar.extractfile(member).read()
+                        if len(data) != member.size:
+                            reject("truncated image")
+                        else:
+                            rows.add(uri, "tar", path, member.name, member.offset_data, data=data)
     except (OSError, tarfile.TarError, EOFError) as err:
         # A missing or cut tar: one row for the tar itself; members read before the cut stay.
         rows.add(path, "tar", path, error=_unreadable(err))
 
 
-def _image_bytes(value) -> bytes | None:
-    if isinstance(value, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
-        value = value.get("bytes")
-    return value
+PARQUET_BATCH_ROWS = 1  # rows decoded at a time: with buffered reads, one image (or one page) in memory
+PARQUET_READ_BUFFER = 1 << 16
+
+
+def _bytes_path(field: pa.Field) -> str | None:
+    """The column path holding image bytes: the column itself, or the `bytes` field of a struct
+    (Hugging Face datasets' Image feature); None when the column cannot hold encoded images."""
+    binary = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)
+    if any(test(field.type) for test in binary) or str(field.type) == "binary_view":
+        return field.name
+    if pa.types.is_struct(field.type):
+        idx = field.type.get_field_index("bytes")
+        if idx >= 0 and _bytes_path(field.type.field(idx)) is not None:
+            return f"{field.name}.bytes"
+    return None
 
 
 def _ingest_parquet(unit: WorkUnit, rows: _Rows, max_bytes: int) -> None:
@@ -629,31 +783,54 @@ def _ingest_parquet(unit: WorkUnit, rows: _Rows, max_bytes: int) -> None:
     column = unit.image_column
     try:
         with fsspec.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+            # Buffered, not pre-buffered: column chunks are read a buffer at a time, never a whole row
+            # group, and each row's length comes from the Arrow offsets before its bytes are copied.
+            pf = pq.ParquetFile(f, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)
             if column not in pf.schema_arrow.names:
                 raise ValueError(f"no column {column!r}")
+            field = pf.schema_arrow.field(column)
+            read_path = _bytes_path(field)
+            if read_path is None:
+                reason = f"wrong column type: {column!r} is {field.type}, not binary or a struct with bytes"
+                for row in range(pf.metadata.num_rows):
+                    rows.add(f"{path}#row={row}", "parquet", path, column, row, error=reason)
+                return
             row = 0
-            # One row group at a time bounds memory to a row group's bytes.
-            for rg in range(pf.num_row_groups):
-                for value in pf.read_row_group(rg, columns=[column]).column(0).to_pylist():
+            for batch in pf.iter_batches(PARQUET_BATCH_ROWS, columns=[read_path], use_threads=False):
+                values = batch.column(0)
+                valid = values.is_valid()
+                if pa.types.is_struct(values.type):
+                    values = values.field("bytes")
+                    valid = pc.and_(valid, values.is_valid())
+                lengths = pc.binary_length(values)
+                for i in range(len(values)):
                     uri = f"{path}#row={row}"
-                    data = _image_bytes(value)
-                    if data is None:
-                        rows.add(uri, "parquet", path, column, row, error="empty file")
-                    elif len(data) > max_bytes:
+                    n = lengths[i].as_py()
+                    if not valid[i].as_py() or n is None:
                         rows.add(
-                            uri, "parquet", path, column, row, error=_too_large(len(data)), size=len(data)
+                            uri, "parquet", path, column, row, error=f"missing bytes: null in {column!r}"
                         )
+                    elif n > max_bytes:
+                        rows.add(uri, "parquet", path, column, row, error=_too_large(n), size=n)
                     else:
-                        rows.add(uri, "parquet", path, column, row, data=bytes(data))
+                        rows.add(uri, "parquet", path, column, row, data=values[i].as_py())
                     row += 1
     except (OSError, ValueError, pa.ArrowException) as err:
         rows.add(path, "parquet", path, column, error=_unreadable(err))
 
 
-def ingest_unit(unit: WorkUnit, max_pixels: int, max_bytes: int) -> pa.Table:
-    """Read and probe every image of a work unit: one `images` row per image, good or bad."""
-    rows = _Rows(unit.dataset, max_pixels)
+def ingest_unit(
+    unit: WorkUnit,
+    max_pixels: int,
+    max_bytes: int,
+    *,
+    min_side: int = 1,
+    max_aspect_ratio: float | None = None,
+) -> pa.Table:
+    """Read and probe every image of a work unit: one `images` row per image, good or bad.
+
+    The limits are the job spec's `ingest` section; min_side and max_aspect_ratio default to none."""
+    rows = _Rows(unit.dataset, max_pixels, min_side, max_aspect_ratio)
     if unit.kind == "files":
         _ingest_files(unit, rows, max_bytes)
     elif unit.kind == "tar":

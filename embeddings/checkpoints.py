@@ -3,7 +3,8 @@
 Every loader is strict: a missing, unexpected or mis-shaped key raises `CheckpointError` naming the
 key, so a checkpoint never half-loads. Files are read with `torch.load(weights_only=True)`.
 URLs (http/https or any fsspec scheme) are downloaded once into a cache folder ($LVD_CACHE or
-~/.cache/lvd) and reused.
+~/.cache/lvd) and reused. An expected sha256 (the spec's `sha256`) is checked on the file before
+anything reads it as a checkpoint; a mismatch is a `CheckpointError` naming the field.
 """
 
 from __future__ import annotations
@@ -42,21 +43,45 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LVD_CACHE") or Path.home() / ".cache" / "lvd")
 
 
-def fetch(uri: str, cache: str | Path | None = None) -> Path:
-    """A local path for `uri`: local paths as they are, URLs downloaded once into the cache."""
-    if uri.startswith("file://"):
-        return Path(urllib.parse.urlparse(uri).path)
-    if "://" not in uri:
-        path = Path(uri).expanduser()
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, uri: str) -> None:
+    """Raise CheckpointError unless the file at `path` (fetched from `uri`) has sha256 `expected`."""
+    if path.is_dir():
+        raise CheckpointError(f"weights {uri}: sha256 is given but the weights are a folder (one file only)")
+    got = file_sha256(path)
+    if got != expected.lower():
+        raise CheckpointError(
+            f"weights {uri}: sha256 mismatch: the file has {got}, the spec's sha256 is {expected}"
+        )
+
+
+def fetch(uri: str, cache: str | Path | None = None, sha256: str | None = None) -> Path:
+    """A local path for `uri`: local paths as they are, URLs downloaded once into the cache.
+
+    With `sha256`, the file must have that hash: a cached copy that does not is downloaded again, and
+    a download that does not is deleted and reported (CheckpointError naming the field)."""
+    if uri.startswith("file://") or "://" not in uri:
+        path = Path(urllib.parse.urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
+        if sha256:
+            check_sha256(path, sha256, uri)
         return path
     cache = Path(cache) if cache is not None else cache_dir()
     name = Path(urllib.parse.urlparse(uri).path).name or "checkpoint"
     # The URL's hash keeps two files of the same name from different places apart.
     dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:12] / name
     if dest.exists():
-        return dest
+        if not sha256 or file_sha256(dest) == sha256.lower():
+            return dest
+        dest.unlink()  # a stale or damaged copy: fetch it again, then check that
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -68,6 +93,8 @@ def fetch(uri: str, cache: str | Path | None = None) -> Path:
 
             with fsspec.open(uri, "rb") as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, length=1 << 20)
+        if sha256:
+            check_sha256(tmp, sha256, uri)  # a bad download never takes the cache's name
         os.replace(tmp, dest)  # a killed download never looks finished
     finally:
         tmp.unlink(missing_ok=True)
@@ -410,11 +437,14 @@ def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
 # ---------------------------------------------------------------- one entry point
 
 
-def load_backbone(weights: str | Path, format: str = "auto", arch: str | None = None) -> nn.Module:
-    """Any supported checkpoint by format ('auto' detects it from the file type and contents)."""
+def load_backbone(
+    weights: str | Path, format: str = "auto", arch: str | None = None, sha256: str | None = None
+) -> nn.Module:
+    """Any supported checkpoint by format ('auto' detects it from the file type and contents); with
+    `sha256`, the file is checked against it before anything reads it."""
     if format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
-    path = fetch(str(weights))
+    path = fetch(str(weights), sha256=sha256)
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "torchscript":
         return load_torchscript(path)

@@ -15,7 +15,7 @@ from lvd.embeddings.preprocess import PreprocessConfig, normalize
 from lvd.embeddings.vit import DinoVisionTransformer, build_vit
 from lvd.schemas.job_spec import ModelSpec
 
-# Random-init models (weights: None, for tests) are seeded so every replica computes the same vectors.
+# Random-init models (weights: random, for tests) are seeded so every replica computes the same vectors.
 RANDOM_INIT_SEED = 0
 
 
@@ -58,9 +58,13 @@ class EmbeddingModel:
 
 
 def build_module(spec: ModelSpec) -> nn.Module:
-    """The spec's backbone: loaded weights, or a seeded random init when weights is None."""
-    if spec.weights:
-        module = load_backbone(spec.weights, spec.format, None if spec.arch == "torchscript" else spec.arch)
+    """The spec's backbone: loaded weights (checked against `sha256` when given), or a seeded random
+    init when weights is "random"."""
+    if spec.weights is None:
+        raise ValueError('weights is required: a checkpoint path or URL, or "random" for a random init')
+    if not spec.random_init:
+        arch = None if spec.arch == "torchscript" else spec.arch
+        module = load_backbone(spec.weights, spec.format, arch, sha256=spec.sha256)
         is_vit = isinstance(module, DinoVisionTransformer)
         if is_vit == (spec.arch == "torchscript"):
             got = "a DINOv2 ViT" if is_vit else "a TorchScript model"

@@ -61,8 +61,13 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
 
 
 def _load_spec(path: Path):
+    """The spec, with its inputs checked (sources and weights exist), or exit 2 with every problem."""
+    from lvd.jobs.preflight import check_inputs
+
     try:
-        return load_job_spec(path)
+        spec = load_job_spec(path)
+        check_inputs(spec)
+        return spec
     except JobSpecError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
@@ -89,7 +94,7 @@ def schema(
 
 @app.command()
 def validate(job: Path) -> None:
-    """Check a job spec without running anything."""
+    """Check a job spec without running anything: its fields, and that its sources and weights exist."""
     spec = _load_spec(job)
     typer.echo(f"ok: job {spec.name!r} writes to {spec.output_dir}")
 

@@ -448,7 +448,9 @@ def _job_spec(files_per_part: int) -> dict:
         "embedding": {
             "retrieval": {
                 "arch": "vit_small",
-                "weights": None,
+                # No DINOv2 checkpoint can be downloaded offline: a seeded random init, said so in
+                # the log and the report (the copy-detection stand-in carries the dedup).
+                "weights": "random",
                 "image_size": 112,
                 "resize_size": 128,
                 "batch_size": 32,

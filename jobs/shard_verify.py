@@ -19,9 +19,10 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
+from lvd.curation.image_io import SHARD_IMAGE_EXTENSIONS
 from lvd.schemas import layout
 
-IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
+IMAGE_EXTENSIONS = set(SHARD_IMAGE_EXTENSIONS)
 MAX_KEY = 128
 
 

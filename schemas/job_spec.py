@@ -59,13 +59,24 @@ class SeedSet(ImageSet):
     )
 
 
+RANDOM_WEIGHTS = "random"
+
+
 class ModelSpec(_Strict):
-    """An embedding model. `weights` is a local path or URL; None means random init (testing only)."""
+    """An embedding model. `weights` is a local path or URL, or "random" for a seeded random init
+    (testing only; a job says so in its log and report). A job spec must name it: there is no default."""
 
     arch: Literal[
         "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_tiny", "vit_tiny_d4", "torchscript"
     ] = "vit_small"
-    weights: str | None = None
+    weights: str | None = Field(
+        None, description='Checkpoint path or URL, or "random" for a seeded random init (testing only).'
+    )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Expected sha256 of the weights file, checked before it is loaded (URLs above all).",
+    )
     format: Literal["auto", "dinov2", "hf", "lvd", "torchscript"] = "auto"
     patch_size: int = Field(14, ge=1)
     num_register_tokens: int = Field(0, ge=0)
@@ -85,9 +96,15 @@ class ModelSpec(_Strict):
     def _sizes(self) -> ModelSpec:
         if self.resize_size < self.image_size:
             raise ValueError(f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size})")
-        if self.arch == "torchscript" and not self.weights:
+        if self.arch == "torchscript" and self.weights in (None, RANDOM_WEIGHTS):
             raise ValueError("arch 'torchscript' needs weights: the path of the TorchScript file")
+        if self.sha256 and self.weights in (None, RANDOM_WEIGHTS):
+            raise ValueError("sha256 is given but weights is not a file: nothing to check it against")
         return self
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights == RANDOM_WEIGHTS
 
 
 class EmbeddingSpec(_Strict):
@@ -190,6 +207,13 @@ class IngestSpec(_Strict):
         89_478_485, ge=1, description="Images above this many pixels are rejected (bombs)."
     )
     max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Files above this size are rejected.")
+    min_side: int = Field(32, ge=1, description="Images whose shorter side is below this are rejected.")
+    max_aspect_ratio: float = Field(
+        20.0,
+        ge=1,
+        description="Images whose longer side is more than this many times the shorter are rejected "
+        "(before any resize: a 1 x 60000 image would resize to 256 x 15,360,000).",
+    )
     files_per_part: int = Field(2000, ge=1)
 
 
@@ -208,6 +232,31 @@ class JobSpec(_Strict):
     shards: ShardSpec = ShardSpec()
     spark: SparkSpec = SparkSpec()
     ray: RaySpec = RaySpec()
+
+    @field_validator("output_dir")
+    @classmethod
+    def _local_output(cls, v: str) -> str:
+        # Stages write with local file APIs (atomic renames, Spark's local paths): an s3:// or gs://
+        # output would become a local folder named "s3:". A shared mount is the way to a cluster store.
+        scheme = v.split("://", 1)[0] if "://" in v else None
+        if scheme == "file":
+            return v.split("://", 1)[1]
+        if scheme is not None:
+            raise ValueError(
+                f"{v!r}: only local folders (or mounts of shared storage) are supported, not {scheme}://"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _weights_named(self) -> JobSpec:
+        models = [("retrieval", self.embedding.retrieval), ("copy_detection", self.embedding.copy_detection)]
+        for name, model in models:
+            if model is not None and model.weights is None:
+                raise ValueError(
+                    f"embedding.{name}.weights is required: a checkpoint path or URL, or "
+                    f"{RANDOM_WEIGHTS!r} to embed with random weights (testing only)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> JobSpec:
@@ -241,6 +290,8 @@ def _format_errors(err: ValidationError) -> str:
             msg = f"{msg} (got {e.get('input')!r})"
         elif e["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"  {loc}: {msg}")
     return "invalid job spec:\n" + "\n".join(lines)
 
@@ -279,6 +330,6 @@ def _resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         for src in s.sources:
             src.uri = _resolve(src.uri, base)
     for m in (spec.embedding.retrieval, spec.embedding.copy_detection):
-        if m is not None and m.weights and "://" not in m.weights:
+        if m is not None and m.weights and not m.random_init and "://" not in m.weights:
             m.weights = _resolve(m.weights, base)
     return spec

@@ -30,6 +30,7 @@ IMAGES = pa.schema(
         pa.field("format", pa.string()),  # jpeg | png | webp | gif | bmp | tiff ...
         pa.field("status", pa.string(), nullable=False),  # ok | error
         pa.field("error", pa.string()),
+        pa.field("note", pa.string()),  # ok rows: what was odd but usable (animated, EXIF orientation)
     ]
 )
 

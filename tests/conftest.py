@@ -22,7 +22,7 @@ _PIL_FORMAT = {
 
 
 def make_image_bytes(
-    fmt: str = "png", size: tuple[int, int] = (32, 24), mode: str = "RGB", seed: int = 0
+    fmt: str = "png", size: tuple[int, int] = (32, 32), mode: str = "RGB", seed: int = 0
 ) -> bytes:
     """Encoded random-noise image (width, height = size); a different seed gives different bytes."""
     rng = np.random.default_rng(seed)
@@ -38,17 +38,17 @@ def make_image_bytes(
 
 @pytest.fixture
 def image_bytes() -> Callable[..., bytes]:
-    """Factory: image_bytes(fmt="png", size=(32, 24), mode="RGB", seed=0) -> encoded bytes."""
+    """Factory: image_bytes(fmt="png", size=(32, 32), mode="RGB", seed=0) -> encoded bytes."""
     return make_image_bytes
 
 
 @pytest.fixture
 def tiny_images() -> Callable[..., list[Path]]:
-    """Factory: tiny_images(folder, n, fmt="png", size=(32, 24), seed=0) -> n distinct image files,
+    """Factory: tiny_images(folder, n, fmt="png", size=(32, 32), seed=0) -> n distinct image files,
     named 0000.<fmt>, 0001.<fmt>, ... (seeds seed, seed+1, ...)."""
 
     def make(
-        folder: Path, n: int, fmt: str = "png", size: tuple[int, int] = (32, 24), seed: int = 0
+        folder: Path, n: int, fmt: str = "png", size: tuple[int, int] = (32, 32), seed: int = 0
     ) -> list[Path]:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -75,6 +75,7 @@ def ray_local() -> Iterator[None]:
             "output_dir": "unused",
             "pool": [{"uri": "unused"}],
             "sampling": {"target_size": 1},
+            "embedding": {"retrieval": {"weights": "random"}},
             "ray": {"num_cpus": 2},
         }
     )

@@ -284,3 +284,48 @@ def test_auto_precision_is_bf16_where_the_cpu_has_it(tmp_path, vit_tiny_regs):
     assert not np.array_equal(v32, v16)  # bf16 really ran
     # Unit vectors: bf16 moves cosines by far less than any copy or cluster threshold's margin.
     assert (v32 * v16).sum(axis=1).min() > 0.99
+
+
+def test_url_weights_are_checked_against_the_spec_sha256_before_loading(tmp_path, vit_tiny_regs, monkeypatch):
+    import hashlib
+
+    from lvd.embeddings import checkpoints
+
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save(vit_tiny_regs.state_dict(), served / "w.pth")
+    good = hashlib.sha256((served / "w.pth").read_bytes()).hexdigest()
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    loads = []
+    real_load = checkpoints._torch_load
+    monkeypatch.setattr(checkpoints, "_torch_load", lambda p: loads.append(p) or real_load(p))
+    monkeypatch.setenv("LVD_CACHE", str(tmp_path / "cache"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/w.pth"
+        wrong = ModelSpec(arch="vit_tiny", weights=url, sha256="0" * 64, image_size=42, resize_size=48)
+        with pytest.raises(CheckpointError, match=f"sha256 mismatch: the file has {good}, the spec's sha256"):
+            load_embedding_model(wrong, "cpu")
+        assert loads == [] and not list((tmp_path / "cache").rglob("w.pth"))  # never loaded, not cached
+        right = wrong.model_copy(update={"sha256": good})
+        assert load_embedding_model(right, "cpu").dim == vit_tiny_regs.embed_dim
+        (cached,) = (tmp_path / "cache").rglob("w.pth")
+        cached.write_bytes(b"tampered")  # a damaged cache copy is fetched again, not loaded
+        assert load_embedding_model(right, "cpu").dim == vit_tiny_regs.embed_dim
+        assert hashlib.sha256(cached.read_bytes()).hexdigest() == good
+    finally:
+        server.shutdown()
+    assert hits == ["/w.pth"] * 3
+    # Local files are checked the same way.
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_backbone(served / "w.pth", sha256="1" * 64)

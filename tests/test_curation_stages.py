@@ -151,7 +151,10 @@ def world(tmp_path):
                 },
             ],
             "eval_sets": [{"name": "holdout", "sources": src}],
-            "embedding": {"copy_detection": {"arch": "vit_small"}},
+            "embedding": {
+                "retrieval": {"weights": "random"},
+                "copy_detection": {"arch": "vit_small", "weights": "random"},
+            },
             "dedup": {"k": 8},
             "clustering": {"levels": [{"k": 6}, {"k": 3, "resampling_steps": 1}]},
             "sampling": {"target_size": 30, "max_repeats": 2, "seed": 1},

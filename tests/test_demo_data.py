@@ -84,7 +84,7 @@ def test_job_spec_validates_and_points_at_the_data(demo):
         check_sources(s.sources)
     assert {s.strategy for s in spec.seeds} == {"sample", "cluster", "as_is"}
     assert Path(spec.embedding.copy_detection.weights).is_file()
-    assert spec.embedding.retrieval.weights is None and spec.embedding.retrieval.image_size == 112
+    assert spec.embedding.retrieval.random_init and spec.embedding.retrieval.image_size == 112
     assert [lv.k for lv in spec.clustering.levels] == [24, 6]
     assert spec.ray.num_cpus == 2 and spec.spark.master == "local[2]"
 

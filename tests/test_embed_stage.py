@@ -19,8 +19,15 @@ from lvd.schemas import layout
 from lvd.schemas.job_spec import parse_job_spec
 from lvd.schemas.tables import IMAGES, embeddings_schema, write_parquet_atomic
 
-RETRIEVAL = {"arch": "vit_tiny", "image_size": 56, "resize_size": 64, "batch_size": 4}
-COPY = {"arch": "vit_tiny", "image_size": 28, "resize_size": 32, "batch_size": 4, "dtype": "float32"}
+RETRIEVAL = {"arch": "vit_tiny", "weights": "random", "image_size": 56, "resize_size": 64, "batch_size": 4}
+COPY = {
+    "arch": "vit_tiny",
+    "weights": "random",
+    "image_size": 28,
+    "resize_size": 32,
+    "batch_size": 4,
+    "dtype": "float32",
+}
 
 
 def _row(i: int, path, status="ok", dataset="pool"):
@@ -71,10 +78,16 @@ def job(tmp_path):
     return spec, files
 
 
-def test_two_models_in_one_pass_with_a_failure_recorded_and_resume(job, ray_local):
+def test_two_models_in_one_pass_with_a_failure_recorded_and_resume(job, ray_local, caplog):
     spec, files = job
     ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage=embed.STAGE)
-    summary = embed.run(ctx)
+    with caplog.at_level("WARNING", logger="lvd"):
+        summary = embed.run(ctx)
+    # Random weights are an opt-in, and said out loud: in the log, the summary and its funnel row.
+    assert summary.weights == {"retrieval": "random", "copy_detection": "random"}
+    assert summary.random_weights == "retrieval, copy_detection"
+    assert ("models with random weights", "retrieval, copy_detection") in summary.funnel()
+    assert sum("RANDOM weights" in r.getMessage() for r in caplog.records) == 2
     # 7 ok rows (the ingest error row is not embedded); the corrupt file is recorded, not fatal.
     assert summary.images == 7 and summary.errors == 1
     assert summary.decoded == 7  # each image read and decoded once for both models

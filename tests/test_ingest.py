@@ -78,13 +78,14 @@ def test_every_bad_file_kind_gets_its_reason_and_good_files_in_the_same_unit_are
     for name, (data, _reason) in bad.items():
         (folder / name).write_bytes(data)
     os.symlink(tmp_path / "gone.jpg", folder / "broken.jpg")  # a broken symlink: unreadable
-    (folder / "labels.json").write_text("{}")  # not an image extension: not listed at all
+    (folder / "labels.json").write_text("{}")  # not an image extension: listed all the same, counted
 
     units = list_work_units([Source(uri=str(folder))], "pool", files_per_part=100)
     assert len(units) == 1
     max_bytes = len(bad["huge.png"][0]) - 1
     rows = rows_by_uri(ingest_unit(units[0], MAX_PIXELS, max_bytes))
-    assert set(rows) == {str(folder / n) for n in [*good, *bad, "broken.jpg"]}
+    assert set(rows) == {str(folder / n) for n in [*good, *bad, "broken.jpg", "labels.json"]}
+    assert rows[str(folder / "labels.json")]["error"] == "not an image"
 
     for name, (data, width, height, fmt) in good.items():
         row = rows[str(folder / name)]
@@ -196,7 +197,7 @@ def test_parquet_round_trip(tmp_path, image_bytes, hf_struct):
     assert table.column("uri").to_pylist() == [f"{path}#row={i}" for i in range(6)]
     statuses = table.column("status").to_pylist()
     assert statuses == ["ok", "ok", "ok", "error", "ok", "error"]
-    assert table.column("error").to_pylist()[5] == "empty file"
+    assert table.column("error").to_pylist()[5] == "missing bytes: null in 'img'"
     for row in table.to_pylist():
         if row["status"] == "ok":
             data = read_image_bytes("parquet", row["path"], row["member"], row["offset"], row["size"])
@@ -289,6 +290,7 @@ def _spec(tmp_path: Path, files_per_part: int):
             "seeds": [{"name": "s", "strategy": "as_is", "sources": [{"uri": str(tmp_path / "seed")}]}],
             "eval_sets": [{"name": "e", "sources": [{"uri": str(tmp_path / "eval")}]}],
             "ingest": {"files_per_part": files_per_part},
+            "embedding": {"retrieval": {"weights": "random"}},
             "ray": {"num_cpus": 2},
         }
     )
@@ -385,23 +387,16 @@ def test_mangled_images_never_raise(image_bytes):
 
 def _serial_units(sources: list[Source], dataset: str, files_per_part: int) -> list[WorkUnit]:
     """The listing as it was before it ran on workers: one `find` per folder, in this process."""
-    from lvd.curation.ingest import (
-        IMAGE_EXTENSIONS,
-        _canonical,
-        _exists,
-        _ext,
-        _kind_of,
-        _missing_kind,
-        _pattern_matches,
-    )
+    from lvd.curation.ingest import _canonical, _exists, _kind_of, _missing_kind, _pattern_matches
 
-    def folder_files(match, every_file):
+    def folder_files(match):
+        # Every entry that is not hidden and not a folder walked into: files, symlinks, FIFOs.
         files = []
         for fs_path, info in match.fs.find(match.fs_path, withdirs=False, detail=True).items():
-            is_file = info.get("type") == "file" or (info.get("islink") and info.get("type") != "directory")
-            if not Path(fs_path).name.startswith(".") and is_file:
-                if every_file or _ext(fs_path) in IMAGE_EXTENSIONS:
-                    files.append(_canonical(match.fs, fs_path))
+            if not Path(fs_path).name.startswith(".") and (
+                info.get("type") != "directory" or info.get("islink")
+            ):
+                files.append(_canonical(match.fs, fs_path))
         return sorted(files)
 
     seen: set[str] = set()
@@ -419,7 +414,7 @@ def _serial_units(sources: list[Source], dataset: str, files_per_part: int) -> l
         for match in [m for p in expand_braces(src.uri) for m in _pattern_matches(p)]:
             kind = _kind_of(match, src.kind) if _exists(match) else _missing_kind(match, src.kind)
             if kind == "folder":
-                files = fresh(folder_files(match, src.kind == "folder"))
+                files = fresh(folder_files(match))
                 units += [WorkUnit(dataset, "files", c) for c in chunks(files)]
             elif kind in ("tar", "parquet"):
                 if fresh([match.path]):
@@ -454,7 +449,7 @@ def nested_sources(tmp_path, tiny_images, image_bytes):
         Source(uri=str(tmp_path / "s-{00..03}.tar")),  # s-02.tar is missing: a unit all the same
         Source(uri=str(tmp_path / "t.parquet")),
         Source(uri=str(tmp_path / "loose" / "*.png")),
-        Source(uri=str(root / "a"), kind="folder"),  # every file: only the sidecar is new
+        Source(uri=str(root / "a"), kind="folder"),  # listed again under another kind: nothing new
     ]
 
 
@@ -506,6 +501,8 @@ def test_plan_fingerprint_is_the_json_of_the_plan(tmp_path, tiny_images):
             "units": [u.to_dict() for u in units],
             "max_pixels": spec.ingest.max_pixels,
             "max_bytes": spec.ingest.max_bytes,
+            "min_side": spec.ingest.min_side,
+            "max_aspect_ratio": spec.ingest.max_aspect_ratio,
         },
         sort_keys=True,
     )  # how the fingerprint was computed before it was fed unit by unit: resumes keep their parts
@@ -514,7 +511,14 @@ def test_plan_fingerprint_is_the_json_of_the_plan(tmp_path, tiny_images):
         _plan_fingerprint([], spec)
         == hashlib.sha256(
             json.dumps(
-                {"units": [], "max_pixels": 89_478_485, "max_bytes": 64 << 20}, sort_keys=True
+                {
+                    "units": [],
+                    "max_pixels": 89_478_485,
+                    "max_bytes": 64 << 20,
+                    "min_side": 32,
+                    "max_aspect_ratio": 20.0,
+                },
+                sort_keys=True,
             ).encode()
         ).hexdigest()[:16]
     )
@@ -531,3 +535,29 @@ def test_stage_rejects_a_missing_source_by_name_before_any_part(tmp_path, tiny_i
     with pytest.raises(SourceError, match=r"seed set 's' source '.*/seed': no such file or folder"):
         stage.run(ctx)
     assert not layout.list_parts(ctx.stage_dir)
+
+
+def test_stage_names_a_seed_set_with_no_readable_image_after_writing_its_parts(
+    tmp_path, tiny_images, ray_local
+):
+    from lvd.jobs.stages import ingest as stage
+
+    tiny_images(tmp_path / "pool", 2)
+    tiny_images(tmp_path / "eval", 1)
+    (tmp_path / "seed").mkdir()
+    (tmp_path / "seed" / "a.jpg").write_bytes(b"")
+    (tmp_path / "seed" / "b.png").write_bytes(b"not a png")
+    with tarfile.open(tmp_path / "shard.tar", "w"):
+        pass
+    spec = _spec(tmp_path, files_per_part=2)
+    ctx = StageContext(spec=spec, out_dir=Path(spec.output_dir), stage=stage.STAGE)
+    with pytest.raises(
+        stage.NoReadableImages, match=r"^seed set 's': none of its 2 files is a readable image"
+    ):
+        stage.run(ctx)
+    table = layout.read_table(ctx.out_dir, layout.IMAGES)  # the reasons are there to read
+    seed = {r["uri"]: r["error"] for r in table.to_pylist() if r["dataset"] == "seed:s"}
+    assert seed == {
+        str(tmp_path / "seed" / "a.jpg"): "empty file",
+        str(tmp_path / "seed" / "b.png"): "not an image",
+    }

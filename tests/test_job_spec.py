@@ -10,6 +10,7 @@ MINIMAL = {
     "output_dir": "out",
     "pool": [{"uri": "pool/"}],
     "seeds": [{"name": "s", "sources": [{"uri": "seed/"}], "strategy": "sample"}],
+    "embedding": {"retrieval": {"weights": "random"}},
 }
 
 
@@ -69,3 +70,106 @@ def test_fingerprint_changes_only_with_its_sections():
     b = parse_job_spec(_with(dedup={"k": 8}))
     assert a.fingerprint("dedup") != b.fingerprint("dedup")
     assert a.fingerprint("clustering") == b.fingerprint("clustering")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights, output folders and inputs: named before any work
+
+
+def test_weights_must_be_named_random_is_an_explicit_opt_in():
+    data = _with()
+    del data["embedding"]
+    with pytest.raises(JobSpecError, match=r"embedding\.retrieval\.weights is required.*'random'"):
+        parse_job_spec(data)
+    copy = _with(embedding={"retrieval": {"weights": "random"}, "copy_detection": {"arch": "vit_small"}})
+    with pytest.raises(JobSpecError, match=r"embedding\.copy_detection\.weights is required"):
+        parse_job_spec(copy)
+    spec = parse_job_spec(MINIMAL)
+    assert spec.embedding.retrieval.random_init
+    real = parse_job_spec(_with(embedding={"retrieval": {"weights": "/models/w.pth"}}))
+    assert not real.embedding.retrieval.random_init
+
+
+@pytest.mark.parametrize(
+    "retrieval, words",
+    [
+        ({"weights": "https://x/w.pth", "sha256": "abc"}, "embedding.retrieval.sha256"),
+        ({"weights": "random", "sha256": "a" * 64}, "sha256 is given but weights is not a file"),
+        ({"weights": "random", "arch": "torchscript"}, "needs weights"),
+    ],
+)
+def test_bad_weights_fields_are_named(retrieval, words):
+    with pytest.raises(JobSpecError) as err:
+        parse_job_spec(_with(embedding={"retrieval": retrieval}))
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/out", "gs://bucket/out", "hdfs://nn/out"])
+def test_non_local_output_dir_is_rejected_naming_the_field(uri):
+    with pytest.raises(JobSpecError) as err:
+        parse_job_spec(_with(output_dir=uri))
+    msg = str(err.value)
+    assert "output_dir" in msg and uri in msg and "only local folders" in msg
+
+
+def test_file_url_output_dir_is_a_local_folder(tmp_path):
+    assert parse_job_spec(_with(output_dir=f"file://{tmp_path}/out")).output_dir == f"{tmp_path}/out"
+
+
+def test_ingest_limits_have_defaults():
+    spec = parse_job_spec(MINIMAL)
+    assert spec.ingest.min_side == 32 and spec.ingest.max_aspect_ratio == 20.0
+    with pytest.raises(JobSpecError, match="ingest.max_aspect_ratio"):
+        parse_job_spec(_with(ingest={"max_aspect_ratio": 0.5}))
+
+
+def _job_yaml(tmp_path, **changes) -> str:
+    data = json.loads(json.dumps(MINIMAL))
+    data.update(changes)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    return str(tmp_path / "job.yaml")
+
+
+def test_validate_names_every_missing_input_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from lvd.jobs.cli import app
+    from lvd.jobs.preflight import input_problems
+
+    job = _job_yaml(
+        tmp_path,
+        embedding={
+            "retrieval": {"weights": "models/missing.pth"},
+            "copy_detection": {"arch": "torchscript", "weights": "https://example.invalid/sscd.pt"},
+        },
+    )
+    result = CliRunner().invoke(app, ["validate", job])
+    assert result.exit_code == 2
+    out = result.output
+    assert f"pool source {str(tmp_path / 'pool')!r}: no such file or folder" in out
+    assert f"seed set 's' source {str(tmp_path / 'seed')!r}: no such file or folder" in out
+    assert (
+        f"embedding.retrieval.weights: no such file or folder: {tmp_path / 'models' / 'missing.pth'}" in out
+    )
+    assert "sscd.pt" not in out  # a URL is fetched (and checked against its sha256) when loaded
+    assert not (tmp_path / "out").exists()
+
+    for name in ("pool", "seed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.png").write_bytes(b"not read by validate")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "missing.pth").write_bytes(b"")
+    result = CliRunner().invoke(app, ["validate", job])
+    assert result.exit_code == 0, result.output
+    assert "ok: job 't'" in result.output
+    assert input_problems(load_job_spec(job)) == []
+
+
+def test_run_validates_inputs_first(tmp_path):
+    from typer.testing import CliRunner
+
+    from lvd.jobs.cli import app
+
+    result = CliRunner().invoke(app, ["run", _job_yaml(tmp_path)])
+    assert result.exit_code == 2 and "no such file or folder" in result.output
+    assert not (tmp_path / "out").exists()  # nothing started: no output folder

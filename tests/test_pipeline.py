@@ -66,6 +66,7 @@ def _spec(tmp_path, **extra):
             "output_dir": str(tmp_path / "out"),
             "pool": [{"uri": "p"}],
             "sampling": {"target_size": 5},
+            "embedding": {"retrieval": {"weights": "random"}},
             **extra,
         }
     )

@@ -126,6 +126,7 @@ def _spec(out: Path, **shards) -> JobSpec:
             "output_dir": str(out),
             "pool": [{"uri": "unused"}],
             "sampling": {"target_size": 10},
+            "embedding": {"retrieval": {"weights": "random"}},
             "shards": shards,
             "spark": {
                 "master": "local[2]",

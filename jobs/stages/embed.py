@@ -64,7 +64,7 @@ def check_models(models: dict[str, ModelSpec]) -> dict[str, int]:
     from lvd.embeddings.vit import ARCHS
 
     return {
-        name: load_embedding_model(m, "cpu").dim if m.weights else ARCHS[m.arch].embed_dim
+        name: ARCHS[m.arch].embed_dim if m.random_init else load_embedding_model(m, "cpu").dim
         for name, m in models.items()
     }
 
@@ -147,10 +147,15 @@ class PartFinalizer:
 
 @dataclass
 class EmbedSummary(StageSummary):
-    FUNNEL = (("- embed errors", "errors"),)
+    """weights: each model's weights as the spec gives them; random_weights: the models embedded with a
+    random init (`weights: random`), "none" when every model has real weights."""
+
+    FUNNEL = (("- embed errors", "errors"), ("models with random weights", "random_weights"))
     images: int = 0
     errors: int = 0
     models: list[str] = field(default_factory=list)
+    weights: dict[str, str] = field(default_factory=dict)
+    random_weights: str = "none"
     dims: dict[str, int] = field(default_factory=dict)
     decoded: int = 0
     parts_written: int = 0
@@ -172,6 +177,9 @@ def run(ctx: StageContext) -> EmbedSummary:
         for p in ingest_parts
         if not all(layout.part_path(stage_dir, layout.part_index(p), name).exists() for name in models)
     }
+    random_models = [name for name, m in models.items() if m.random_init]
+    for name in random_models:
+        log.warning("embed: the %s model has RANDOM weights (weights: random): for testing only", name)
     dims = check_models(models) if todo else _dims_on_disk(stage_dir, models)
     chunk_root = ctx.scratch_dir(CHUNKS)
     # Chunks of a killed run: their parts are in `todo` and are redone whole.
@@ -246,6 +254,8 @@ def run(ctx: StageContext) -> EmbedSummary:
         images=images,
         errors=errors,
         models=list(models),
+        weights={name: str(m.weights) for name, m in models.items()},
+        random_weights=", ".join(random_models) or "none",
         dims=dims,
         decoded=reads,
         parts_written=len(todo),

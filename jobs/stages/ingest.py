@@ -63,7 +63,7 @@ def ray_mapper(fn, items: list) -> list:
 
 
 def summarize_part(table: pa.Table) -> dict:
-    """Counts of one part: rows and errors per dataset, errors per reason prefix."""
+    """Counts of one part: rows and errors per dataset, errors per reason prefix, notes per prefix."""
     datasets = table.column("dataset").to_pylist()
     errors = table.column("error").to_pylist()
     by_dataset: dict[str, dict[str, int]] = {}
@@ -74,28 +74,44 @@ def summarize_part(table: pa.Table) -> dict:
         if err is not None:
             counts["errors"] += 1
             by_reason[reason_prefix(err)] += 1
-    return {"by_dataset": by_dataset, "errors_by_reason": dict(by_reason)}
+    by_note = Counter(
+        reason_prefix(item) for note in table.column("note").to_pylist() if note for item in note.split("; ")
+    )
+    return {"by_dataset": by_dataset, "errors_by_reason": dict(by_reason), "notes": dict(by_note)}
 
 
-def ingest_part(item: tuple[int, WorkUnit], *, stage_dir: str, max_pixels: int, max_bytes: int) -> dict:
+def ingest_part(item: tuple[int, WorkUnit], *, stage_dir: str, limits: dict) -> dict:
     """Task: ingest one unit and write its part; return the part's small summary."""
     index, unit = item
-    table = ingest_unit(unit, max_pixels=max_pixels, max_bytes=max_bytes)
+    table = ingest_unit(unit, **limits)
     write_parquet_atomic(table, part_path(stage_dir, index), IMAGES)
     return summarize_part(table)
 
 
 def summarize_part_file(path: str) -> dict:
-    """Task: the summary of a part written by an earlier run (two small columns)."""
-    return summarize_part(pq.read_table(path, columns=["dataset", "error"]))
+    """Task: the summary of a part written by an earlier run (three small columns)."""
+    return summarize_part(pq.read_table(path, columns=["dataset", "error", "note"]))
+
+
+def _limits(spec: JobSpec) -> dict:
+    """`ingest_unit`'s limits from the spec."""
+    i = spec.ingest
+    return {
+        "max_pixels": i.max_pixels,
+        "max_bytes": i.max_bytes,
+        "min_side": i.min_side,
+        "max_aspect_ratio": i.max_aspect_ratio,
+    }
 
 
 def _plan_fingerprint(units: list[WorkUnit], spec: JobSpec) -> str:
     """sha256 of the plan's JSON (sorted keys), fed unit by unit: no copy of the whole plan as text."""
     h = hashlib.sha256()
     h.update(
-        f'{{"max_bytes": {json.dumps(spec.ingest.max_bytes)}, '
-        f'"max_pixels": {json.dumps(spec.ingest.max_pixels)}, "units": ['.encode()
+        f'{{"max_aspect_ratio": {json.dumps(spec.ingest.max_aspect_ratio)}, '
+        f'"max_bytes": {json.dumps(spec.ingest.max_bytes)}, '
+        f'"max_pixels": {json.dumps(spec.ingest.max_pixels)}, '
+        f'"min_side": {json.dumps(spec.ingest.min_side)}, "units": ['.encode()
     )
     for i, u in enumerate(units):
         h.update(((", " if i else "") + json.dumps(u.to_dict(), sort_keys=True)).encode())
@@ -123,25 +139,46 @@ def _drop_stale_parts(stage_dir: Path, fingerprint: str, n_units: int) -> None:
 def _merge(summaries: list[dict]) -> dict:
     by_dataset: dict[str, dict[str, int]] = {}
     by_reason: Counter[str] = Counter()
+    by_note: Counter[str] = Counter()
     for s in summaries:
         for ds, counts in s["by_dataset"].items():
             acc = by_dataset.setdefault(ds, {"images": 0, "errors": 0})
             acc["images"] += counts["images"]
             acc["errors"] += counts["errors"]
         by_reason.update(s["errors_by_reason"])
+        by_note.update(s.get("notes", {}))
     return {
         "images": sum(c["images"] for c in by_dataset.values()),
         "errors": sum(c["errors"] for c in by_dataset.values()),
         "pool_images": by_dataset.get(POOL, {}).get("images", 0),
         "pool_errors": by_dataset.get(POOL, {}).get("errors", 0),
         "errors_by_reason": dict(sorted(by_reason.items())),
+        "notes": dict(sorted(by_note.items())),
         "by_dataset": dict(sorted(by_dataset.items())),
     }
 
 
+class NoReadableImages(ValueError):
+    """A seed or eval set (or the pool) of which no image could be used."""
+
+
+def check_readable(by_dataset: dict[str, dict[str, int]], sets: list[SourceSet]) -> None:
+    """Raise NoReadableImages naming every dataset with no usable image (it would curate nothing, or
+    retrieve for nothing, without saying so)."""
+    empty = []
+    for s in sets:
+        counts = by_dataset.get(s.dataset, {"images": 0, "errors": 0})
+        if counts["images"] == counts["errors"]:
+            what = s.what.removesuffix(" source")
+            empty.append(f"{what}: none of its {counts['images']} files is a readable image")
+    if empty:
+        raise NoReadableImages("; ".join(empty) + " (the images table lists each file with its reason)")
+
+
 @dataclass
 class IngestSummary(StageSummary):
-    """images/errors: all rows and rows with an error, over every dataset."""
+    """images/errors: all rows and rows with an error, over every dataset; notes: usable images with
+    something odd about them (animated, EXIF orientation), per note prefix."""
 
     FUNNEL = (("images in", "pool_images"), ("- unreadable or corrupt", "pool_errors"))
     images: int = 0
@@ -149,6 +186,7 @@ class IngestSummary(StageSummary):
     pool_images: int = 0
     pool_errors: int = 0
     errors_by_reason: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)
     by_dataset: dict[str, dict[str, int]] = field(default_factory=dict)
     parts: int = 0
     parts_written: int = 0
@@ -172,8 +210,7 @@ def run(ctx: StageContext) -> IngestSummary:
         [(i, units[i]) for i in todo],
         name="ingest",
         stage_dir=str(stage_dir),
-        max_pixels=spec.ingest.max_pixels,
-        max_bytes=spec.ingest.max_bytes,
+        limits=_limits(spec),
     )
     summaries = dict(zip(todo, written, strict=True))
     missing = [i for i in range(len(units)) if not part_path(stage_dir, i).exists()]
@@ -184,9 +221,10 @@ def run(ctx: StageContext) -> IngestSummary:
         summarize_part_file, [str(part_path(stage_dir, i)) for i in resumed], name="ingest: resumed parts"
     )
     summaries.update(zip(resumed, counted, strict=True))
-    return IngestSummary(
-        **_merge([summaries[i] for i in range(len(units))]), parts=len(units), parts_written=len(todo)
-    )
+    merged = _merge([summaries[i] for i in range(len(units))])
+    # After the parts are written: a rerun with the sets fixed redoes only what changed.
+    check_readable(merged["by_dataset"], source_sets(spec))
+    return IngestSummary(**merged, parts=len(units), parts_written=len(todo))
 
 
 STAGE = Stage(

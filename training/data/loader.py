@@ -19,7 +19,6 @@ How the sample order is made (all of it a pure function of the seed and the layo
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -37,11 +36,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from lvd.curation.image_io import SHARD_IMAGE_EXTENSIONS
+from lvd.embeddings.preprocess import decode_image as decode_bytes
+from lvd.embeddings.preprocess import to_rgb
 from lvd.schemas import layout
 
 log = logging.getLogger("lvd")
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+IMAGE_EXTENSIONS = SHARD_IMAGE_EXTENSIONS
 STATE_VERSION = 1
 
 
@@ -123,12 +125,11 @@ def read_block(
 
 
 def decode_image(sample: dict[str, Any]) -> PIL.Image.Image:
-    """The sample's image as RGB; raises if it has none or it does not decode."""
+    """The sample's image as RGB, decoded as the embed stage decodes it (first frame, EXIF orientation
+    applied, 16-bit and float values scaled); raises if it has none or it does not decode."""
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
-            with PIL.Image.open(io.BytesIO(sample[ext])) as img:
-                img.load()
-                return img.convert("RGB")
+            return to_rgb(decode_bytes(sample[ext]))
     raise ValueError(f"sample {sample.get('__key__')} has no image member")
 
 
