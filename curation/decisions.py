@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from lvd.curation.curated import bucket_of
 from lvd.schemas import layout
+from lvd.schemas.job_spec import JobSpec
 from lvd.schemas.tables import DECISIONS, RETRIEVED_BY, read_parts, write_parquet_atomic
 
 IN_OUTPUT, DROPPED = "in output", "dropped"
@@ -235,10 +236,13 @@ def _cos(x: float | None) -> str:
     return "?" if x is None else f"{x:.3f}"
 
 
-def story(row: dict, uri_of: dict[int, str] | None = None, threshold: float | None = None) -> str:
+def story(row: dict, uri_of: dict[int, str] | None = None, spec: JobSpec | None = None) -> str:
     """A DECISIONS row told in plain words, a line per stage. `uri_of`: the uris of the other images
-    the story names (the duplicate kept instead, the seed images); `threshold`: dedup's cosine."""
+    the story names (the duplicate kept instead, the seed images); `spec`: the job's spec (thresholds)."""
     uri_of = uri_of or {}
+    threshold = spec.dedup.threshold if spec else None
+    eval_threshold = spec.dedup.eval_threshold if spec else None
+    seed_sets = {s.name: s for s in spec.seeds} if spec else {}
 
     def name(image_id: int | None) -> str:
         if image_id is None:
@@ -270,13 +274,21 @@ def story(row: dict, uri_of: dict[int, str] | None = None, threshold: float | No
             f"copy-detection cosine {_cos(cos)}{at}"
         )
     elif dedup == "eval-overlap":
-        if row["eval_match"] is not None:
+        match, ecos = row["eval_match"], row["eval_cosine"]
+        if match is not None and (eval_threshold is None or (ecos is not None and ecos > eval_threshold)):
+            limit = f" (eval threshold {eval_threshold})" if eval_threshold is not None else ""
             lines.append(
-                f"  dedup: overlaps the eval sets: its duplicate group touches an eval image; the eval image "
-                f"nearest to it is {name(row['eval_match'])}, cosine {_cos(row['eval_cosine'])}"
+                f"  dedup: overlaps the eval sets: it matches eval {name(match)}, cosine {_cos(ecos)}{limit}; "
+                "its whole duplicate group is dropped"
             )
         else:
-            lines.append("  dedup: overlaps the eval sets: its duplicate group touches an eval image")
+            nearest = (
+                f"; its nearest eval image is {name(match)}, cosine {_cos(ecos)}" if match is not None else ""
+            )
+            lines.append(
+                "  dedup: overlaps the eval sets: an image of its duplicate group matches an eval image, so the "
+                f"whole group is dropped{nearest}"
+            )
     else:
         lines.append("  dedup: kept (no duplicate above the threshold, or the one kept of its group)")
     if dedup not in (None, KEPT):
@@ -292,9 +304,18 @@ def story(row: dict, uri_of: dict[int, str] | None = None, threshold: float | No
                 f"{name(r['seed_id'])}, cosine {_cos(r['score'])}"
             )
         elif r["strategy"] == "cluster":
+            seed = seed_sets.get(r["seed_set"])
+            where = "a cluster"
+            if seed is not None and seed.num_clusters is None and row["cluster_ids"]:
+                where = f"level-0 cluster {row['cluster_ids'][0]}"
+            why = (
+                f"more than {seed.min_seed_images} of its seed images"
+                if seed is not None
+                else "its seed images"
+            )
             lines.append(
-                f"  retrieve: seed set {r['seed_set']!r}: a member of a cluster chosen for its seed images "
-                f"(rank {r['rank']}, score {_cos(r['score'])})"
+                f"  retrieve: seed set {r['seed_set']!r}: a member of {where}, chosen because it holds {why}; "
+                f"#{r['rank'] + 1} nearest its centroid, cosine {_cos(r['score'])}"
             )
         else:
             lines.append(f"  retrieve: seed set {r['seed_set']!r} taken as is")
@@ -311,8 +332,8 @@ def story(row: dict, uri_of: dict[int, str] | None = None, threshold: float | No
         lines.append(f"  sample: curated, {' and '.join(how)}; {row['repeats']} sample(s) in the output")
     else:
         lines.append(
-            f"  sample: not drawn by the balanced sample (leaf draw {_cos(row['draw'])} above its leaf's "
-            "cutoff) and not retrieved"
+            f"  sample: not drawn by the balanced sample (its leaf draw {_cos(row['draw'])} did not make its "
+            "leaf's budget) and not retrieved by a seed set"
         )
         return "\n".join(lines)
     if row["keys"]:

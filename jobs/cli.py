@@ -279,7 +279,7 @@ def explain(
     if named:
         t = images.to_table(columns=["image_id", "uri"], filter=ds.field("image_id").isin(named))
         uri_of = dict(zip(t["image_id"].to_pylist(), t["uri"].to_pylist(), strict=True))
-    typer.echo(story(row, uri_of, threshold=spec.dedup.threshold))
+    typer.echo(story(row, uri_of, spec))
 
 
 @shards_app.command("verify")
