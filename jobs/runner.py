@@ -42,5 +42,7 @@ def run_and_report(spec: JobSpec, force: Iterable[str] = (), until: str | None =
         typer.echo(format_funnel(Path(spec.output_dir)))
         report = Path(spec.output_dir) / layout.REPORT_HTML
         if report.exists():
-            typer.echo(f"report: {report}  (lvd explain {spec.output_dir} IMAGE_ID_OR_URI: one image's story)")
+            typer.echo(
+                f"report: {report}  (lvd explain {spec.output_dir} IMAGE_ID_OR_URI: one image's story)"
+            )
     return reports
