@@ -220,6 +220,82 @@ def stop(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> N
     typer.echo("stopped" if stop_job(job_id, address=address) else "not running")
 
 
+def _job_of(output_dir: Path):
+    """The spec a job's output folder was last run with (its job.json)."""
+    from lvd.schemas import layout
+    from lvd.schemas.job_spec import parse_job_spec
+
+    try:
+        return parse_job_spec(json.loads((output_dir / layout.JOB_FILE).read_text()))
+    except (OSError, ValueError) as err:
+        typer.echo(f"{output_dir} is not the output folder of an lvd job: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def report(
+    output_dir: Path = typer.Argument(..., help="A job's output folder."),
+    verbose: bool = typer.Option(False, "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+) -> None:
+    """Write OUTPUT_DIR/report.html (and the decisions table if missing) for a finished job."""
+    _setup_logging(verbose, quiet)
+    spec = _job_of(output_dir)
+    from lvd.jobs.pipeline import STAGES, run_job, stage_is_done
+    from lvd.jobs.report_html import write_report
+    from lvd.schemas import layout
+
+    last = STAGES[-1]
+    missing = [s.name for s in STAGES[:-1] if not stage_is_done(spec, s, output_dir)]
+    if missing:
+        typer.echo(f"the job has not finished stages {missing}: run `lvd run` first", err=True)
+        raise typer.Exit(1)
+    if stage_is_done(spec, last, output_dir):
+        path = write_report(output_dir, spec)
+    else:
+        run_job(spec)  # every other stage is done: this runs the report stage only
+        path = output_dir / layout.REPORT_HTML
+    typer.echo(f"{path} ({path.stat().st_size} bytes)")
+
+
+@app.command()
+def explain(
+    output_dir: Path = typer.Argument(..., help="A job's output folder."),
+    image: str = typer.Argument(..., help="A pool image's id, or its uri as ingest recorded it."),
+) -> None:
+    """Tell the story of one pool image: what each stage decided about it, and why."""
+    import pyarrow.dataset as ds
+
+    from lvd.curation.decisions import find_rows, referenced_ids, story
+    from lvd.schemas import layout
+
+    spec = _job_of(output_dir)
+    parts = layout.list_parts(layout.table_dir(output_dir, layout.DECISIONS))
+    if not parts:
+        typer.echo(f"{output_dir} has no decisions table yet: run `lvd run` (or `lvd report`)", err=True)
+        raise typer.Exit(1)
+    rows = find_rows(parts, image_ids=[int(image)]) if image.lstrip("-").isdigit() else []
+    if not rows:
+        rows = find_rows(parts, uri=image) or find_rows(parts, uri=str(Path(image).resolve()))
+    images = ds.dataset([str(p) for p in layout.list_parts(layout.table_dir(output_dir, layout.IMAGES))])
+    if not rows:
+        found = images.to_table(columns=["image_id", "dataset", "uri"], filter=ds.field("uri") == image)
+        if found.num_rows:
+            typer.echo(
+                f"{image} is an image of {found['dataset'][0]}, not of the pool: only pool images are curated"
+            )
+        else:
+            typer.echo(f"no pool image with id or uri {image!r} in {output_dir}", err=True)
+        raise typer.Exit(1)
+    row = rows[0]
+    named = referenced_ids(row)
+    uri_of = {}
+    if named:
+        t = images.to_table(columns=["image_id", "uri"], filter=ds.field("image_id").isin(named))
+        uri_of = dict(zip(t["image_id"].to_pylist(), t["uri"].to_pylist(), strict=True))
+    typer.echo(story(row, uri_of, spec))
+
+
 @shards_app.command("verify")
 def shards_verify(directory: Path) -> None:
     """Check a shard folder against its index: counts, checksums, keys, adjacency, decodability."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvd.jobs.stage import Stage, StageContext, StageSummary
-from lvd.jobs.stages import cluster, dedup, embed, ingest, retrieve, sample, shards
+from lvd.jobs.stages import cluster, dedup, embed, ingest, report, retrieve, sample, shards
 from lvd.schemas import layout
 from lvd.schemas.job_spec import JobSpec
 from lvd.schemas.tables import write_json_atomic
@@ -33,6 +33,7 @@ STAGES: tuple[Stage, ...] = (
     retrieve.STAGE,
     sample.STAGE,
     shards.STAGE,
+    report.STAGE,  # last: the decisions table and report.html read every stage's output
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from lvd.jobs.pipeline import StageReport, funnel, run_job, stage_summaries
+from lvd.schemas import layout
 from lvd.schemas.job_spec import JobSpec
 
 
@@ -39,4 +40,9 @@ def run_and_report(spec: JobSpec, force: Iterable[str] = (), until: str | None =
     typer.echo(f"this run: {sum(r.seconds for r in reports):.1f} s in stages")
     if until is None:
         typer.echo(format_funnel(Path(spec.output_dir)))
+        report = Path(spec.output_dir) / layout.REPORT_HTML
+        if report.exists():
+            typer.echo(
+                f"report: {report}  (lvd explain {spec.output_dir} IMAGE_ID_OR_URI: one image's story)"
+            )
     return reports

@@ -2,6 +2,8 @@
 
     <output_dir>/job.json                        the resolved spec of the last run
     <output_dir>/report.json                     the funnel, written when the last stage ends
+    <output_dir>/report.html                     the HTML report, one self-contained file
+    <output_dir>/report/part-NNNNN.parquet       decisions: one row per pool image, by image id range
     <output_dir>/<stage>/_started.json           fingerprints of the attempt whose parts are there
     <output_dir>/<stage>/_marker.json            written last: fingerprints, summary, seconds
     <output_dir>/<stage>/part-NNNNN.parquet      a table's parts (PARTS tables)
@@ -30,6 +32,7 @@ from lvd.schemas import tables
 
 JOB_FILE = "job.json"
 REPORT_FILE = "report.json"
+REPORT_HTML = "report.html"  # the HTML report (pictures), written by the report stage
 MARKER = "_marker.json"
 STARTED = "_started.json"
 
@@ -76,7 +79,8 @@ CENTROIDS = Table("centroids", "cluster", tables.CENTROIDS, "file")
 RETRIEVED = Table("retrieved", "retrieve", tables.RETRIEVED)
 CURATED = Table("curated", "sample", tables.CURATED)
 SHARDS = Table("shards", "shards", tables.SHARD_SAMPLES, "shards")
-ALL_TABLES = (IMAGES, EMBEDDINGS, DEDUP, CLUSTERS, CENTROIDS, RETRIEVED, CURATED, SHARDS)
+DECISIONS = Table("decisions", "report", tables.DECISIONS)  # one row per pool image, by id range
+ALL_TABLES = (IMAGES, EMBEDDINGS, DEDUP, CLUSTERS, CENTROIDS, RETRIEVED, CURATED, SHARDS, DECISIONS)
 
 
 # ---------------------------------------------------------------- folders and files of a job

@@ -118,6 +118,47 @@ SHARD_SAMPLES = pa.schema(
 )
 
 
+# One seed image that retrieved a pool image (a cluster-based set has no seed image: seed_id null).
+RETRIEVED_BY = pa.struct(
+    [
+        pa.field("seed_set", pa.string()),
+        pa.field("seed_id", pa.int64()),
+        pa.field("strategy", pa.string()),
+        pa.field("rank", pa.int32()),
+        pa.field("score", pa.float32()),
+    ]
+)
+
+# The story of every pool image: where it ended, why, and the evidence of each stage's decision.
+DECISIONS = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("outcome", pa.string(), nullable=False),  # in output | dropped
+        pa.field("stage", pa.string(), nullable=False),  # the stage that decided the outcome
+        pa.field("reason", pa.string(), nullable=False),  # short code: error, exact, copy, not drawn, ...
+        # status after each stage
+        pa.field("ingest", pa.string(), nullable=False),  # ok | error
+        pa.field("ingest_error", pa.string()),
+        pa.field("embedded", pa.bool_(), nullable=False),  # has a copy-detection vector
+        pa.field("dedup", pa.string()),  # kept | exact | copy | eval-overlap; null when not deduped
+        pa.field("component_id", pa.int64()),
+        pa.field("duplicate_of", pa.int64()),  # the image it lost to
+        pa.field("duplicate_cosine", pa.float32()),  # copy-detection cosine to duplicate_of
+        pa.field("eval_match", pa.int64()),  # nearest eval image (eval-overlap images only)
+        pa.field("eval_cosine", pa.float32()),
+        pa.field("cluster_ids", pa.list_(pa.int32())),  # one per level, finest first
+        pa.field("cluster_distance", pa.float32()),  # to its level-0 centroid
+        pa.field("retrieved_by", pa.list_(RETRIEVED_BY)),
+        pa.field("draw", pa.float64()),  # the keyed draw of the balanced sample's leaf pick
+        pa.field("sources", pa.list_(pa.string())),  # curated: seed sets and/or "balanced"
+        pa.field("repeats", pa.int32(), nullable=False),  # samples in the output (0: not curated)
+        pa.field("shard", pa.string()),
+        pa.field("keys", pa.list_(pa.string())),  # its samples' keys in the shards
+    ]
+)
+
+
 class SchemaMismatch(ValueError):
     pass
 

@@ -82,3 +82,20 @@ def ray_local() -> Iterator[None]:
     ensure_ray(spec)
     yield
     shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def demo_job(tmp_path_factory, ray_local):
+    """The demo job (240 images) run once per session: (spec, data root, stage reports, seconds).
+    Shared by every test that reads a whole job's output (each demo run costs about a minute)."""
+    import time
+
+    from lvd.jobs.demo import build_demo
+    from lvd.jobs.pipeline import run_job
+    from lvd.schemas.job_spec import load_job_spec
+
+    root = tmp_path_factory.mktemp("demo")
+    spec = load_job_spec(build_demo(root, n_images=240))
+    t0 = time.perf_counter()
+    reports = run_job(spec)
+    return spec, root, reports, time.perf_counter() - t0

@@ -9,21 +9,15 @@ import pyarrow.compute as pc
 import pytest
 import webdataset as wds
 
-from lvd.jobs.demo import build_demo
 from lvd.jobs.pipeline import STAGE_NAMES, funnel, run_job
 from lvd.jobs.shard_verify import verify_shards
 from lvd.schemas import layout
-from lvd.schemas.job_spec import load_job_spec
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("e2e")
-    spec = load_job_spec(build_demo(root, n_images=240))
-    t0 = time.perf_counter()
-    first = run_job(spec)
-    first_seconds = time.perf_counter() - t0
-    return spec, root, first, first_seconds
+def demo_run(demo_job):
+    """The session's demo job (conftest.demo_job), shared with the report tests."""
+    return demo_job
 
 
 def test_every_stage_ran_and_wrote_its_marker(demo_run):
