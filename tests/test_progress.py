@@ -92,7 +92,8 @@ def test_set_enabled_false_silences_run_tasks(ray_local, caplog, every_update):
 def _job_file(tmp_path: Path) -> Path:
     job = tmp_path / "job.yaml"
     spec = {"name": "t", "output_dir": str(tmp_path / "out"), "pool": [{"uri": str(tmp_path)}]}
-    job.write_text(yaml.safe_dump({**spec, "sampling": {"target_size": 1}}))
+    random = {"retrieval": {"weights": "random"}}
+    job.write_text(yaml.safe_dump({**spec, "sampling": {"target_size": 1}, "embedding": random}))
     return job
 
 
