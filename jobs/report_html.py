@@ -196,6 +196,17 @@ def near_miss_vectors(part: VectorPart, *, fraction: float) -> tuple[np.ndarray,
     return ids[keep], vectors[keep]
 
 
+def seed_cluster_counts(query: VectorPart, *, centroids: np.ndarray, spherical: bool) -> np.ndarray:
+    """Seed images of one part per level-0 cluster, assigned as the retrieve stage assigns them."""
+    from lvd.curation.kmeans import kmeans_assign
+
+    _, vectors = read_vector_part(query)
+    if vectors.shape[0] == 0:
+        return np.zeros(centroids.shape[0], np.int64)
+    labels, _ = kmeans_assign(vectors, centroids, spherical=spherical)
+    return np.bincount(labels, minlength=centroids.shape[0])
+
+
 def shard_stats(path: Path) -> tuple[Counter, int, list[dict]]:
     """(samples per source, samples, the OUTPUT_GRID samples with the smallest keyed draw of key)."""
     t = pq.read_table(path, columns=["key", "image_id", "shard", "sources"])
@@ -371,9 +382,12 @@ def write_report(out_dir: str | Path, spec: JobSpec) -> Path:
     threshold = spec.dedup.threshold
     bins = sim_bins(threshold)
 
-    centroids = pq.read_table(
-        layout.table_file(out_dir, layout.CENTROIDS), columns=["level", "cluster_id", "size"]
-    )
+    centroid_file = layout.table_file(out_dir, layout.CENTROIDS)
+    columns = ["level", "cluster_id", "size"]
+    centroids = pq.read_table(centroid_file, columns=columns) if centroid_file.exists() else None
+    if centroids is None:
+        centroids = pa.table({"level": pa.array([], pa.int32()), "cluster_id": pa.array([], pa.int32()),
+                              "size": pa.array([], pa.int64())})  # fmt: skip
     levels = sorted(set(centroids["level"].to_pylist()))
     before = []
     for lv in levels:
@@ -546,8 +560,6 @@ def _seeds_per_cluster(
     out_dir: Path, spec: JobSpec, ingest_parts: list[Path], embed_parts: list[Path]
 ) -> dict:
     """For cluster-based seed sets on the cluster stage's level-0 clusters: seed images per cluster."""
-    from lvd.jobs.stages.retrieve import _seed_counts_task
-
     sets = [s for s in spec.seeds if s.strategy == "cluster" and s.num_clusters is None]
     if not sets:
         return {}
@@ -563,7 +575,7 @@ def _seeds_per_cluster(
         flt = (pc.field("dataset") == layout.seed_dataset(seed.name)) & (pc.field("status") == "ok")
         queries = [VectorPart(embed[layout.part_index(p)], rows=p, where=flt) for p in ingest_parts
                    if layout.part_index(p) in embed]  # fmt: skip
-        counts = run_tasks(_seed_counts_task, queries, name=f"report: {seed.name} seeds per cluster",
+        counts = run_tasks(seed_cluster_counts, queries, name=f"report: {seed.name} seeds per cluster",
                            centroids=centroids, spherical=spec.clustering.spherical)  # fmt: skip
         out[seed.name] = np.sum(counts, axis=0) if counts else np.zeros(len(centroids), np.int64)
     return out
