@@ -44,6 +44,7 @@ PER_CLUSTER = 4  # closest / random / farthest members shown per sampled cluster
 SEEDS_SHOWN = 4
 EVAL_SHOWN = 8
 OUTPUT_GRID = 24
+MAX_CLUSTER_ROWS = 20  # clusters listed per cluster-based seed set
 OUTPUT_SHARDS = 3  # shards read back for the grid
 NEAR_MISS_SAMPLE = 2000  # kept images whose nearest neighbours (within the sample) give the pairs below
 NEAR_MISS_PARTS = 4
@@ -737,11 +738,24 @@ def _retrieval_section(
             page.add(f"<p>A cluster is chosen when it holds more than min_seed_images={seed.min_seed_images} seed "
                      f"images (most seeds first); it gives up to images_per_cluster={seed.images_per_cluster} of its "
                      f"members nearest the centroid, up to max_images={seed.max_images} for the set.</p>")  # fmt: skip
+            with_seeds = set(counts) | (set(np.flatnonzero(per).tolist()) if per is not None else set())
+            order = sorted(with_seeds, key=lambda c: (-(per[c] if per is not None else 0), -counts[c], c))
             rows = []
-            for c, got in sorted(counts.items(), key=lambda kv: -kv[1]):
+            for c in order[:MAX_CLUSTER_ROWS]:
                 seeds_in = int(per[c]) if per is not None and 0 <= c < len(per) else "?"
-                rows.append([c, seeds_in, got])
-            page.table(["level-0 cluster", "seed images in it", "pool images retrieved"], rows)
+                size = int(sizes[c]) if 0 <= c < len(sizes) else "?"
+                rows.append([c, seeds_in, "yes" if counts[c] else "no", size, counts[c]])
+            if seed.num_clusters is not None:
+                page.add(f'<p class="note">This set used its own k-means (num_clusters={seed.num_clusters}); the '
+                         "cluster ids below are the cluster stage's level-0 clusters of the retrieved images.</p>")  # fmt: skip
+            header = [
+                "level-0 cluster",
+                "seed images in it",
+                "chosen",
+                "pool images in it",
+                "images retrieved",
+            ]
+            page.table(header, rows)
             for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:SAMPLE_CLUSTERS]:
                 ex = [e for e in cex if e["seed_set"] == seed.name and e["cluster"] == c][:PER_CLUSTER]
                 page.add(f'<div class="strip"><span class="note">cluster {c}</span>'
