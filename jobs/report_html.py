@@ -44,6 +44,7 @@ PER_CLUSTER = 4  # closest / random / farthest members shown per sampled cluster
 SEEDS_SHOWN = 4
 EVAL_SHOWN = 8
 OUTPUT_GRID = 24
+MAX_CLUSTER_ROWS = 20  # clusters listed per cluster-based seed set
 OUTPUT_SHARDS = 3  # shards read back for the grid
 NEAR_MISS_SAMPLE = 2000  # kept images whose nearest neighbours (within the sample) give the pairs below
 NEAR_MISS_PARTS = 4
@@ -194,6 +195,17 @@ def near_miss_vectors(part: VectorPart, *, fraction: float) -> tuple[np.ndarray,
     ids, vectors = read_vector_part(part)
     keep = draw(ids) < fraction
     return ids[keep], vectors[keep]
+
+
+def seed_cluster_counts(query: VectorPart, *, centroids: np.ndarray, spherical: bool) -> np.ndarray:
+    """Seed images of one part per level-0 cluster, assigned as the retrieve stage assigns them."""
+    from lvd.curation.kmeans import kmeans_assign
+
+    _, vectors = read_vector_part(query)
+    if vectors.shape[0] == 0:
+        return np.zeros(centroids.shape[0], np.int64)
+    labels, _ = kmeans_assign(vectors, centroids, spherical=spherical)
+    return np.bincount(labels, minlength=centroids.shape[0])
 
 
 def shard_stats(path: Path) -> tuple[Counter, int, list[dict]]:
@@ -371,9 +383,12 @@ def write_report(out_dir: str | Path, spec: JobSpec) -> Path:
     threshold = spec.dedup.threshold
     bins = sim_bins(threshold)
 
-    centroids = pq.read_table(
-        layout.table_file(out_dir, layout.CENTROIDS), columns=["level", "cluster_id", "size"]
-    )
+    centroid_file = layout.table_file(out_dir, layout.CENTROIDS)
+    columns = ["level", "cluster_id", "size"]
+    centroids = pq.read_table(centroid_file, columns=columns) if centroid_file.exists() else None
+    if centroids is None:
+        centroids = pa.table({"level": pa.array([], pa.int32()), "cluster_id": pa.array([], pa.int32()),
+                              "size": pa.array([], pa.int64())})  # fmt: skip
     levels = sorted(set(centroids["level"].to_pylist()))
     before = []
     for lv in levels:
@@ -546,8 +561,6 @@ def _seeds_per_cluster(
     out_dir: Path, spec: JobSpec, ingest_parts: list[Path], embed_parts: list[Path]
 ) -> dict:
     """For cluster-based seed sets on the cluster stage's level-0 clusters: seed images per cluster."""
-    from lvd.jobs.stages.retrieve import _seed_counts_task
-
     sets = [s for s in spec.seeds if s.strategy == "cluster" and s.num_clusters is None]
     if not sets:
         return {}
@@ -563,7 +576,7 @@ def _seeds_per_cluster(
         flt = (pc.field("dataset") == layout.seed_dataset(seed.name)) & (pc.field("status") == "ok")
         queries = [VectorPart(embed[layout.part_index(p)], rows=p, where=flt) for p in ingest_parts
                    if layout.part_index(p) in embed]  # fmt: skip
-        counts = run_tasks(_seed_counts_task, queries, name=f"report: {seed.name} seeds per cluster",
+        counts = run_tasks(seed_cluster_counts, queries, name=f"report: {seed.name} seeds per cluster",
                            centroids=centroids, spherical=spec.clustering.spherical)  # fmt: skip
         out[seed.name] = np.sum(counts, axis=0) if counts else np.zeros(len(centroids), np.int64)
     return out
@@ -725,11 +738,24 @@ def _retrieval_section(
             page.add(f"<p>A cluster is chosen when it holds more than min_seed_images={seed.min_seed_images} seed "
                      f"images (most seeds first); it gives up to images_per_cluster={seed.images_per_cluster} of its "
                      f"members nearest the centroid, up to max_images={seed.max_images} for the set.</p>")  # fmt: skip
+            with_seeds = set(counts) | (set(np.flatnonzero(per).tolist()) if per is not None else set())
+            order = sorted(with_seeds, key=lambda c: (-(per[c] if per is not None else 0), -counts[c], c))
             rows = []
-            for c, got in sorted(counts.items(), key=lambda kv: -kv[1]):
+            for c in order[:MAX_CLUSTER_ROWS]:
                 seeds_in = int(per[c]) if per is not None and 0 <= c < len(per) else "?"
-                rows.append([c, seeds_in, got])
-            page.table(["level-0 cluster", "seed images in it", "pool images retrieved"], rows)
+                size = int(sizes[c]) if 0 <= c < len(sizes) else "?"
+                rows.append([c, seeds_in, "yes" if counts[c] else "no", size, counts[c]])
+            if seed.num_clusters is not None:
+                page.add(f'<p class="note">This set used its own k-means (num_clusters={seed.num_clusters}); the '
+                         "cluster ids below are the cluster stage's level-0 clusters of the retrieved images.</p>")  # fmt: skip
+            header = [
+                "level-0 cluster",
+                "seed images in it",
+                "chosen",
+                "pool images in it",
+                "images retrieved",
+            ]
+            page.table(header, rows)
             for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:SAMPLE_CLUSTERS]:
                 ex = [e for e in cex if e["seed_set"] == seed.name and e["cluster"] == c][:PER_CLUSTER]
                 page.add(f'<div class="strip"><span class="note">cluster {c}</span>'

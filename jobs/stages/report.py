@@ -208,10 +208,12 @@ def _merge_task(bucket: int, *, scratch: Path, out_dir: Path) -> tuple[int, int]
 def _eval_matches(ctx: StageContext, parts: list[_Part], scratch: Path) -> list[Path]:
     """Result parts of the search of the eval-overlap images against the eval sets (nearest only)."""
     from lvd.curation.knn_ray import search_parts
+    from lvd.jobs.pipeline import read_marker
 
     spec = ctx.spec
-    if not spec.eval_sets:
-        return []
+    dedup = read_marker(layout.stage_dir(ctx.out_dir, "dedup")) or {}
+    if not spec.eval_sets or not dedup.get("summary", {}).get("eval_overlap", 1):
+        return []  # no pool image overlaps the eval sets: no search to start
     with_vectors = [p for p in parts if p.vectors is not None and p.dedup is not None]
     queries = [
         VectorPart(p.vectors, rows=p.dedup, where=pc.field("reason") == "eval-overlap") for p in with_vectors
