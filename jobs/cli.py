@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -266,7 +267,13 @@ def error_line(err: BaseException) -> str:
         return error_line(cause)
     if isinstance(err, OSError) and err.strerror and err.filename:
         return f"{err.strerror}: {err.filename}"
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = str(err)
+    if "Traceback (most recent call last)" in text:  # a Python worker's error inside an engine's (Spark)
+        last = text.rsplit("Traceback (most recent call last)", 1)[1]
+        raised = re.search(r"^(\w+(?:Error|Exception)): (.+)$", last, re.MULTILINE)
+        if raised:
+            return f"{raised.group(1)}: {raised.group(2).strip()}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     text = " ".join(lines[:3]) if lines else type(err).__name__
     return text if isinstance(err, (OSError, LookupError)) else f"{type(err).__name__}: {text}"
 

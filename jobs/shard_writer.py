@@ -37,7 +37,13 @@ from lvd.curation.image_io import read_image_bytes
 from lvd.curation.seeded import SHARD_ORDER, keyed_bits
 from lvd.schemas import layout
 from lvd.schemas.layout import shard_name, shard_table_name
-from lvd.schemas.tables import SHARD_INDEX, SHARD_SAMPLES, write_json_atomic, write_parquet_atomic
+from lvd.schemas.tables import (
+    SHARD_INDEX,
+    SHARD_SAMPLES,
+    naming_error,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 
 META_KEY = b"lvd.shard"  # per-shard parquet metadata: tar size, sha256, plan digest, errors
 TAR_BLOCK = 512
@@ -405,6 +411,8 @@ def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, st
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise naming_error(err, path) from err
     finally:
         tmp.unlink(missing_ok=True)
     return writer.size, writer.sha.hexdigest()
