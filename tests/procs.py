@@ -64,9 +64,11 @@ def listening_addresses(pids: set[int]) -> list[str]:
 
 
 def readable_address(hex_address: str) -> str:
-    """/proc/net/tcp's hex address as text: 0100007F -> 127.0.0.1 (IPv6: the 32 hex digits)."""
+    """/proc/net/tcp's hex address as text: 0100007F -> 127.0.0.1 (other IPv6: the 32 hex digits)."""
     if len(hex_address) == 8:
         return ".".join(str(b) for b in reversed(bytes.fromhex(hex_address)))
+    if hex_address.startswith("0000000000000000FFFF0000"):  # IPv4-mapped IPv6 (a JVM's sockets)
+        return "::ffff:" + readable_address(hex_address[24:])
     return hex_address
 
 
