@@ -225,9 +225,11 @@ def bench_dedup_parts(x, truth, args) -> dict:
     import shutil
     import tempfile
 
+    from lvd.jobs.engines import LOOPBACK, local_ray_env
+
+    local_ray_env()  # before Ray is imported: it reads the settings then
     import ray
 
-    from lvd.jobs.engines import local_env_defaults
     from lvd.jobs.stages.dedup import dedup_parts
 
     n = x.shape[0]
@@ -236,9 +238,8 @@ def bench_dedup_parts(x, truth, args) -> dict:
     try:
         out = layout.stage_dir(root, "out")
         write_pool_parts(x, out, args.num_parts)
-        local_env_defaults()
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
+        if not ray.is_initialized():  # a Ray of our own on loopback, as a local run
+            ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False)
         spec = DedupSpec(
             k=args.k,
             threshold=0.6,
@@ -439,9 +440,18 @@ def bench_parts(x, args) -> dict:
     levels = [(args.leaf_k, 0), (max(2, args.leaf_k // 10), 2), (max(2, args.leaf_k // 50), 2)]
     ids = np.random.default_rng(2).choice(2**62, n, replace=False).astype(np.int64)
     if args.fanout == "ray":
+        from lvd.jobs.engines import LOOPBACK, local_ray_env
+
+        local_ray_env()
         import ray
 
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            _node_ip_address=LOOPBACK,
+            num_cpus=args.ray_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     fanout = RayFanout() if args.fanout == "ray" else LocalFanout()
     with tempfile.TemporaryDirectory() as tmp:
         paths = _write_vector_parts(Path(tmp) / "embed", x, ids, args.num_parts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -138,24 +139,39 @@ def demo(
     run_and_report(load_job_spec(job_path), force=force)
 
 
+ADDRESS_HELP = (
+    "Ray dashboard address of the cluster (Jobs API). With token auth the token comes from "
+    "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."
+)
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# `lvd status` / `submit --wait` exit codes per final job state (0 for a job still pending or running).
+EXIT_CODES = {"FAILED": 1, "STOPPED": 3}
+
+
 @app.command()
 def submit(
     job: Path = typer.Argument(..., help="Job spec YAML."),
-    address: str = typer.Option("http://127.0.0.1:8265", help="Ray dashboard address of the cluster."),
-    wait: bool = typer.Option(False, help="Follow the job's logs until it ends."),
+    address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP),
+    wait: bool = typer.Option(
+        False, help="Stream the job's log until it ends; exit 1 if it FAILED, 3 if it was STOPPED."
+    ),
 ) -> None:
-    """Submit a job to a running Ray cluster through the Ray Jobs API."""
+    """Submit a job to a running Ray cluster through the Ray Jobs API; prints the job id."""
     spec = _load_spec(job)
-    from lvd.jobs.submit import submit_job
+    from lvd.jobs.submit import follow_job, submit_job
 
-    job_id = submit_job(spec, address=address, wait=wait)
+    job_id = submit_job(spec, address=address)
     typer.echo(job_id)
+    if wait:
+        final = follow_job(job_id, address)
+        typer.echo(f"job {job_id}: {final}", err=True)
+        raise typer.Exit(EXIT_CODES.get(final, 0))
 
 
 @app.command("submit-pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit_pretrain(
     ctx: typer.Context,
-    address: str = typer.Option("http://127.0.0.1:8265", help="Ray dashboard address of the cluster."),
+    address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP),
     wait: bool = typer.Option(False, help="Wait until the job ends; exit 1 unless it succeeded."),
 ) -> None:
     """Run `lvd pretrain` on a running Ray cluster as a Ray job. Every other option is `lvd pretrain`'s,
@@ -197,27 +213,43 @@ def submit_pretrain(
 
 
 @app.command()
-def status(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
-    """Status of a submitted job."""
+def status(job_id: str, address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP)) -> None:
+    """Status of a submitted job; exits 1 if it FAILED, 3 if it was STOPPED."""
     from lvd.jobs.submit import job_status
 
-    typer.echo(job_status(job_id, address=address))
+    state = job_status(job_id, address=address)
+    typer.echo(state)
+    raise typer.Exit(EXIT_CODES.get(state, 0))
 
 
 @app.command()
-def logs(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
+def logs(
+    job_id: str,
+    address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Keep streaming until the job ends; exit as `lvd status` does."
+    ),
+) -> None:
     """Logs of a submitted job."""
-    from lvd.jobs.submit import job_logs
+    from lvd.jobs.submit import follow_job, job_logs
 
-    typer.echo(job_logs(job_id, address=address))
+    if not follow:
+        typer.echo(job_logs(job_id, address=address))
+        return
+    final = follow_job(job_id, address)
+    typer.echo(f"job {job_id}: {final}", err=True)
+    raise typer.Exit(EXIT_CODES.get(final, 0))
 
 
 @app.command()
-def stop(job_id: str, address: str = typer.Option("http://127.0.0.1:8265")) -> None:
+def stop(job_id: str, address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP)) -> None:
     """Stop a submitted job."""
-    from lvd.jobs.submit import stop_job
+    from lvd.jobs.submit import job_status, stop_job
 
-    typer.echo("stopped" if stop_job(job_id, address=address) else "not running")
+    if stop_job(job_id, address=address):
+        typer.echo(f"job {job_id}: stop requested (`lvd status {job_id}` shows STOPPED once it has ended)")
+    else:
+        typer.echo(f"job {job_id}: not running ({job_status(job_id, address=address)}), nothing to stop")
 
 
 def _job_of(output_dir: Path):
@@ -317,8 +349,36 @@ app.command("pretrain")(pretrain)
 eval_app.command("knn")(eval_knn)
 
 
+def error_line(err: BaseException) -> str:
+    """A failure as one short message naming what failed: a task's error unwrapped from Ray's
+    wrapper, an OS error with its path, otherwise the type and the first lines of the message."""
+    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError: the error raised in the task
+    if isinstance(cause, BaseException) and cause is not err:
+        return error_line(cause)
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.strerror}: {err.filename}"
+    text = str(err)
+    if "Traceback (most recent call last)" in text:  # a Python worker's error inside an engine's (Spark)
+        last = text.rsplit("Traceback (most recent call last)", 1)[1]
+        raised = re.search(r"^(\w+(?:Error|Exception)): (.+)$", last, re.MULTILINE)
+        if raised:
+            return f"{raised.group(1)}: {raised.group(2).strip()}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    text = " ".join(lines[:3]) if lines else type(err).__name__
+    return text if isinstance(err, (OSError, LookupError)) else f"{type(err).__name__}: {text}"
+
+
 def main() -> None:
-    app()
+    """The `lvd` command. An error ends it with one line on stderr and exit 1 (the traceback with -v)."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - usage errors exit 2 inside click; this is the rest
+        if "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]:
+            raise
+        print(f"lvd: error: {error_line(err)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

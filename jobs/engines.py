@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -13,11 +15,18 @@ log = logging.getLogger("lvd")
 
 LOOPBACK = "127.0.0.1"
 SPARK_LOG4J = Path(__file__).with_name("spark-log4j2.properties")
+# Seconds to wait for a named Ray address to accept a connection before giving up on it.
+CONNECT_TIMEOUT_S = 10.0
+# Attempts per Spark task in local mode (Spark's own default there is 1: no retry); 4 as on a cluster.
+LOCAL_TASK_ATTEMPTS = 4
+
+
+class RayUnreachableError(ConnectionError):
+    """A Ray address given to the job (spec `ray.address` or RAY_ADDRESS) does not accept connections."""
 
 
 def local_env_defaults() -> None:
-    """Settings that a local, single-machine run needs (see README: Ray auth, loopback binding)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """Settings every run needs before Ray or Spark is imported (see README: loopback binding)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Spark workers and Ray job entrypoints must run this interpreter, not whatever `python` is first on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -27,16 +36,75 @@ def local_env_defaults() -> None:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
-def ensure_ray(spec: JobSpec) -> None:
-    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported: set it first.
+def ray_token_available() -> bool:
+    """Whether Ray finds a token here: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or
+    ~/.ray/auth_token (Ray's order)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return Path(path).is_file()
+
+
+def wants_token_auth() -> bool:
+    """A client of an existing cluster uses token auth: the user has a token and chose no mode."""
+    return "RAY_AUTH_MODE" not in os.environ and ray_token_available()
+
+
+def cluster_auth_env() -> None:
+    """Before talking to an existing cluster (Jobs API client, `ray.init(address=...)`): token auth on
+    when the user has a token and has not chosen a mode (RAY_AUTH_MODE), so requests carry it.
+
+    Ray itself turns token mode on only for a cluster it finds on its own, never for a named address,
+    so a token cluster would refuse lvd's requests. A cluster without auth ignores the token.
+    """
+    if not wants_token_auth():
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray._raylet" in sys.modules:  # Ray read the mode when imported: make it read it again
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+def local_ray_env() -> None:
+    """Before starting a local Ray instance of our own: token auth off unless the user turned it on.
+
+    The instance listens on loopback only; with auth on Ray would write a token to ~/.ray on first use.
+    """
     local_env_defaults()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise RayUnreachableError naming `address` unless its host:port accepts a TCP connection
+    within `timeout` seconds (`ray.init` would otherwise retry a dead address for minutes)."""
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
+    if m is None:  # "auto" and other forms Ray resolves itself
+        return
+    try:
+        with socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise RayUnreachableError(f"cannot reach the Ray cluster at {address}: {reason}") from None
+
+
+def ensure_ray(spec: JobSpec) -> None:
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER and RAY_AUTH_MODE when it is imported: set them first.
+    if address:
+        local_env_defaults()
+        cluster_auth_env()
+    else:
+        local_ray_env()
     import ray
 
     if ray.is_initialized():
         return
-    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         # Inside a submitted Ray job RAY_ADDRESS points at the cluster this job runs on.
+        check_ray_address(address)
         ray.init(address=address, log_to_driver=True)
     else:
         # "local": a new instance of our own, never a cluster recorded by an earlier `ray start` (which
@@ -77,7 +145,7 @@ def get_spark(spec: JobSpec):
 
     builder = (
         SparkSession.builder.appName(f"lvd-{spec.name}")
-        .master(spec.spark.master)
+        .master(local_master_with_retries(spec.spark.master))
         .config("spark.driver.memory", spec.spark.driver_memory)
         .config("spark.executor.memory", spec.spark.executor_memory)
         .config("spark.ui.enabled", "false")
@@ -99,6 +167,14 @@ def get_spark(spec: JobSpec):
     _spark = builder.getOrCreate()
     _spark.sparkContext.setLogLevel("WARN")
     return _spark
+
+
+def local_master_with_retries(master: str, attempts: int = LOCAL_TASK_ATTEMPTS) -> str:
+    """`local`, `local[N]` and `local[*]` as `local[N,attempts]`: in local mode Spark runs each task
+    once unless the master names a number of attempts, so one dead Python worker would fail the
+    job. A master that names its attempts, or any other master, is kept as given."""
+    m = re.fullmatch(r"local(?:\[(\d+|\*)\])?", master.strip())
+    return f"local[{m.group(1) or 1},{attempts}]" if m else master
 
 
 def stop_spark() -> None:

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -36,7 +37,13 @@ from lvd.curation.image_io import read_image_bytes
 from lvd.curation.seeded import SHARD_ORDER, keyed_bits
 from lvd.schemas import layout
 from lvd.schemas.layout import shard_name, shard_table_name
-from lvd.schemas.tables import SHARD_INDEX, SHARD_SAMPLES, write_json_atomic, write_parquet_atomic
+from lvd.schemas.tables import (
+    SHARD_INDEX,
+    SHARD_SAMPLES,
+    naming_error,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 
 META_KEY = b"lvd.shard"  # per-shard parquet metadata: tar size, sha256, plan digest, errors
 TAR_BLOCK = 512
@@ -370,6 +377,26 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+# Test hook (tests/test_faults.py): when set to a file path that does not exist yet, the process
+# writing a tar creates that file (holding the tar's temp path) and kills itself after the tar's
+# first member, so a Spark task dies mid-write exactly once per marker file.
+DIE_WRITING_TAR_ENV = "LVD_TEST_DIE_WRITING_TAR"
+
+
+def _die_once_for_test(f: Any, tmp: Path) -> None:
+    marker = os.environ.get(DIE_WRITING_TAR_ENV)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(tmp).encode())
+    os.close(fd)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, str]:
     """Write `members` as a deterministic tar at `path` (temp then rename); returns (bytes, sha256)."""
     tmp = layout.temp_path(path)
@@ -377,11 +404,15 @@ def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, st
         with open(tmp, "wb", buffering=1 << 20) as f:
             writer = _HashingWriter(f)
             with tarfile.open(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for name, data in members:
+                for i, (name, data) in enumerate(members):
                     tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+                    if i == 0:
+                        _die_once_for_test(f, tmp)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise naming_error(err, path) from err
     finally:
         tmp.unlink(missing_ok=True)
     return writer.size, writer.sha.hexdigest()
@@ -489,6 +520,13 @@ def finished_shard(out_dir: str | Path, shard: int, digest: str) -> dict[str, An
     if meta.get("digest") != digest or meta.get("bytes") != size:
         return None
     return meta
+
+
+def remove_temps(out_dir: str | Path) -> None:
+    """Drop temp files: those of task attempts that died mid-write (their retries wrote the shard)."""
+    for p in Path(out_dir).iterdir():
+        if layout.is_temp(p.name):
+            p.unlink(missing_ok=True)
 
 
 def remove_stale(out_dir: str | Path, n_shards: int) -> None:

@@ -7,27 +7,52 @@ must be reachable from the cluster (shared storage or fsspec URLs).
 A pretraining run: `lvd pretrain` with the given arguments runs as the job's entrypoint on the
 cluster (with `--ray-workers N` it fans out to Ray Train workers of that cluster); a config YAML
 travels in the `working_dir` the same way.
+
+Token authentication: every request carries the cluster's token when one is set up here
+(RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token; see
+`lvd.jobs.engines.cluster_auth_env`). A cluster with token auth refuses requests without it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import yaml
 
 from lvd.schemas.job_spec import JobSpec
 
+FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class JobNotFoundError(LookupError):
+    """No job with this id on the cluster."""
+
 
 def _client(address: str):
+    from lvd.jobs.engines import cluster_auth_env, local_env_defaults
+
+    local_env_defaults()
+    cluster_auth_env()  # before Ray reads the mode: requests carry the token when there is one
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)
+
+
+def _missing_job(err: Exception, job_id: str) -> Exception:
+    """The Jobs API's 404 as a JobNotFoundError naming the id; other errors as they are."""
+    text = str(err)
+    if "404" in text or "does not exist" in text:
+        return JobNotFoundError(f"no job {job_id!r} on this cluster")
+    return err
 
 
 def submit_job(spec: JobSpec, address: str, wait: bool = False, extra_args: str = "") -> str:
@@ -76,25 +101,75 @@ def submit_pretrain(
 
 def wait_for_job(job_id: str, address: str, timeout: float = 3600.0, poll: float = 1.0) -> str:
     """Block until the job ends; returns its final status name."""
-    from ray.job_submission import JobStatus
-
     client = _client(address)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = client.get_job_status(job_id)
-        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            return str(status.value)
+        status = _status(client, job_id)
+        if status in FINAL_STATES:
+            return status
         time.sleep(poll)
     raise TimeoutError(f"job {job_id} still running after {timeout:.0f} s")
 
 
+def follow_job(job_id: str, address: str, out: TextIO | None = None) -> str:
+    """Write the job's log to `out` (stdout) as it grows, until the job ends; returns its final status.
+
+    The log is streamed from the Jobs API (the stream ends with the job); if the stream drops
+    earlier, the status and the log are polled until the job ends.
+    """
+    out = out or sys.stdout
+    client = _client(address)
+    _status(client, job_id)  # an unknown id fails here, naming it
+    written = 0  # characters of the log already written
+
+    def write_new(log: str) -> None:
+        nonlocal written
+        if len(log) > written:
+            out.write(log[written:])
+            out.flush()
+            written = len(log)
+
+    async def tail() -> None:
+        nonlocal written
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+            written += len(chunk)
+
+    try:
+        asyncio.run(tail())
+    except Exception:  # noqa: BLE001 - a dropped stream: the polling below carries on
+        pass
+    while (status := _status(client, job_id)) not in FINAL_STATES:
+        time.sleep(1.0)
+        write_new(client.get_job_logs(job_id))
+    write_new(client.get_job_logs(job_id))
+    return status
+
+
+def _status(client, job_id: str) -> str:
+    try:
+        return str(client.get_job_status(job_id).value)
+    except RuntimeError as err:
+        raise _missing_job(err, job_id) from None
+
+
 def job_status(job_id: str, address: str) -> str:
-    return str(_client(address).get_job_status(job_id).value)
+    return _status(_client(address), job_id)
 
 
 def job_logs(job_id: str, address: str) -> str:
-    return _client(address).get_job_logs(job_id)
+    client = _client(address)
+    try:
+        return client.get_job_logs(job_id)
+    except RuntimeError as err:
+        raise _missing_job(err, job_id) from None
 
 
 def stop_job(job_id: str, address: str) -> bool:
-    return bool(_client(address).stop_job(job_id))
+    """Ask the cluster to stop the job; False when it had already ended."""
+    client = _client(address)
+    try:
+        return bool(client.stop_job(job_id))
+    except RuntimeError as err:
+        raise _missing_job(err, job_id) from None

@@ -190,6 +190,8 @@ def write_parquet_atomic(table: pa.Table, path: str | Path, schema: pa.Schema) -
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise naming_error(err, path) from err
     finally:
         tmp.unlink(missing_ok=True)
     return table
@@ -204,8 +206,19 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
     try:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
         os.replace(tmp, path)
+    except OSError as err:
+        raise naming_error(err, path) from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def naming_error(err: OSError, path: str | Path) -> OSError:
+    """`err` (a full or read-only disk, say) as an OSError naming the file being written: the error of
+    the temp file or of Arrow's writer names a hidden temp name or no file at all."""
+    reason = err.strerror or str(err) or type(err).__name__
+    return OSError(
+        err.errno, reason, str(path)
+    )  # with an errno, OSError picks the subclass (PermissionError, ...)
 
 
 def read_parts(

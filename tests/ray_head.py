@@ -39,12 +39,20 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def head_env() -> dict[str, str]:
-    """Environment of Ray nodes and of `lvd` commands run against them: this venv first on PATH."""
+def head_env(auth_token: str | None = None) -> dict[str, str]:
+    """Environment of Ray nodes and of `lvd` commands run against them: this venv first on PATH.
+
+    Token auth off, or on with `auth_token` (given as RAY_AUTH_TOKEN: processes a node starts, such as
+    a submitted job's driver, inherit it).
+    """
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    if auth_token:
+        env["RAY_AUTH_TOKEN"] = auth_token
     env.update(
-        RAY_AUTH_MODE="disabled",
+        RAY_AUTH_MODE="token" if auth_token else "disabled",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="3",
         RAY_USAGE_STATS_ENABLED="0",
@@ -63,6 +71,12 @@ class RayCluster:
     gcs: str  # 127.0.0.1:PORT: what `ray.init(address=...)` and a job spec's `ray.address` take
     temp_dir: Path
     procs: list[subprocess.Popen] = field(default_factory=list)  # head first
+    auth_token: str | None = None  # the cluster's token when it runs with token auth
+
+    def request(self, path: str) -> urllib.request.Request:
+        """A request to the dashboard, carrying the token when the cluster has one."""
+        headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+        return urllib.request.Request(f"{self.dashboard}{path}", headers=headers)
 
     def nodes(self) -> list[dict]:
         """The state API's node rows (node_id, node_ip, state, is_head_node, resources_total, ...)."""
@@ -80,8 +94,7 @@ class RayCluster:
         return self._state("actors")
 
     def _state(self, kind: str) -> list[dict]:
-        url = f"{self.dashboard}/api/v0/{kind}?limit=10000&detail=true"
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(self.request(f"/api/v0/{kind}?limit=10000&detail=true"), timeout=30) as r:
             return json.loads(r.read())["data"]["result"]["result"]
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -138,15 +151,19 @@ def _terminate(procs: Sequence[subprocess.Popen], grace: float = 3.0) -> None:
 
 @contextlib.contextmanager
 def ray_cluster(
-    head_cpus: int = 2, worker_cpus: Sequence[int] = (), timeout: float = 120.0
+    head_cpus: int = 2,
+    worker_cpus: Sequence[int] = (),
+    timeout: float = 120.0,
+    auth_token: str | None = None,
 ) -> Iterator[RayCluster]:
-    """A head (with dashboard) and one worker node per entry of `worker_cpus`, all on 127.0.0.1.
+    """A head (with dashboard) and one worker node per entry of `worker_cpus`, all on 127.0.0.1;
+    with `auth_token`, every node runs with Ray token auth and that token.
 
     Yields once every node is ALIVE in the state API.
     """
     gcs, dash, client = free_ports(3)
     temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: unix socket paths are length-limited
-    cluster = RayCluster(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", temp_dir)
+    cluster = RayCluster(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", temp_dir, auth_token=auth_token)
     common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     common += ["--object-store-memory", str(OBJECT_STORE_BYTES)]
     # Workers bind ports the OS picks: nodes on one host would otherwise share one fixed range.
@@ -160,7 +177,7 @@ def ray_cluster(
     try:
         # RAY_ADDRESS: processes the nodes start that look a cluster up (e.g. Ray Train's placement
         # group cleaner) find this one, not any other Ray instance running on the machine.
-        env = {**head_env(), "RAY_ADDRESS": cluster.gcs}
+        env = {**head_env(auth_token), "RAY_ADDRESS": cluster.gcs}
         cluster.procs.append(_spawn(head, temp_dir / "node-0-head.log", env))
         deadline = time.monotonic() + timeout
         _wait(cluster, deadline, lambda: _accepts(cluster.gcs))  # nodes may join before the dashboard is up
@@ -172,7 +189,7 @@ def ray_cluster(
             worker_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
             cluster.procs.append(_spawn(worker, temp_dir / f"node-{i}-worker.log", worker_env))
         want = 1 + len(worker_cpus)
-        _wait(cluster, deadline, lambda: _get(f"{cluster.dashboard}/api/version"))
+        _wait(cluster, deadline, lambda: _get(cluster.request("/api/version")))
         _wait(cluster, deadline, lambda: len(cluster.alive_nodes()) >= want)
         yield cluster
     finally:
@@ -186,8 +203,8 @@ def _accepts(address: str) -> bool:
         return True
 
 
-def _get(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as r:
+def _get(request: urllib.request.Request) -> bool:
+    with urllib.request.urlopen(request, timeout=2) as r:
         return r.status == 200
 
 
@@ -207,7 +224,7 @@ def _wait(cluster: RayCluster, deadline: float, ready) -> None:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2, timeout: float = 120.0) -> Iterator[str]:
+def ray_head(num_cpus: int = 2, timeout: float = 120.0, auth_token: str | None = None) -> Iterator[str]:
     """Yields the dashboard (Jobs API) address of a fresh single-node cluster."""
-    with ray_cluster(head_cpus=num_cpus, timeout=timeout) as cluster:
+    with ray_cluster(head_cpus=num_cpus, timeout=timeout, auth_token=auth_token) as cluster:
         yield cluster.dashboard

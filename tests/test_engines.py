@@ -1,57 +1,65 @@
-"""A local run's engines listen on loopback only (read from /proc: Linux, as CI is)."""
+"""A local run's engines listen on loopback only (read from /proc: Linux, as CI is); clients of a
+cluster send its token; a dead address fails fast; local Spark retries a failed task."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import time
 
+import pytest
+from procs import LOOPBACK_HEX, descendants, listening_addresses
+from ray_head import free_ports
 
-def _descendants(pid: int) -> set[int]:
-    parent = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(stat.parent.name)] = int(fields[1])
-    out, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier} - out
-        out |= frontier
-    return out
-
-
-def _listening_addresses(pids: set[int]) -> list[str]:
-    """Local addresses of the TCP sockets in LISTEN state that these processes hold."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    addresses = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            cols = line.split()
-            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
-                addresses.append(cols[1].split(":")[0][:width])
-    return addresses
-
-
-LOOPBACK_HEX = {
-    "0100007F",  # 127.0.0.1
-    "00000000000000000000000001000000",  # ::1
-    "0000000000000000FFFF00000100007F",  # ::ffff:127.0.0.1
-}
+from lvd.jobs.engines import (
+    CONNECT_TIMEOUT_S,
+    RayUnreachableError,
+    check_ray_address,
+    local_master_with_retries,
+    wants_token_auth,
+)
 
 
 def test_local_ray_listens_on_loopback_only(ray_local):
     """Every listening socket of the Ray processes this session started (GCS, raylet, object
     manager, workers) is bound to loopback, not to all interfaces."""
-    addresses = _listening_addresses(_descendants(os.getpid()))
+    addresses = listening_addresses(descendants(os.getpid()))
     assert addresses, "no listening socket found for this session's Ray processes"
     wide = sorted(set(addresses) - LOOPBACK_HEX)
     assert wide == [], f"Ray processes listening beyond loopback (hex addresses): {wide}"
+
+
+def test_local_spark_masters_retry_a_failed_task():
+    assert local_master_with_retries("local[*]") == "local[*,4]"
+    assert local_master_with_retries("local") == "local[1,4]"
+    assert local_master_with_retries("local[2]") == "local[2,4]"
+    for kept in ("local[2,1]", "spark://head:7077", "local-cluster[2,1,1024]"):
+        assert local_master_with_retries(kept) == kept
+
+
+def test_a_named_ray_address_that_is_dead_fails_at_once_naming_it():
+    (port,) = free_ports(1)
+    t0 = time.monotonic()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(RayUnreachableError, match=f"cannot reach the Ray cluster at {address}"):
+            check_ray_address(address)
+    assert time.monotonic() - t0 < CONNECT_TIMEOUT_S
+    check_ray_address("auto")  # resolved by Ray itself
+
+
+def test_cluster_clients_use_token_auth_when_a_token_is_set_up(monkeypatch, tmp_path):
+    """RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token turn token auth on for requests to a
+    cluster; a mode the user chose (RAY_AUTH_MODE) is kept."""
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert not wants_token_auth()
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert not wants_token_auth()  # the named file does not exist
+    (tmp_path / "token").write_text("t")
+    assert wants_token_auth()
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t")
+    assert wants_token_auth()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert not wants_token_auth()

@@ -209,6 +209,9 @@ def test_kuberay_clusters_use_token_auth_from_a_secret():
                 for p in c.get("ports", [])
             }
             assert 10001 not in ports, f"{name} {group_name}: Ray Client port exposed"
+            for c in group["template"]["spec"]["containers"]:
+                modes = [e.get("value") for e in c.get("env", []) if e["name"] == "RAY_AUTH_MODE"]
+                assert modes in ([], ["token"]), f"{name} {group_name}: auth mode {modes} overrides the token"
 
 
 def _dashboard_hosts(text: str) -> list[str]:

@@ -1,42 +1,113 @@
-"""`lvd submit` through the Ray Jobs API to a real `ray start --head` on 127.0.0.1."""
+"""`lvd submit` through the Ray Jobs API to a real `ray start --head` on 127.0.0.1, with token auth."""
 
 import json
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
-from ray_head import head_env, ray_head
+import pytest
+import yaml
+from ray_head import free_ports, head_env, ray_cluster
 
 from lvd.jobs.demo import build_demo
-from lvd.jobs.submit import job_logs, job_status, stop_job, submit_job, wait_for_job
 from lvd.schemas.job_spec import load_job_spec
 
 
-def _lvd(*args: str) -> str:
+def _lvd(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "lvd"), *args]
-    return subprocess.run(
-        cmd, env=head_env(), capture_output=True, text=True, check=True, timeout=120
-    ).stdout.strip()
+    out = subprocess.run(cmd, env=env or head_env(), capture_output=True, text=True, timeout=300)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
 
 
-def test_submit_runs_the_job_on_the_cluster_and_cli_follows_it(tmp_path):
-    job_yaml = build_demo(tmp_path / "demo", n_images=120)
+def _client_env(home: Path, token: str | None) -> dict[str, str]:
+    """A user's shell: no auth mode chosen, no token file in HOME, the token (if any) in RAY_AUTH_TOKEN."""
+    env = {**head_env(token), "HOME": str(home)}
+    env.pop("RAY_AUTH_MODE")
+    return env
+
+
+def _one_line_error(out: subprocess.CompletedProcess) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lvd: error: "), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    return lines[0]
+
+
+def test_submit_with_token_auth_streams_the_job_and_exits_as_it_ended(tmp_path):
+    """A head with Ray token auth: requests without the token are refused; with RAY_AUTH_TOKEN set,
+    `lvd submit --wait` streams the job's log and exits 0 on success, 1 on failure; `lvd stop`,
+    `lvd status` and `lvd logs --follow` say how a stopped job ended; mistakes are one line."""
+    token = uuid.uuid4().hex
+    home = tmp_path / "home"
+    home.mkdir()
+    job_yaml = build_demo(tmp_path / "demo", n_images=60)
     spec = load_job_spec(job_yaml)
-    with ray_head() as address:
-        job_id = _lvd("submit", str(job_yaml), "--address", address)
+    with_token, without_token = _client_env(home, token), _client_env(home, None)
+    with ray_cluster(auth_token=token) as cluster:
+        address = cluster.dashboard
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+        assert refused.value.code == 401
+        assert "Authentication" in _one_line_error(
+            _lvd("status", "lvd-none", "--address", address, env=without_token, check=False)
+        )
+
+        submitted = _lvd("submit", str(job_yaml), "--address", address, "--wait", env=with_token)
+        job_id = submitted.stdout.splitlines()[0]
         assert job_id.startswith("lvd-")
-        assert wait_for_job(job_id, address, timeout=600) == "SUCCEEDED", job_logs(job_id, address)[-3000:]
-        assert _lvd("status", job_id, "--address", address) == "SUCCEEDED"
-        assert "funnel:" in _lvd("logs", job_id, "--address", address)
+        assert "funnel:" in submitted.stdout and "shards written" in submitted.stdout  # the job's log
+        assert f"job {job_id}: SUCCEEDED" in submitted.stderr
+        assert _lvd("status", job_id, "--address", address, env=with_token).stdout.strip() == "SUCCEEDED"
+        assert "funnel:" in _lvd("logs", job_id, "--address", address, "--follow", env=with_token).stdout
         index = json.loads((Path(spec.output_dir) / "shards" / "index.json").read_text())
         assert sum(s["samples"] for s in index["shards"]) > 0
 
-        # A second job, stopped while it runs.
-        spec.output_dir = str(tmp_path / "second")
-        second = submit_job(spec, address=address)
-        assert job_status(second, address) in {"PENDING", "RUNNING"}
-        assert stop_job(second, address)
-        assert wait_for_job(second, address, timeout=60) == "STOPPED"
+        # A job whose spec names a dead Ray address fails on the cluster within the connect timeout.
+        (dead_port,) = free_ports(1)
+        bad = spec.model_dump(mode="json") | {"output_dir": str(tmp_path / "dead-out")}
+        bad["ray"] = {**bad["ray"], "address": f"127.0.0.1:{dead_port}"}
+        bad_yaml = tmp_path / "dead.yaml"
+        bad_yaml.write_text(yaml.safe_dump(bad))
+        t0 = time.monotonic()
+        failed = _lvd("submit", str(bad_yaml), "--address", address, "--wait", env=with_token, check=False)
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        assert time.monotonic() - t0 < 120
+        assert f"lvd: error: cannot reach the Ray cluster at 127.0.0.1:{dead_port}" in failed.stdout
+        assert "Traceback" not in failed.stdout
+        failed_id = failed.stdout.splitlines()[0]
+        status = _lvd("status", failed_id, "--address", address, env=with_token, check=False)
+        assert (status.returncode, status.stdout.strip()) == (1, "FAILED")
+
+        # A job stopped while `lvd logs --follow` streams it.
+        second_yaml = tmp_path / "second.yaml"
+        second_yaml.write_text(
+            yaml.safe_dump(spec.model_dump(mode="json") | {"output_dir": str(tmp_path / "2")})
+        )
+        second = _lvd("submit", str(second_yaml), "--address", address, env=with_token).stdout.strip()
+        follow = subprocess.Popen(
+            [str(Path(sys.executable).parent / "lvd"), "logs", second, "--address", address, "--follow"],
+            env=with_token, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert "stop requested" in _lvd("stop", second, "--address", address, env=with_token).stdout
+        _, follow_err = follow.communicate(timeout=120)
+        assert follow.returncode == 3 and f"job {second}: STOPPED" in follow_err
+        status = _lvd("status", second, "--address", address, env=with_token, check=False)
+        assert (status.returncode, status.stdout.strip()) == (3, "STOPPED")
+        again = _lvd("stop", second, "--address", address, env=with_token).stdout
+        assert "not running (STOPPED)" in again
+
+        # Mistakes: an unknown job id, an address nothing listens on.
+        assert "no job 'lvd-nope'" in _one_line_error(
+            _lvd("status", "lvd-nope", "--address", address, env=with_token, check=False)
+        )
+        dead = f"http://127.0.0.1:{dead_port}"
+        assert dead in _one_line_error(_lvd("logs", job_id, "--address", dead, env=with_token, check=False))
 
 
 def test_submit_pretrain_checks_options_and_sends_paths_the_cluster_can_open(tmp_path, monkeypatch):

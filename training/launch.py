@@ -208,16 +208,28 @@ def launch_ray_train(
     `output_dir` and the shards must be reachable from every node (shared or fsspec storage). Without
     `address`, joins the cluster in RAY_ADDRESS (set inside a submitted Ray job) or starts a local Ray.
     """
-    from lvd.jobs.engines import LOOPBACK, local_env_defaults
+    from lvd.jobs.engines import (
+        LOOPBACK,
+        check_ray_address,
+        cluster_auth_env,
+        local_env_defaults,
+        local_ray_env,
+    )
 
-    local_env_defaults()  # before Ray is imported: it reads them then
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Before Ray is imported: it reads them then.
+    if address:
+        local_env_defaults()
+        cluster_auth_env()
+    else:
+        local_ray_env()
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
         if address:
+            check_ray_address(address)
             ray.init(address=address)
         else:  # as a local curation run: a new instance of our own, on loopback
             ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False)

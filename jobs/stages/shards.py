@@ -19,7 +19,14 @@ from typing import Any
 from lvd.jobs.engines import collect_with_progress
 from lvd.jobs.progress import Progress
 from lvd.jobs.shard_plan import ShardPlan, plan_shards_spark
-from lvd.jobs.shard_writer import finished_shard, plan_digest, remove_stale, write_index, write_shard
+from lvd.jobs.shard_writer import (
+    finished_shard,
+    plan_digest,
+    remove_stale,
+    remove_temps,
+    write_index,
+    write_shard,
+)
 from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
 from lvd.schemas import layout
 
@@ -66,6 +73,7 @@ def write_shards_spark(spark, plan: ShardPlan, out_dir: str | Path) -> list[dict
         tasks.mapPartitions(_shard_writer(str(out_dir), plan)),
         Progress("shards", plan.n_shards, "shards"),
     )
+    remove_temps(out_dir)
     kept = sum(k for k, _ in outcomes)
     log.info("shards: %d written, %d kept from an earlier run", len(outcomes) - kept, kept)
     results = {layout.shard_number(meta["shard"]): meta for _, meta in outcomes}
