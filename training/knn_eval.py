@@ -142,9 +142,38 @@ def knn_val_scores(
 ) -> KnnValScores:
     """kNN class scores of `data_dir/val` with `data_dir/train` as the memory bank.
     Default image size: the backbone's training resolution."""
+    train, val = labelled_splits(data_dir)
+    return knn_split_scores(
+        backbone, train, val, k=k, temperature=temperature, image_size=image_size, batch_size=batch_size
+    )
+
+
+def labelled_splits(data_dir: str | Path) -> tuple[LabelledSplit, LabelledSplit]:
+    """(memory bank, queries) of a labelled folder: `data_dir/{train,val}/<class>/*` when both splits
+    are there, else `data_dir/<class>/*` split in two (each class's files in name order, alternately)."""
     data_dir = Path(data_dir)
-    train = list_labelled_folder(data_dir / "train")
-    val = list_labelled_folder(data_dir / "val", train.classes)
+    if (data_dir / "train").is_dir() and (data_dir / "val").is_dir():
+        train = list_labelled_folder(data_dir / "train")
+        return train, list_labelled_folder(data_dir / "val", train.classes)
+    whole = list_labelled_folder(data_dir)
+    halves = []
+    for half in (0, 1):
+        keep = [i for i in range(len(whole.paths)) if i % 2 == half]
+        halves.append(LabelledSplit([whole.paths[i] for i in keep], whole.labels[keep], whole.classes))
+    return halves[0], halves[1]
+
+
+def knn_split_scores(
+    backbone: nn.Module,
+    train: LabelledSplit,
+    val: LabelledSplit,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    image_size: int | None = None,
+    batch_size: int = 64,
+) -> KnnValScores:
+    """kNN class scores of the `val` images with the `train` images as the memory bank."""
     if image_size is None:
         size = getattr(getattr(backbone, "patch_embed", None), "img_size", 224)
         image_size = int(size[0] if isinstance(size, tuple | list) else size)
@@ -181,3 +210,16 @@ def evaluate_knn(
         top5 = v.scores.topk(5, dim=1).indices
         result["top5"] = float((top5 == v.labels[:, None]).any(1).float().mean())
     return result
+
+
+def mcnemar(
+    correct_a: torch.Tensor | np.ndarray, correct_b: torch.Tensor | np.ndarray
+) -> tuple[int, int, float]:
+    """Paired comparison of two classifiers on the same images: (right only for a, right only for b,
+    McNemar z). Only images where they disagree count; z > 0 favours a, |z| > 2 is beyond noise."""
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired results of different lengths: {a.shape} and {b.shape}")
+    a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
+    return a_only, b_only, (a_only - b_only) / max((a_only + b_only) ** 0.5, 1.0)
