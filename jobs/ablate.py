@@ -336,9 +336,7 @@ def pretrain_arm(cfg, shard_dir: Path, out: Path, settings: AblationSettings) ->
             use_gpu=settings.gpu,
         )  # fmt: skip
         start, end = summary["steps"]
-        images_seen = summary.get(
-            "images_seen", (end - start) * cfg.train.batch_size_per_gpu * settings.ray_workers
-        )
+        images_seen = summary["images_seen"]
         teacher = summary["teacher_export"]
     else:
         from lvd.training.train import pretrain
@@ -452,6 +450,7 @@ def format_markdown(table: dict) -> str:
             )  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += [f"{arm}: left out, {reason}." for arm, reason in table.get("left_out", {}).items()]
     lines.append(
         "z: McNemar on the same validation images, (curated right only - arm right only) / sqrt(sum); "
         "z > 0 favours curated, |z| > 2 is beyond noise. In brackets: images right only for curated vs "
@@ -486,9 +485,11 @@ def run_ablation(spec: JobSpec, settings: AblationSettings, fanout: Fanout) -> d
     curated_shards = layout.shards_dir(out_dir)
     n_images = shards_samples(curated_shards)
     cfg = settings.pretrain_config()
-    arms = [a for a in settings.arms if a != SEEDS_ARM or spec.seeds]
     names = [eval_set_name(p) for p in settings.eval_sets]
-    rows = []
+    rows, left_out = [], {}
+    if SEEDS_ARM in settings.arms and not spec.seeds:
+        left_out[SEEDS_ARM] = "the job has no seed sets"
+    arms = [a for a in settings.arms if a not in left_out]
 
     def initial_backbone():
         torch.manual_seed(cfg.train.seed)  # the initial weights every arm starts from
@@ -505,6 +506,10 @@ def run_ablation(spec: JobSpec, settings: AblationSettings, fanout: Fanout) -> d
             shard_dir, images = curated_shards, n_images
         else:
             table = build_arm_table(out_dir, arm, n_images, cfg.train.seed, fanout)
+            if table["images"] == 0:
+                left_out[arm] = "no images to draw from"
+                log.warning("ablate: arm %s left out: %s", arm, left_out[arm])
+                continue
             shards_marker = build_arm_shards(spec, arm, table)
             shard_dir, images = layout.ablate_arm_shards_dir(out_dir, arm), shards_marker["samples"]
         run = pretrain_arm(cfg, shard_dir, layout.ablate_pretrain_dir(out_dir, arm), settings)
@@ -518,6 +523,7 @@ def run_ablation(spec: JobSpec, settings: AblationSettings, fanout: Fanout) -> d
         log.info("ablate: arm %s: kNN top-1 %s", arm, {n: round(r["top1"], 4) for n, r in results.items()})
     rows = [r for r in rows if r["arm"] != RANDOM_INIT] + [rows[0]]
     table = ablation_table(rows, names)
+    table["left_out"] = left_out
     table["settings"] = {
         "config": settings.config,
         "steps": cfg.total_steps,

@@ -3,6 +3,7 @@ on a small generated pool with a few training steps."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,12 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from lvd.jobs import ablate
 from lvd.jobs.ablation_demo import EVAL_SET, RARE_CLASSES, SEED_SET, build_ablation_demo
 from lvd.schemas import layout
 from lvd.schemas.tables import CURATED, read_parts
+from lvd.training.config import CONFIG_DIR
 
 # ---------------------------------------------------------------- the keyed sample
 
@@ -104,6 +107,52 @@ def test_table_refuses_results_on_other_images():
         ablate.ablation_table([_row("curated", [1, 1]), other], ["e"])
 
 
+# ---------------------------------------------------------------- the generated pool
+
+
+def test_ablation_pool_plants_what_its_manifest_says(tmp_path):
+    from lvd.schemas.job_spec import load_job_spec
+
+    spec = load_job_spec(build_ablation_demo(tmp_path, n_images=100, eval_per_class=2, seeds_per_class=2))
+    data = tmp_path / "data"
+    manifest = json.loads((data / "manifest.json").read_text())
+    pool = sorted((data / "pool").iterdir())
+    assert len(pool) == 100 == len(manifest["pool"]["roles"])
+    roles, labels = manifest["pool"]["roles"], manifest["pool"]["labels"]
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in pool}
+    unique = {digest[Path(n).name] for n, r in roles.items() if r == "unique"}
+    exact = [n for n, r in roles.items() if r == "exact"]
+    assert len(exact) + sum(r == "near" for r in roles.values()) == 40  # DUPLICATE_SHARE of the pool
+    assert all(digest[Path(n).name] in unique for n in exact)  # byte copies of pool images
+    assert sum(r == "eval_leak" for r in roles.values()) == 10
+    unique_labels = [labels[n] for n, r in roles.items() if r == "unique"]
+    assert sum(label in RARE_CLASSES for label in unique_labels) < 0.15 * len(unique_labels)
+    assert len(list((data / "seeds" / SEED_SET).iterdir())) == 2 * len(RARE_CLASSES)
+    for split in ("train", "val"):
+        assert len(list((data / "eval" / EVAL_SET / split).rglob("*.jpg"))) == 2 * 8
+    assert [s.name for s in spec.seeds] == [SEED_SET] and Path(spec.embedding.retrieval.weights).exists()
+
+
+def test_texture_stand_in_puts_a_class_together():
+    import torch
+
+    from lvd.embeddings.preprocess import PreprocessConfig, normalize, prepare_image
+    from lvd.jobs.ablation_demo import TextureFeatures
+    from lvd.jobs.demo import encode, generate_image
+
+    rng = np.random.default_rng(5)
+    cfg = PreprocessConfig(resize_size=128, image_size=112, patch_size=1)
+    labels = np.repeat(np.arange(8), 10)
+
+    def features() -> torch.Tensor:
+        crops = [prepare_image(encode(generate_image(rng, int(c), "grey"), "jpeg"), cfg) for c in labels]
+        return TextureFeatures()(normalize(torch.as_tensor(np.stack(crops))))
+
+    bank, queries = features(), features()
+    nearest = (queries @ bank.T).argmax(1).numpy()
+    assert (labels[nearest] == labels).mean() > 0.4  # chance is 1/8
+
+
 # ---------------------------------------------------------------- `lvd ablate` end to end
 
 STEPS, BATCH = 2, 8
@@ -119,8 +168,14 @@ def ablated(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("ablate")
     spec = load_job_spec(build_ablation_demo(root, n_images=120, eval_per_class=3, seeds_per_class=3))
     run_job(spec)
+    # The tiny config without loader processes, with fewer crops and one thread: the suite shares 2 cores.
+    config = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+    config["train"].update(num_workers=0, augment_threads=1, shuffle_buffer=16)
+    config["crops"]["local_crops_number"] = 2
+    config["compute"] = {"threads": 1}
+    (root / "test.yaml").write_text(yaml.safe_dump(config))
     args = ["ablate", spec.output_dir, "--eval", str(root / "data" / "eval" / EVAL_SET)]
-    args += ["--steps", str(STEPS), "--batch-size", str(BATCH), "-q"]
+    args += ["--config", str(root / "test.yaml"), "--steps", str(STEPS), "--batch-size", str(BATCH), "-q"]
     first = CliRunner().invoke(app, args)
     return Path(spec.output_dir), first, args
 

@@ -76,6 +76,7 @@ class RunResult:
             "steps": [self.start_step, self.end_step],
             "images_per_second": round(self.images_per_second, 2),
             "bad_samples": self.bad_samples,
+            "images_seen": self.images_seen,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "teacher_export": str(self.teacher_export) if self.teacher_export else None,
         }
