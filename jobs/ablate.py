@@ -321,9 +321,9 @@ def pretrain_arm(cfg, shard_dir: Path, out: Path, settings: AblationSettings) ->
         {"config": cfg.model_dump(mode="json"), "shards": shards_fingerprint(shard_dir)}
     )
     marker = _done(out, fingerprint)
-    if marker is not None:
+    if marker is not None and marker["finished"]:
         return marker
-    if (_read_json(out / layout.ABLATE_MARKER) or {}).get("fingerprint") not in (None, fingerprint):
+    if marker is None and out.exists():
         shutil.rmtree(out)  # a run of another config or other shards must not be continued
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / layout.ABLATE_MARKER, {"fingerprint": fingerprint, "finished": False})
@@ -486,6 +486,10 @@ def run_ablation(spec: JobSpec, settings: AblationSettings, fanout: Fanout) -> d
     n_images = shards_samples(curated_shards)
     cfg = settings.pretrain_config()
     names = [eval_set_name(p) for p in settings.eval_sets]
+    if len(set(names)) < len(names):
+        raise ValueError(
+            f"evaluation sets need distinct folder names (their results are named by them): {names}"
+        )
     rows, left_out = [], {}
     if SEEDS_ARM in settings.arms and not spec.seeds:
         left_out[SEEDS_ARM] = "the job has no seed sets"
