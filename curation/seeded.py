@@ -40,3 +40,4 @@ LEAF_PICK = 2
 SHARD_ORDER = 3
 KNN_TRAIN_SAMPLE = 4  # the vectors an IVF index is trained on
 KNN_RECALL_SAMPLE = 5  # the queries of the IVF recall check
+ABLATE_SAMPLE = 6  # the images an `lvd ablate` arm samples from its pool

@@ -124,19 +124,31 @@ def run(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("lvd-demo"), "--out", help="Folder for the demo's data and output."),
-    images: int = typer.Option(600, help="Pool size to generate."),
+    images: int = typer.Option(None, help="Pool size to generate (default 600; 2400 with --ablation)."),
+    ablation: bool = typer.Option(
+        False, "--ablation", help="A long-tailed, duplicated, eval-leaking grey pool for `lvd ablate`."
+    ),
     force: list[str] = typer.Option([], "--force", help="Redo this stage (repeatable)."),
     verbose: bool = typer.Option(False, "-v"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Generate an offline pool and seed set, write a job spec for it, run it and print the funnel."""
     _setup_logging(verbose, quiet)
-    from lvd.jobs.demo import build_demo
     from lvd.jobs.runner import run_and_report
 
-    job_path = build_demo(out, n_images=images)
+    if ablation:
+        from lvd.jobs.ablation_demo import EVAL_SET, build_ablation_demo
+
+        job_path = build_ablation_demo(out, n_images=images or 2400)
+    else:
+        from lvd.jobs.demo import build_demo
+
+        job_path = build_demo(out, n_images=images or 600)
     typer.echo(f"demo job spec: {job_path}")
-    run_and_report(load_job_spec(job_path), force=force)
+    spec = load_job_spec(job_path)
+    run_and_report(spec, force=force)
+    if ablation:
+        typer.echo(f"next: lvd ablate {spec.output_dir} --eval {out / 'data' / 'eval' / EVAL_SET}")
 
 
 ADDRESS_HELP = (
@@ -326,6 +338,64 @@ def explain(
         t = images.to_table(columns=["image_id", "uri"], filter=ds.field("image_id").isin(named))
         uri_of = dict(zip(t["image_id"].to_pylist(), t["uri"].to_pylist(), strict=True))
     typer.echo(story(row, uri_of, spec))
+
+
+@app.command()
+def ablate(
+    job_output: Path = typer.Argument(..., help="A finished job's output_dir."),
+    eval_sets: list[Path] = typer.Option(
+        ..., "--eval", help="A labelled eval set: DIR/{train,val}/<class>/* or DIR/<class>/* (repeatable)."
+    ),
+    config: str = typer.Option("tiny", help="Pretraining config name or YAML path (as `lvd pretrain`)."),
+    steps: int = typer.Option(None, help="Steps per arm (default: the config's schedule)."),
+    seed: int = typer.Option(None, help="Training and sampling seed (default: the config's train.seed)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Batch size per data rank."),
+    k: int = typer.Option(20, help="kNN neighbours that vote."),
+    ray_workers: int = typer.Option(
+        0, "--ray-workers", help="Pretrain each arm on this many Ray Train workers."
+    ),
+    gpu: bool = typer.Option(False, "--gpu", help="Ray Train workers get one GPU each."),
+    verbose: bool = typer.Option(False, "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+) -> None:
+    """Did curation help? Pretrain the same config, steps, seed and number of images on the curated
+    shards, a sample of the deduplicated pool, a sample of the raw pool and the seed sets; kNN on the
+    eval sets, curated vs each arm paired on the same images (the DINOv2 paper's Table 2)."""
+    _setup_logging(verbose, quiet)
+    from lvd.jobs.ablate import AblationSettings, format_markdown, run_ablation
+    from lvd.jobs.engines import ensure_ray
+    from lvd.jobs.workers import RayFanout
+    from lvd.schemas import layout
+    from lvd.schemas.job_spec import parse_job_spec
+
+    job_file = job_output / layout.JOB_FILE
+    try:
+        spec = parse_job_spec(json.loads(job_file.read_text()))
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: {job_file}: {err} (is {job_output} a job's output_dir?)", err=True)
+        raise typer.Exit(2) from None
+    missing = [str(p) for p in eval_sets if not p.is_dir()]
+    if missing:
+        typer.echo(f"error: --eval: no folder {', '.join(missing)}", err=True)
+        raise typer.Exit(2)
+    spec.output_dir = str(job_output.resolve())
+    settings = AblationSettings(
+        config=config, steps=steps, seed=seed, batch_size=batch_size, eval_sets=list(eval_sets), k=k,
+        ray_workers=ray_workers, gpu=gpu,
+    )  # fmt: skip
+    try:
+        settings.pretrain_config()
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    ensure_ray(spec)
+    try:
+        table = run_ablation(spec, settings, RayFanout())
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_markdown(table))
+    typer.echo(f"written: {layout.ablate_dir(job_output) / layout.ABLATION_JSON}, {layout.ABLATION_MD}")
 
 
 @shards_app.command("verify")

@@ -253,3 +253,43 @@ def shard_plan_ordered(plan_dir: str | Path) -> Path:
 def shard_plan_file(plan_dir: str | Path, index: int) -> Path:
     """Plan file `index`: the plan rows of a run of consecutive shards, one row group per shard."""
     return Path(plan_dir) / f"plan-{index:06d}.parquet"
+
+
+# ---------------------------------------------------------------- `lvd ablate` (jobs/ablate.py)
+#
+#   <output_dir>/ablate/ablation.json, ablation.md        the table, written last
+#   <output_dir>/ablate/<arm>/curated/part-NNNNN.parquet   the arm's images (CURATED schema)
+#   <output_dir>/ablate/<arm>/shards/                     its shards, written by the shards stage
+#   <output_dir>/ablate/<arm>/pretrain/                   its pretraining run (checkpoint, teacher)
+#   <output_dir>/ablate/<arm>/eval/<eval set>.json        its kNN result, per validation image
+# Each step's folder holds ABLATE_MARKER, written last: what it was made from (resume keys on it).
+
+ABLATE_DIR = "ablate"
+ABLATION_JSON = "ablation.json"
+ABLATION_MD = "ablation.md"
+ABLATE_MARKER = "_ablate.json"
+
+
+def ablate_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / ABLATE_DIR
+
+
+def ablate_arm_dir(out_dir: str | Path, arm: str) -> Path:
+    return ablate_dir(out_dir) / arm
+
+
+def ablate_arm_table_dir(out_dir: str | Path, arm: str) -> Path:
+    """The folder of an arm's curated-like table (CURATED parts)."""
+    return ablate_arm_dir(out_dir, arm) / CURATED.name
+
+
+def ablate_arm_shards_dir(out_dir: str | Path, arm: str) -> Path:
+    return ablate_arm_dir(out_dir, arm) / SHARDS.stage
+
+
+def ablate_pretrain_dir(out_dir: str | Path, arm: str) -> Path:
+    return ablate_arm_dir(out_dir, arm) / "pretrain"
+
+
+def ablate_eval_file(out_dir: str | Path, arm: str, eval_set: str) -> Path:
+    return ablate_arm_dir(out_dir, arm) / "eval" / f"{eval_set}.json"

@@ -181,9 +181,12 @@ class PairedTest:
     z: float  # (only_a - only_b) / sqrt(only_a + only_b); |z| > 2 is beyond noise
 
 
-def paired_test(a_correct: torch.Tensor, b_correct: torch.Tensor) -> PairedTest:
-    only_a = int((a_correct & ~b_correct).sum())
-    only_b = int((b_correct & ~a_correct).sum())
+def paired_test(a_correct: torch.Tensor | np.ndarray, b_correct: torch.Tensor | np.ndarray) -> PairedTest:
+    """Per image, whether model a and model b got it right, in the same image order."""
+    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired results of different lengths: {a.shape} and {b.shape}")
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
     return PairedTest(only_a, only_b, (only_a - only_b) / max((only_a + only_b) ** 0.5, 1.0))
 
 
@@ -217,6 +220,22 @@ def knn_val_scores(
     """kNN class scores of the val split of `data_dir` with its train split as the memory bank (see
     `labelled_splits`). Default image size: the backbone's training resolution."""
     train, val = labelled_splits(data_dir)
+    return knn_split_scores(
+        backbone, train, val, k=k, temperature=temperature, image_size=image_size, batch_size=batch_size
+    )
+
+
+def knn_split_scores(
+    backbone: nn.Module,
+    train: LabelledSplit,
+    val: LabelledSplit,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    image_size: int | None = None,
+    batch_size: int = 64,
+) -> KnnValScores:
+    """kNN class scores of the `val` images with the `train` images as the memory bank."""
     if image_size is None:
         size = getattr(getattr(backbone, "patch_embed", None), "img_size", 224)
         image_size = int(size[0] if isinstance(size, tuple | list) else size)

@@ -68,6 +68,7 @@ class RunResult:
     teacher_export: Path | None = None
     images_per_second: float = 0.0
     bad_samples: int = 0
+    images_seen: int = 0  # images the steps of this call trained on, over all ranks
 
     def summary(self) -> dict[str, Any]:
         """What `lvd pretrain` prints (and a Ray Train worker reports): steps, speed, first/last loss."""
@@ -75,6 +76,7 @@ class RunResult:
             "steps": [self.start_step, self.end_step],
             "images_per_second": round(self.images_per_second, 2),
             "bad_samples": self.bad_samples,
+            "images_seen": self.images_seen,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "teacher_export": str(self.teacher_export) if self.teacher_export else None,
         }
@@ -448,6 +450,7 @@ def _pretrain(
             pool.shutdown()
     elapsed = time.perf_counter() - t0
     result.end_step = step
+    result.images_seen = images_seen * env.world_size
     result.images_per_second = images_seen * env.world_size / elapsed if elapsed > 0 and images_seen else 0.0
     result.bad_samples = sum(loader.bad_samples for loader in loaders)
     teacher_state = model_state_dict(model.teacher, strategy)  # collective under FSDP: every rank
