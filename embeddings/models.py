@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lvd.embeddings.checkpoints import CheckpointError, load_backbone
+from lvd.embeddings.copy_descriptor import CopyDescriptor
 from lvd.embeddings.preprocess import PreprocessConfig, normalize
 from lvd.embeddings.vit import DinoVisionTransformer, build_vit
 from lvd.schemas.job_spec import ModelSpec
@@ -62,6 +63,8 @@ class EmbeddingModel:
 
 def build_module(spec: ModelSpec) -> nn.Module:
     """The spec's backbone: loaded weights, or a seeded random init when weights is None."""
+    if spec.arch == "copy_descriptor":
+        return CopyDescriptor()
     if spec.weights:
         module = load_backbone(spec.weights, spec.format, None if spec.arch == "torchscript" else spec.arch)
         is_vit = isinstance(module, DinoVisionTransformer)

@@ -63,8 +63,19 @@ class ModelSpec(_Strict):
     """An embedding model. `weights` is a local path or URL; None means random init (testing only)."""
 
     arch: Literal[
-        "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_tiny", "vit_tiny_d4", "torchscript"
-    ] = "vit_small"
+        "vit_small",
+        "vit_base",
+        "vit_large",
+        "vit_giant2",
+        "vit_tiny",
+        "vit_tiny_d4",
+        "torchscript",
+        "copy_descriptor",
+    ] = Field(
+        "vit_small",
+        description="copy_descriptor: the built-in copy detector with no learned weights "
+        "(lvd.embeddings.copy_descriptor), for copy_detection when no SSCD TorchScript is at hand.",
+    )
     weights: str | None = None
     format: Literal["auto", "dinov2", "hf", "lvd", "torchscript"] = "auto"
     patch_size: int = Field(14, ge=1)
@@ -80,6 +91,8 @@ class ModelSpec(_Strict):
             raise ValueError(f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size})")
         if self.arch == "torchscript" and not self.weights:
             raise ValueError("arch 'torchscript' needs weights: the path of the TorchScript file")
+        if self.arch == "copy_descriptor" and self.weights:
+            raise ValueError("arch 'copy_descriptor' is built in and takes no weights")
         return self
 
 
@@ -115,6 +128,22 @@ class DedupSpec(SearchSpec):
         0.45, gt=-1, le=1, description="Cosine above which a pool image matches an eval image."
     )
     keep_rule: Literal["largest_then_smallest_id", "smallest_id"] = "largest_then_smallest_id"
+    grouping: Literal["components", "leader"] = Field(
+        "leader",
+        description="components: one image kept per connected component of the copy graph (the paper's "
+        "rule; a few edges can chain distinct images into one component). leader: images visited in "
+        "keep_rule order, each dropped only when its own cosine to an already kept image passes the "
+        "threshold. Default leader: on the real-image corpus (benchmarks/dedup_quality.py) it collapses "
+        "the same copy groups with fewer distinct images dropped. Eval-overlap dedup always removes "
+        "whole components.",
+    )
+    max_component_share: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Warn (log and stage summary) when one duplicate component holds more than this "
+        "share of the pool: a sign of chaining or of a threshold too low for the copy detector.",
+    )
 
 
 class RetrievalSpec(SearchSpec):
