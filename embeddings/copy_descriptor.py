@@ -1,18 +1,20 @@
 """A hand-built copy-detection descriptor with no learned weights: the offline stand-in for SSCD.
 
 (B, 3, S, S) ImageNet-normalised crops in, (B, DIM) L2-normalised vectors out; the cosine of two
-vectors says how likely one image is an edited copy of the other. Steps, and the edit each one
-survives:
-  1. uniform borders (padding, the transparent margin of an icon composited on white) are trimmed,
-     and the content box is resampled to a fixed grid: padding, rescaling, icon sizes;
-  2. blocks computed on the content: a zero-mean grey thumbnail (layout), opponent-colour cell
-     means relative to the image's mean (colour layout, not overall colour cast), gradient
-     orientation histograms over a spatial grid (edges and shapes), and a global colour histogram;
-  3. each block is computed on the image and on its mirror image and summed (flip invariance), then
-     power-normalised (square root of magnitudes) and L2-normalised, then weighted and concatenated;
-     centring each block (zero-mean per cell) keeps unrelated images near zero cosine.
+vectors says how likely one image is an edited copy of the other. Steps, and the edits each serves:
+  1. uniform borders (padding, the transparent margin of an icon composited on white by the
+     decoder) are trimmed, twice, and the content box is resampled to GRID x GRID: padding,
+     rescaling, icons drawn at several sizes;
+  2. blocks computed on the content, in opponent colours: a zero-mean grey thumbnail (layout),
+     cell means of the three channels relative to the image's mean (colour layout), gradient
+     orientation histograms over a grid of cells (shapes and edges), a global orientation histogram
+     at two scales (texture, unmoved by crops) and a global colour histogram (soft bins); the
+     histograms are square-rooted and centred so unrelated images sit near zero cosine;
+  3. each block is computed on the image and on its mirror image and summed (flip invariance),
+     L2-normalised, weighted and concatenated.
 Coarse grids tolerate crops, small rotations and overlays; JPEG and colour jitter move every block
-only a little. Plain torch, so `torch.jit.script` saves it as a TorchScript file like SSCD's.
+only a little. What it misses most: crops of low-contrast pictures and of textures (see
+benchmarks/dedup_quality.py). Built in-process by the model spec's arch "copy_descriptor".
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def compose_boxes(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
 
 
 class CopyDescriptor(nn.Module):
-    """See the module docstring. `weights`: the relative weight of the blocks
-    (thumbnail, colour layout, orientation histograms, colour histogram)."""
+    """See the module docstring. The *_weight arguments weigh the blocks against each other; the
+    defaults were chosen on the corpus of `lvd.jobs.copy_corpus` (seeds 0-4)."""
 
     def __init__(
         self,
@@ -58,6 +60,8 @@ class CopyDescriptor(nn.Module):
         trim_tolerance: float = 0.08,
         hist_bins: int = 4,
         thumb_size: int = 8,
+        cells: int = 4,
+        texture_weight: float = 0.5,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -65,11 +69,13 @@ class CopyDescriptor(nn.Module):
         # RGB -> (intensity, red-green, yellow-blue) opponent colours.
         opp = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, -0.5, 0.0], [0.25, 0.25, -0.5]], dtype=torch.float32)
         self.register_buffer("opponent", opp)
-        total = math.sqrt(thumb_weight**2 + colour_weight**2 + hog_weight**2 + hist_weight**2)
-        self.weights = [thumb_weight / total, colour_weight / total, hog_weight / total, hist_weight / total]
+        raw = [thumb_weight, colour_weight, hog_weight, hist_weight, texture_weight]
+        total = math.sqrt(sum(w * w for w in raw))
+        self.weights = [w / total for w in raw]
         self.trim_tolerance = trim_tolerance
         self.hist_bins = hist_bins
         self.thumb_size = thumb_size
+        self.cells = cells
 
     # -------------------------------------------------------------- step 1: trim and resample
 
@@ -123,23 +129,31 @@ class CopyDescriptor(nn.Module):
 
     # -------------------------------------------------------------- step 2: blocks
 
+    def orientations(self, grey: torch.Tensor) -> torch.Tensor:
+        """(B, 8, H-2, W-2) gradient magnitude soft-assigned to 8 unsigned orientation bins."""
+        gx = grey[:, :, 1:-1, 2:] - grey[:, :, 1:-1, :-2]
+        gy = grey[:, :, 2:, 1:-1] - grey[:, :, :-2, 1:-1]
+        mag = torch.sqrt(gx * gx + gy * gy + 1e-12)
+        ang = torch.remainder(torch.atan2(gy, gx), math.pi) / math.pi * 8  # [0, 8)
+        bins = torch.arange(8, device=grey.device, dtype=grey.dtype).view(1, 8, 1, 1)
+        dist = torch.remainder(ang - bins + 4, 8) - 4  # circular distance to each bin centre
+        return torch.clamp(1 - dist.abs(), min=0) * mag
+
     def blocks(self, opp: torch.Tensor) -> list[torch.Tensor]:
         """Unnormalised blocks of (B, 3, GRID, GRID) opponent-colour images."""
         b = opp.shape[0]
         grey = opp[:, :1]
         thumb = F.adaptive_avg_pool2d(grey, self.thumb_size).flatten(1)
         thumb = thumb - thumb.mean(dim=1, keepdim=True)
-        cells = F.adaptive_avg_pool2d(opp, 4)  # (B, 3, 4, 4)
+        cells = F.adaptive_avg_pool2d(opp, self.cells)  # (B, 3, 4, 4)
         colour = (cells - cells.mean(dim=(2, 3), keepdim=True)).flatten(1)
-        # Orientation histograms: 8 unsigned bins, magnitude-weighted, soft-assigned, over 4x4 cells.
-        gx = grey[:, :, 1:-1, 2:] - grey[:, :, 1:-1, :-2]
-        gy = grey[:, :, 2:, 1:-1] - grey[:, :, :-2, 1:-1]
-        mag = torch.sqrt(gx * gx + gy * gy + 1e-12)
-        ang = torch.remainder(torch.atan2(gy, gx), math.pi) / math.pi * 8  # [0, 8)
-        bins = torch.arange(8, device=opp.device, dtype=opp.dtype).view(1, 8, 1, 1)
-        dist = torch.remainder(ang - bins + 4, 8) - 4  # circular distance to each bin centre
-        soft = torch.clamp(1 - dist.abs(), min=0) * mag  # (B, 8, G-2, G-2)
-        hog = F.adaptive_avg_pool2d(soft, 4)  # (B, 8, 4, 4)
+        # Orientation histograms over cells x cells, and over the whole image at two scales.
+        soft = self.orientations(grey)
+        hog = F.adaptive_avg_pool2d(soft, self.cells)  # (B, 8, 4, 4)
+        fine = soft.mean(dim=(2, 3))
+        coarse = self.orientations(F.avg_pool2d(grey, 2)).mean(dim=(2, 3))
+        texture = torch.sqrt(torch.cat([fine, coarse], dim=1))
+        texture = texture - texture.mean(dim=1, keepdim=True)
         hog = torch.sqrt(hog)
         hog = hog - hog.mean(dim=1, keepdim=True)  # per cell: which orientations, not how much edge
         hog = hog.flatten(1)
@@ -155,7 +169,7 @@ class CopyDescriptor(nn.Module):
         joint = torch.einsum("bip,bjp,bkp->bijk", soft[0], soft[1], soft[2]) / soft[0].shape[-1]
         hist = torch.sqrt(joint.reshape(b, -1))
         hist = hist - hist.mean(dim=1, keepdim=True)
-        return [thumb, colour, hog, hist]
+        return [thumb, colour, hog, hist, texture]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rgb = x.float() * self.std + self.mean
@@ -170,7 +184,6 @@ class CopyDescriptor(nn.Module):
         parts: list[torch.Tensor] = []
         for i in range(len(straight)):
             block = straight[i] + mirrored[i]
-            block = torch.sign(block) * torch.sqrt(block.abs() + 1e-12)
             parts.append(F.normalize(block, dim=1) * self.weights[i])
         out = torch.cat(parts, dim=1)
         pad = DIM - out.shape[1]

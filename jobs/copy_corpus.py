@@ -7,7 +7,7 @@ scikit-learn's sample images and matplotlib's sample data. From them `build_copy
   whole image is then left out, so no original contains another);
 - planted copies of originals, each by one or two realistic edits (rescale, a 70-95% crop, JPEG at
   quality 30-90, a small rotation, colour jitter, a text or logo overlay, uniform padding, a mirror
-  flip), re-encoded;
+  flip), re-encoded (a crop keeps 70-95% of the picture's area);
 - icons: flat-colour drawings with transparency, each rendered at several sizes (the renders of one
   drawing are copies of each other; different drawings are not).
 
@@ -64,7 +64,7 @@ CROPPED_IMAGES = (
     ("sklearn", "flower.jpg"),
 )
 CROP_SIDE = 0.45
-TEXTURES = ("brick.png", "grass.png", "gravel.png")
+TEXTURES = ("brick.png", "grass.png", "gravel.png", "hubble_deep_field.jpg")
 EDITS = ("rescale", "crop", "jpeg", "rotate", "jitter", "text", "logo", "pad", "flip")
 
 
@@ -156,8 +156,10 @@ def apply_edit(rng: np.random.Generator, img: Image.Image, edit: str, logo: Imag
         s = rng.uniform(0.4, 0.9)
         return img.resize((max(24, round(w * s)), max(24, round(h * s))), Image.Resampling.BICUBIC)
     if edit == "crop":
-        fw, fh = rng.uniform(0.7, 0.95, 2)
-        cw, ch = round(w * fw), round(h * fh)
+        area = rng.uniform(0.7, 0.95)  # the share of the picture kept
+        aspect = np.exp(rng.uniform(-0.1, 0.1))
+        cw = min(w, round(w * np.sqrt(area) * aspect))
+        ch = min(h, round(h * np.sqrt(area) / aspect))
         x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         return img.crop((x, y, x + cw, y + ch))
     if edit == "jpeg":
@@ -279,7 +281,7 @@ def originals() -> list[tuple[str, Image.Image]]:
         w, h = img.size
         cw, ch = round(w * CROP_SIDE), round(h * CROP_SIDE)
         corners = [(0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)]
-        if name in TEXTURES:  # crops of one texture are alike everywhere: two, diagonally apart
+        if name in TEXTURES:  # a texture (or star field) looks alike everywhere: two crops, diagonally apart
             corners = corners[::3]
         for k, (x, y) in enumerate(corners):
             out.append((f"{Path(name).stem}-crop{k}", img.crop((x, y, x + cw, y + ch))))
@@ -313,3 +315,60 @@ def build_copy_corpus(
         group += 1
     order = rng.permutation(len(images))  # copies land anywhere in the pool
     return CopyCorpus([images[i] for i in order])
+
+
+# ---------------------------------------------------------------- scoring a copy detector on it
+
+
+@dataclass
+class PairQuality:
+    threshold: float
+    precision: float  # of the pairs above the threshold, the share that are copies
+    recall: float  # of the copy pairs, the share above the threshold
+    copy_pairs: int
+    predicted_pairs: int
+    best_recall: float  # the highest recall at precision >= `target_precision`
+    best_threshold: float  # the threshold that reaches it
+
+
+def pair_quality(
+    vectors: np.ndarray, groups: np.ndarray, threshold: float, target_precision: float = 0.95
+) -> PairQuality:
+    """Pair precision and recall of cosine > `threshold` against the copy groups (every pair of
+    images counts once), and the best recall any threshold reaches at `target_precision`."""
+    sims = vectors @ vectors.T
+    i, j = np.triu_indices(groups.size, 1)
+    same = groups[i] == groups[j]
+    sim = sims[i, j]
+    predicted = sim > threshold
+    tp = int((predicted & same).sum())
+    order = np.argsort(-sim, kind="stable")
+    hits = np.cumsum(same[order])
+    precision_at = hits / np.arange(1, hits.size + 1)
+    reach = np.flatnonzero(precision_at >= target_precision)
+    best_recall = float(hits[reach[-1]] / same.sum()) if reach.size else 0.0
+    best_threshold = float(sim[order][reach[-1]]) if reach.size else 1.0
+    return PairQuality(
+        threshold=threshold,
+        precision=tp / max(1, int(predicted.sum())),
+        recall=tp / max(1, int(same.sum())),
+        copy_pairs=int(same.sum()),
+        predicted_pairs=int(predicted.sum()),
+        best_recall=best_recall,
+        best_threshold=best_threshold,
+    )
+
+
+def embed_corpus(corpus: CopyCorpus, model_spec, batch_size: int = 64) -> np.ndarray:
+    """Vectors of every corpus image by a copy-detection model spec (`ModelSpec`), through the embed
+    stage's own decoding (`prepare_image`) and model loading, on the CPU."""
+    from lvd.embeddings.models import load_embedding_model
+    from lvd.embeddings.preprocess import prepare_image
+
+    model = load_embedding_model(model_spec, "cpu")
+    cfg = model.preprocess
+    out = []
+    for start in range(0, len(corpus.images), batch_size):
+        batch = np.stack([prepare_image(im.data, cfg) for im in corpus.images[start : start + batch_size]])
+        out.append(model.embed_uint8(batch))
+    return np.concatenate(out)
