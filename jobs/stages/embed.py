@@ -64,7 +64,9 @@ def check_models(models: dict[str, ModelSpec]) -> dict[str, int]:
     from lvd.embeddings.vit import ARCHS
 
     return {
-        name: load_embedding_model(m, "cpu").dim if m.weights else ARCHS[m.arch].embed_dim
+        name: load_embedding_model(m, "cpu").dim
+        if m.weights or m.arch not in ARCHS
+        else ARCHS[m.arch].embed_dim
         for name, m in models.items()
     }
 
