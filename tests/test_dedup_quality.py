@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from PIL import Image
 
 from lvd.curation.dedup import component_decisions, copy_detection_edges, dedup_pool, graph_nodes
 from lvd.curation.knn import normalize
@@ -188,3 +189,30 @@ def test_job_on_real_images_collapses_copy_groups_without_chaining(corpus_job, c
     # The detector's pair recall is about 0.93 here: a few groups (texture crops, low-contrast
     # pictures) keep a second image; most must collapse to one.
     assert (kept_per_group[copy_groups] == 1).mean() >= 0.9
+
+
+def test_calibrate_counts_pairs_per_bin_and_writes_examples(corpus_job, tmp_path):
+    from typer.testing import CliRunner
+
+    from lvd.curation.stage_io import load_vectors
+    from lvd.jobs.calibrate import THUMB, calibrate
+    from lvd.jobs.cli import app
+
+    spec, _ = corpus_job
+    n = len(layout.read_table(spec.output_dir, layout.DEDUP))
+    model, bins = calibrate(spec.output_dir, tmp_path / "cal", low=0.5, high=1.0, step=0.1, examples=2, k=n)
+    assert model == layout.COPY_DETECTION
+    embed_parts = layout.list_parts(layout.table_dir(spec.output_dir, layout.EMBEDDINGS), model)
+    ids = layout.read_table(spec.output_dir, layout.DEDUP)["image_id"].to_numpy()
+    _, vectors = load_vectors(embed_parts, model, ids)
+    sims = (vectors @ vectors.T)[np.triu_indices(n, 1)]
+    expected, _ = np.histogram(sims, bins=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0 + 1e-6])
+    assert [b.pairs for b in bins] == expected.tolist()
+    for b in bins:
+        assert len(b.examples) == min(2, b.pairs)
+        for png in b.examples:
+            with Image.open(png) as im:
+                assert im.size == (2 * THUMB + 12, THUMB + 24)
+    result = CliRunner().invoke(app, ["dedup", "calibrate", spec.output_dir, "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert "copy_detection vectors" in result.output and "[0.80, 0.85)" in result.output
