@@ -36,6 +36,7 @@ log = logging.getLogger("lvd")
 
 EXACT, COPY, EVAL_OVERLAP = "exact", "copy", "eval-overlap"
 KEEP_RULES = ("largest_then_smallest_id", "smallest_id")
+GROUPINGS = ("components", "leader")
 
 
 def exact_duplicate_of(sha256: Sequence[str | None], image_ids: np.ndarray) -> np.ndarray:
@@ -128,6 +129,93 @@ def choose_kept(
     return kept_of_label[labels]
 
 
+def keep_order(image_ids: np.ndarray, area: np.ndarray | None, keep_rule: str) -> np.ndarray:
+    """Rank of each row in the keep rule's order (0 = the image a rule keeps first)."""
+    if keep_rule not in KEEP_RULES:
+        raise ValueError(f"unknown keep_rule {keep_rule!r}; choose one of {KEEP_RULES}")
+    if keep_rule == "largest_then_smallest_id" and area is not None:
+        order = np.lexsort((image_ids, -np.asarray(area, dtype=np.float64)))
+    else:
+        order = np.argsort(image_ids, kind="stable")
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    return rank
+
+
+def leader_kept(rank: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Leader grouping: row index of the kept image each row is dropped for (itself when kept).
+
+    The result of visiting rows in `rank` order and keeping a row unless an edge joins it to a row
+    already kept (then it is dropped for the first such row in the order). An image is dropped
+    only for its own edge to a kept image, so a chain A~B~C keeps C when A is kept and B is not.
+    Computed in rounds over the edges, not row by row: a row is decided kept once every row before
+    it among its neighbours is decided dropped, and dropped once one of them is kept.
+    """
+    n = rank.size
+    src = np.asarray(src, dtype=np.int64)
+    dst = np.asarray(dst, dtype=np.int64)
+    swap = rank[src] > rank[dst]
+    first = np.where(swap, dst, src)  # the edge's endpoint earlier in the order
+    later = np.where(swap, src, dst)
+    loop = first == later
+    first, later = first[~loop], later[~loop]
+    undecided, keep, drop = 0, 1, 2
+    state = np.zeros(n, dtype=np.int8)
+    kept_for = np.arange(n, dtype=np.int64)
+    while (state == undecided).any():
+        # Dropped: an undecided row with a kept neighbour earlier in the order, for the first such.
+        hit = (state[first] == keep) & (state[later] == undecided)
+        if hit.any():
+            best = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(best, later[hit], rank[first[hit]])
+            newly = np.flatnonzero(best < np.iinfo(np.int64).max)
+            state[newly] = drop
+            by_rank = np.argsort(rank)
+            kept_for[newly] = by_rank[best[newly]]
+        # Kept: an undecided row none of whose earlier neighbours is undecided or kept.
+        blocking = state[first] != drop
+        blocked = np.bincount(later[blocking], minlength=n) > 0
+        state[(state == undecided) & ~blocked] = keep
+    return kept_for
+
+
+def grouped_kept(
+    image_ids: np.ndarray,
+    area: np.ndarray | None,
+    keep_rule: str,
+    grouping: str,
+    copy_src: np.ndarray,
+    copy_dst: np.ndarray,
+) -> np.ndarray:
+    """Row of the image kept for each row under `grouping` "leader" (see `leader_kept`); the order is
+    the keep rule's. ("components" keeps one image per connected component: `choose_kept`.)"""
+    if grouping != "leader":
+        raise ValueError(f"unknown grouping {grouping!r}; choose one of {GROUPINGS}")
+    return leader_kept(keep_order(image_ids, area, keep_rule), copy_src, copy_dst)
+
+
+def component_size_stats(labels: np.ndarray, pool_images: int) -> dict:
+    """Sizes of the duplicate components (two images or more) of graph nodes labelled `labels`:
+    how many components, the largest, its share of the pool, and a histogram by size range."""
+    sizes = np.bincount(labels)
+    sizes = sizes[sizes >= 2]
+    hist: dict[str, int] = {}
+    lo = 2
+    while sizes.size and lo <= sizes.max():
+        hi = lo * 2 - 1
+        count = int(((sizes >= lo) & (sizes <= hi)).sum())
+        if count:
+            hist[f"{lo}-{hi}" if hi > lo else str(lo)] = count
+        lo *= 2
+    largest = int(sizes.max()) if sizes.size else 1
+    return {
+        "components": int(sizes.size),
+        "largest": largest,
+        "largest_share": largest / pool_images if pool_images else 0.0,
+        "histogram": hist,
+    }
+
+
 def eval_overlap(
     pool_vectors: np.ndarray,
     eval_vectors: np.ndarray,
@@ -184,6 +272,7 @@ def dedup_pool(
     exact_below: int = 1_000_000,
     chunk_size: int = 65_536,
     keep_rule: str = "largest_then_smallest_id",
+    grouping: str = DEDUP_DEFAULTS.grouping,
     seed: int = 0,
 ) -> DedupResult:
     """Exact, copy-detection and eval-overlap dedup of a pool (rows of L2-normalised `vectors`), all
@@ -216,7 +305,13 @@ def dedup_pool(
         area = np.nan_to_num(np.asarray(width, dtype=np.float64)) * np.nan_to_num(
             np.asarray(height, dtype=np.float64)
         )
-    kept_row = choose_kept(labels, image_ids, area, keep_rule)
+    if grouping == "components":
+        kept_row = choose_kept(labels, image_ids, area, keep_rule)
+    else:
+        kept_row = grouped_kept(
+            image_ids, area, keep_rule, grouping, unique_rows[edges.src], unique_rows[edges.dst]
+        )
+        kept_row[is_exact_dup] = kept_row[exact_rep[is_exact_dup]]  # exact copies follow their hash's image
 
     keep = kept_row == rows
     reason = np.full(n, None, dtype=object)
@@ -359,19 +454,28 @@ def component_decisions(
     copy_dst: np.ndarray,
     eval_matched: np.ndarray,
     keep_rule: str,
+    grouping: str = "components",
 ) -> Decisions:
     """`dedup_pool`'s decisions, computed on the graph's nodes only (`graph_nodes` of every edge
     endpoint and eval match; `area` of each node, None for smallest_id). Exact edges go from each
-    exact copy to the kept image of its hash, copy edges are the kNN edges above the threshold."""
+    exact copy to the kept image of its hash, copy edges are the kNN edges above the threshold.
+    `grouping`: one kept image per connected component, or "leader" (see `leader_kept`); eval
+    overlap always removes whole components, as the paper does."""
     nodes = np.asarray(nodes, dtype=np.int64)
     n = nodes.size
     src = np.searchsorted(nodes, np.concatenate([exact_src, copy_src]).astype(np.int64))
     dst = np.searchsorted(nodes, np.concatenate([exact_dst, copy_dst]).astype(np.int64))
     labels = connected_components(n, src, dst)  # smallest node index = smallest image_id
-    kept_row = choose_kept(labels, nodes, area, keep_rule)
+    exact_at = np.searchsorted(nodes, np.asarray(exact_src, dtype=np.int64))
+    if grouping == "components":
+        kept_row = choose_kept(labels, nodes, area, keep_rule)
+    else:
+        n_exact = np.asarray(exact_src).size
+        kept_row = grouped_kept(nodes, area, keep_rule, grouping, src[n_exact:], dst[n_exact:])
+        kept_row[exact_at] = kept_row[dst[:n_exact]]  # exact copies follow their hash's image
     keep = kept_row == np.arange(n)
     is_exact_dup = np.zeros(n, dtype=bool)
-    is_exact_dup[np.searchsorted(nodes, np.asarray(exact_src, dtype=np.int64))] = True
+    is_exact_dup[exact_at] = True
     reason = np.zeros(n, dtype=np.int8)
     reason[~keep & is_exact_dup] = REASONS.index(EXACT)
     reason[~keep & ~is_exact_dup] = REASONS.index(COPY)

@@ -58,6 +58,18 @@ def copy_detection_model(spec) -> str:
     return COPY_DETECTION if spec.embedding.copy_detection is not None else RETRIEVAL
 
 
+def detector_name(spec) -> str:
+    """Which copy detector dedup compares with, for logs, summaries and the README's wording."""
+    model = spec.embedding.copy_detection
+    if model is None:
+        r = spec.embedding.retrieval
+        weights = Path(r.weights).name if r.weights else "random init"
+        return f"retrieval model {r.arch} ({weights}), no copy-detection model given"
+    if model.arch == "copy_descriptor":
+        return "copy_descriptor (built-in, no learned weights)"
+    return f"{model.arch} ({Path(model.weights).name if model.weights else 'random init'})"
+
+
 def kept_pool_ids(dedup_parts: list[Path]) -> np.ndarray:
     """Pool images the dedup stage kept, sorted."""
     table = read_parts(dedup_parts, DEDUP, columns=["image_id", "keep"])

@@ -72,8 +72,9 @@ def preprocess_keys(models: dict[str, ModelSpec]) -> tuple[dict[str, PreprocessC
     configs: dict[str, PreprocessConfig] = {}
     key_of: dict[str, str] = {}
     for name, m in models.items():
-        # Patch size of a TorchScript model is unknown: crop to image_size exactly.
-        cfg = PreprocessConfig(m.resize_size, m.image_size, 1 if m.arch == "torchscript" else m.patch_size)
+        # Patch size of a TorchScript model is unknown (the copy descriptor has none): crop to image_size.
+        patch = 1 if m.arch in ("torchscript", "copy_descriptor") else m.patch_size
+        cfg = PreprocessConfig(m.resize_size, m.image_size, patch)
         key = next((k for k, c in configs.items() if c == cfg), str(len(configs)))
         configs[key] = cfg
         key_of[name] = key

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lvd.embeddings.checkpoints import CheckpointError, load_backbone
+from lvd.embeddings.copy_descriptor import CopyDescriptor
 from lvd.embeddings.hardware import autocast_dtype, default_device
 from lvd.embeddings.preprocess import PreprocessConfig, normalize
 from lvd.embeddings.vit import DinoVisionTransformer, build_vit
@@ -58,8 +59,10 @@ class EmbeddingModel:
 
 
 def build_module(spec: ModelSpec) -> nn.Module:
-    """The spec's backbone: loaded weights (checked against `sha256` when given), or a seeded random
-    init when weights is "random"."""
+    """The spec's backbone: the built-in copy descriptor, loaded weights (checked against `sha256` when
+    given), or a seeded random init when weights is "random"."""
+    if spec.arch == "copy_descriptor":
+        return CopyDescriptor()
     if spec.weights is None:
         raise ValueError('weights is required: a checkpoint path or URL, or "random" for a random init')
     if not spec.random_init:

@@ -18,6 +18,8 @@ shards_app = typer.Typer(no_args_is_help=True, help="Inspect and verify WebDatas
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a pretrained backbone.")
 app.add_typer(shards_app, name="shards")
 app.add_typer(eval_app, name="eval")
+dedup_app = typer.Typer(no_args_is_help=True, help="Choose dedup thresholds.")
+app.add_typer(dedup_app, name="dedup")
 
 
 # Loggers of the engines whose info lines a quiet run drops too (their warnings still show).
@@ -410,6 +412,30 @@ def shards_verify(directory: Path) -> None:
         typer.echo(f"{len(problems)} problem(s) in {directory}", err=True)
         raise typer.Exit(1)
     typer.echo(f"ok: {directory}")
+
+
+@dedup_app.command("calibrate")
+def dedup_calibrate(
+    output_dir: Path = typer.Argument(..., help="A job's output_dir, embedded (lvd run --until embed)."),
+    out: Path | None = typer.Option(None, help="Where the example PNGs go (default OUTPUT_DIR/calibrate)."),
+    low: float = typer.Option(0.4, help="Lowest bin edge (cosine)."),
+    high: float = typer.Option(1.0, help="Highest bin edge (cosine)."),
+    step: float = typer.Option(0.05, help="Bin width."),
+    examples: int = typer.Option(4, min=0, help="Example pairs written per bin."),
+    k: int = typer.Option(16, min=1, help="Neighbours per image the pairs come from."),
+    max_images: int = typer.Option(20_000, min=2, help="Pool images sampled (keyed) at most."),
+) -> None:
+    """Neighbour pairs per cosine bin, and example pairs per bin as side-by-side thumbnails."""
+    from lvd.jobs.calibrate import calibrate
+
+    out = out or output_dir / "calibrate"
+    model, bins = calibrate(
+        output_dir, out, low=low, high=high, step=step, examples=examples, k=k, max_images=max_images
+    )
+    typer.echo(f"{model} vectors, pairs among each image's {k} nearest neighbours:")
+    for b in bins:
+        typer.echo(f"  [{b.low:.2f}, {b.high:.2f})  {b.pairs:>8} pairs  {len(b.examples)} examples")
+    typer.echo(f"examples: {out}/<bin>/pair-N.png")
 
 
 # Training commands live with the training package; their modules import torch lazily.

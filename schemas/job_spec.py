@@ -67,10 +67,23 @@ class ModelSpec(_Strict):
     (testing only; a job says so in its log and report). A job spec must name it: there is no default."""
 
     arch: Literal[
-        "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_tiny", "vit_tiny_d4", "torchscript"
-    ] = "vit_small"
+        "vit_small",
+        "vit_base",
+        "vit_large",
+        "vit_giant2",
+        "vit_tiny",
+        "vit_tiny_d4",
+        "torchscript",
+        "copy_descriptor",
+    ] = Field(
+        "vit_small",
+        description="copy_descriptor: the built-in copy detector with no learned weights "
+        "(lvd.embeddings.copy_descriptor), for copy_detection when no SSCD TorchScript is at hand.",
+    )
     weights: str | None = Field(
-        None, description='Checkpoint path or URL, or "random" for a seeded random init (testing only).'
+        None,
+        description='Checkpoint path or URL, or "random" for a seeded random init (testing only); '
+        "none for copy_descriptor.",
     )
     sha256: str | None = Field(
         None,
@@ -100,6 +113,8 @@ class ModelSpec(_Strict):
             raise ValueError("arch 'torchscript' needs weights: the path of the TorchScript file")
         if self.sha256 and self.weights in (None, RANDOM_WEIGHTS):
             raise ValueError("sha256 is given but weights is not a file: nothing to check it against")
+        if self.arch == "copy_descriptor" and self.weights:
+            raise ValueError("arch 'copy_descriptor' is built in and takes no weights")
         return self
 
     @property
@@ -139,6 +154,22 @@ class DedupSpec(SearchSpec):
         0.45, gt=-1, le=1, description="Cosine above which a pool image matches an eval image."
     )
     keep_rule: Literal["largest_then_smallest_id", "smallest_id"] = "largest_then_smallest_id"
+    grouping: Literal["components", "leader"] = Field(
+        "leader",
+        description="components: one image kept per connected component of the copy graph (the paper's "
+        "rule; a few edges can chain distinct images into one component). leader: images visited in "
+        "keep_rule order, each dropped only when its own cosine to an already kept image passes the "
+        "threshold. Default leader: on the real-image corpus (benchmarks/dedup_quality.py) it collapses "
+        "the same copy groups with fewer distinct images dropped. Eval-overlap dedup always removes "
+        "whole components.",
+    )
+    max_component_share: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Warn (log and stage summary) when one duplicate component holds more than this "
+        "share of the pool: a sign of chaining or of a threshold too low for the copy detector.",
+    )
 
 
 class RetrievalSpec(SearchSpec):
@@ -251,7 +282,7 @@ class JobSpec(_Strict):
     def _weights_named(self) -> JobSpec:
         models = [("retrieval", self.embedding.retrieval), ("copy_detection", self.embedding.copy_detection)]
         for name, model in models:
-            if model is not None and model.weights is None:
+            if model is not None and model.weights is None and model.arch != "copy_descriptor":
                 raise ValueError(
                     f"embedding.{name}.weights is required: a checkpoint path or URL, or "
                     f"{RANDOM_WEIGHTS!r} to embed with random weights (testing only)"

@@ -1,3 +1,4 @@
+import itertools
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import pytest
 
 from lvd.curation.dedup import (
     EVAL_OVERLAP,
+    GROUPINGS,
     HASHES,
+    KEEP_RULES,
     REASONS,
     bucket_pool_rows,
     component_decisions,
@@ -71,7 +74,9 @@ def test_exact_duplicate_of_keeps_smallest_id():
 
 def test_planted_duplicates_one_kept_per_component_largest_rule():
     x, ids, sha, w, h = _planted_pool()
-    res = dedup_pool(ids, x, sha256=sha, width=w, height=h, k=8, threshold=0.6, chunk_size=37)
+    res = dedup_pool(
+        ids, x, sha256=sha, width=w, height=h, k=8, threshold=0.6, chunk_size=37, grouping="components"
+    )
     kept_rows = {0: 1, 1: 1, 2: 1, 3: 5, 4: 5, 5: 5, 6: 7, 7: 7, 8: 7, 9: 10, 10: 10}
     for row, kept in kept_rows.items():
         assert res.keep[row] == (row == kept), row
@@ -87,7 +92,9 @@ def test_planted_duplicates_one_kept_per_component_largest_rule():
 
 def test_smallest_id_rule():
     x, ids, sha, w, h = _planted_pool()
-    res = dedup_pool(ids, x, sha256=sha, width=w, height=h, k=8, keep_rule="smallest_id")
+    res = dedup_pool(
+        ids, x, sha256=sha, width=w, height=h, k=8, keep_rule="smallest_id", grouping="components"
+    )
     assert np.flatnonzero(~res.keep[:11]).tolist() == [0, 1, 3, 4, 6, 7, 9]
 
 
@@ -95,7 +102,7 @@ def test_eval_overlap_drops_whole_component():
     x, ids, sha, w, h = _planted_pool()
     rng = np.random.default_rng(5)
     evals = np.stack([_near(rng, x[3], 0.3), _near(rng, x[100], 0.3)])
-    res = dedup_pool(ids, x, sha256=sha, width=w, height=h, eval_vectors=evals, k=8)
+    res = dedup_pool(ids, x, sha256=sha, width=w, height=h, eval_vectors=evals, k=8, grouping="components")
     assert not res.keep[[3, 4, 5, 100]].any()
     assert res.reason[[3, 4, 5, 100]].tolist() == ["copy", "copy", "eval-overlap", "eval-overlap"]
     assert res.keep[[1, 7, 10]].all()
@@ -233,7 +240,7 @@ def reference_dedup(out: Path, spec: DedupSpec):
     pool = pool.take(np.searchsorted(pool["image_id"].to_numpy(), ids))
     eval_ids = load_images(image_parts, EVAL, ["image_id"])["image_id"].to_numpy()
     _, eval_vectors = load_vectors(vector_parts, MODEL, eval_ids)
-    params = spec.model_dump(exclude={"search_actors"})
+    params = spec.model_dump(exclude={"search_actors", "max_component_share"})
     res = dedup_pool(
         ids,
         vectors,
@@ -409,12 +416,22 @@ def test_bucket_pool_rows_keeps_pool_rows_with_a_vector(pool_parts, tmp_path):
 
 def test_component_decisions_equal_dedup_pool_on_random_graphs():
     """On random vectors with planted copies: the decisions from the edges' nodes alone equal the
-    whole-pool reference, for both keep rules and with eval matches."""
+    whole-pool reference, for both keep rules, both groupings and with eval matches."""
     rng = np.random.default_rng(8)
     x, ids, sha, w, h = _planted_pool()
     evals = np.stack([_near(rng, x[3], 0.3), _near(rng, x[100], 0.3)])
-    for keep_rule in ("largest_then_smallest_id", "smallest_id"):
-        res = dedup_pool(ids, x, sha256=sha, width=w, height=h, eval_vectors=evals, k=8, keep_rule=keep_rule)
+    for keep_rule, grouping in itertools.product(KEEP_RULES, GROUPINGS):
+        res = dedup_pool(
+            ids,
+            x,
+            sha256=sha,
+            width=w,
+            height=h,
+            eval_vectors=evals,
+            k=8,
+            keep_rule=keep_rule,
+            grouping=grouping,
+        )
         order = np.argsort(ids)
         rep = exact_duplicate_of(sha, ids)
         dup = np.flatnonzero(rep != np.arange(ids.size))
@@ -425,7 +442,9 @@ def test_component_decisions_equal_dedup_pool_on_random_graphs():
         matched = ids[eval_overlap(x, evals, threshold=0.45)]
         nodes = graph_nodes(exact_src, exact_dst, copy_src, copy_dst, matched)
         area = (w * h).astype(np.float64)[order][np.searchsorted(ids[order], nodes)]
-        d = component_decisions(nodes, area, exact_src, exact_dst, copy_src, copy_dst, matched, keep_rule)
+        d = component_decisions(
+            nodes, area, exact_src, exact_dst, copy_src, copy_dst, matched, keep_rule, grouping
+        )
         rows = np.searchsorted(ids[order], nodes)
         ref_rows = order[rows]
         assert np.array_equal(d.component_id, res.component_id[ref_rows])

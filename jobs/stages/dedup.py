@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,14 @@ from lvd.curation.dedup import (
     areas_of,
     bucket_pool_rows,
     component_decisions,
+    component_size_stats,
     exact_edges_of_bucket,
     graph_nodes,
     write_dedup_part,
 )
 from lvd.curation.knn_ray import search_parts
 from lvd.curation.knn_sharded import EdgeWriter, VectorPart, read_results
-from lvd.curation.stage_io import copy_detection_model
+from lvd.curation.stage_io import copy_detection_model, detector_name
 from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
 from lvd.jobs.workers import run_tasks
 from lvd.schemas import layout
@@ -73,6 +74,13 @@ class DedupSummary(StageSummary):
     search: str = ""
     ivf_recall: float | None = None
     shards: int = 0
+    detector: str = ""  # the copy detector whose vectors were compared
+    grouping: str = ""
+    components: int = 0  # duplicate components (two images or more)
+    largest_component: int = 0
+    largest_component_share: float = 0.0  # of the pool images
+    component_sizes: dict[str, int] = field(default_factory=dict)  # size range -> components
+    warnings: list[str] = field(default_factory=list)
 
 
 def _concat(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -153,7 +161,7 @@ def dedup_parts(
             raise RuntimeError("dedup: edge endpoints that are not pool rows with a vector")
         area = areas[order]
     decisions = component_decisions(
-        nodes, area, exact_src, exact_dst, copy_src, copy_dst, eval_matched, dedup.keep_rule
+        nodes, area, exact_src, exact_dst, copy_src, copy_dst, eval_matched, dedup.keep_rule, dedup.grouping
     )
 
     # 5. the DEDUP parts, each written by a worker from its rows file and the broadcast decisions.
@@ -181,8 +189,29 @@ def dedup_parts(
         search="exact" if copy.exact else f"{copy.index} on {copy.device}",
         ivf_recall=copy.recall,
         shards=copy.shards,
+        grouping=dedup.grouping,
     )
+    _record_components(summary, decisions, dedup.max_component_share)
     return summary
+
+
+def _record_components(summary: DedupSummary, decisions, max_share: float) -> None:
+    """Component sizes into the summary, and a warning when one component is too large a share."""
+    _, labels = np.unique(decisions.component_id, return_inverse=True)
+    stats = component_size_stats(labels, summary.images)
+    summary.components = stats["components"]
+    summary.largest_component = stats["largest"]
+    summary.largest_component_share = stats["largest_share"]
+    summary.component_sizes = stats["histogram"]
+    if stats["largest_share"] > max_share:
+        message = (
+            f"dedup: one duplicate component holds {stats['largest']} of {summary.images} pool images "
+            f"({stats['largest_share']:.1%} > dedup.max_component_share {max_share:.1%}): copies chain "
+            "through the kNN graph or dedup.threshold is too low for this copy detector; "
+            "`lvd dedup calibrate` shows pairs per similarity"
+        )
+        log.warning(message)
+        summary.warnings.append(message)
 
 
 def run(ctx: StageContext) -> DedupSummary:
@@ -198,6 +227,7 @@ def run(ctx: StageContext) -> DedupSummary:
         scratch=ctx.scratch_dir,
     )
     summary.model = model
+    summary.detector = detector_name(spec)
     log.info("dedup: %s", summary)
     return summary
 

@@ -64,7 +64,9 @@ def check_models(models: dict[str, ModelSpec]) -> dict[str, int]:
     from lvd.embeddings.vit import ARCHS
 
     return {
-        name: ARCHS[m.arch].embed_dim if m.random_init else load_embedding_model(m, "cpu").dim
+        name: ARCHS[m.arch].embed_dim
+        if m.random_init and m.arch in ARCHS
+        else load_embedding_model(m, "cpu").dim
         for name, m in models.items()
     }
 
