@@ -132,7 +132,13 @@ def test_large_component_warns_in_log_and_summary(caplog):
 
 
 def test_max_component_share_is_validated_by_name():
-    base = {"name": "j", "output_dir": "o", "pool": [{"uri": "p"}], "sampling": {"target_size": 1}}
+    base = {
+        "name": "j",
+        "output_dir": "o",
+        "pool": [{"uri": "p"}],
+        "embedding": {"retrieval": {"weights": "random"}},
+        "sampling": {"target_size": 1},
+    }
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="dedup.max_component_share"):
             parse_job_spec({**base, "dedup": {"max_component_share": bad}})
@@ -154,7 +160,12 @@ def corpus_job(tmp_path_factory, ray_local, corpus):
             "pool": [{"uri": str(root / "pool")}],
             "ingest": {"files_per_part": 64},
             "embedding": {
-                "retrieval": {"arch": "vit_tiny_d4", "image_size": 28, "resize_size": 32},
+                "retrieval": {
+                    "arch": "vit_tiny_d4",
+                    "weights": "random",
+                    "image_size": 28,
+                    "resize_size": 32,
+                },
                 "copy_detection": DESCRIPTOR.model_dump(),
             },
             "dedup": {"k": 16, "threshold": copy_descriptor.THRESHOLD},
