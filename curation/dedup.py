@@ -162,6 +162,7 @@ def leader_kept(rank: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarra
     undecided, keep, drop = 0, 1, 2
     state = np.zeros(n, dtype=np.int8)
     kept_for = np.arange(n, dtype=np.int64)
+    by_rank = np.argsort(rank)  # the row at each rank
     while (state == undecided).any():
         # Dropped: an undecided row with a kept neighbour earlier in the order, for the first such.
         hit = (state[first] == keep) & (state[later] == undecided)
@@ -170,7 +171,6 @@ def leader_kept(rank: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarra
             np.minimum.at(best, later[hit], rank[first[hit]])
             newly = np.flatnonzero(best < np.iinfo(np.int64).max)
             state[newly] = drop
-            by_rank = np.argsort(rank)
             kept_for[newly] = by_rank[best[newly]]
         # Kept: an undecided row none of whose earlier neighbours is undecided or kept.
         blocking = state[first] != drop
