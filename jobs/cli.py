@@ -126,7 +126,11 @@ def run(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("lvd-demo"), "--out", help="Folder for the demo's data and output."),
-    images: int = typer.Option(None, help="Pool size to generate (default 600; 2400 with --ablation)."),
+    images: int = typer.Option(
+        None,
+        envvar="LVD_DEMO_IMAGES",
+        help="Pool size to generate (default 600; 2400 with --ablation).",
+    ),
     ablation: bool = typer.Option(
         False, "--ablation", help="A long-tailed, duplicated, eval-leaking grey pool for `lvd ablate`."
     ),

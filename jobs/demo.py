@@ -6,6 +6,7 @@
   out/data/pool/pool.parquet        part as parquet with an `image` bytes column
   out/data/seeds/<name>/            seed sets (SEED_SETS: sample, cluster and as_is strategies)
   out/data/eval/holdout/            eval set: near-duplicates of pool images (for eval-overlap dedup)
+  out/data/labelled/{train,val}/    a labelled set of the 8 classes in grey, for `lvd eval knn`
   out/data/copy_detection.pt        a TorchScript stand-in for SSCD (see `CopyDetectionStandIn`)
   out/data/manifest.json            what was planted (written last: its presence means complete)
   out/job.yaml                      the job spec (paths relative to out/)
@@ -36,8 +37,9 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
+LABELLED_PER_CLASS = 12  # train images per class of data/labelled (val: half as many)
 CLASS_NAMES = ("discs", "stripes", "checker", "rings", "polygons", "blobs", "grid", "sunburst")
 # Unbalanced on purpose: the head classes dominate the pool, the tail ones are rare.
 CLASS_WEIGHTS = np.array([0.26, 0.2, 0.15, 0.11, 0.09, 0.08, 0.06, 0.05])
@@ -517,6 +519,8 @@ def build_demo(out: Path, n_images: int = 600, seed: int = 0) -> Path:
         _write(data_dir / rel, near_duplicate(rng, items[i]["data"]))
         eval_pairs.append([rel, uris[i]])
     write_copy_detection_model(data_dir / "copy_detection.pt", seed)
+    # A small labelled set in grey (only the patterns tell the classes apart) for `lvd eval knn`.
+    build_labelled_folder(data_dir / "labelled", LABELLED_PER_CLASS, seed, LABELLED_PER_CLASS // 2, "grey")
 
     files_per_part = max(32, n_images // 8)
     job_path.write_text(yaml.safe_dump(_job_spec(files_per_part), sort_keys=False))

@@ -42,7 +42,9 @@ def pretrain(
         Path("pretrain-out"), "--output", help="Checkpoints, metrics and the teacher export."
     ),
     steps: int = typer.Option(
-        None, help="Total schedule length in steps (the config's epochs are rescaled to fit)."
+        None,
+        envvar="LVD_PRETRAIN_STEPS",
+        help="Total schedule length in steps (the config's epochs are rescaled to fit).",
     ),
     stop_after: int = typer.Option(
         None, "--stop-after", help="Stop at this step (the schedule keeps its length)."
