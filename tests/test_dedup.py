@@ -309,7 +309,7 @@ def test_part_by_part_equals_in_memory_reference(ray_local, pool_parts, tmp_path
         counts["kept"],
     )
     assert summary.copy_edges == res.copy_edges and summary.shards == shards
-    assert summary.search == ("exact" if search == "flat" else "IVF16,Flat")
+    assert summary.search == ("exact" if search == "flat" else "IVF16,Flat on cpu")
     assert summary.ivf_recall == res.ivf_recall and (summary.ivf_recall is None) == (search == "flat")
     if search == "ivf":  # probing 4 of 16 lists misses edges: the approximate path is really compared
         assert summary.ivf_recall < 1
