@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -175,8 +176,14 @@ def ablated(tmp_path_factory, ray_local):
     config["compute"] = {"threads": 1}
     (root / "test.yaml").write_text(yaml.safe_dump(config))
     args = ["ablate", spec.output_dir, "--eval", str(root / "data" / "eval" / EVAL_SET)]
-    args += ["--config", str(root / "test.yaml"), "--steps", str(STEPS), "--batch-size", str(BATCH), "-q"]
-    first = CliRunner().invoke(app, args)
+    args += ["--config", str(root / "test.yaml"), "--steps", str(STEPS), "--batch-size", str(BATCH)]
+    # Not --quiet: it turns progress lines off for the process, and later test modules count them.
+    levels = {name: logging.getLogger(name).level for name in ("", "lvd")}
+    try:
+        first = CliRunner().invoke(app, args)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     return Path(spec.output_dir), first, args
 
 
