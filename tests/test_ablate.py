@@ -167,7 +167,7 @@ def ablated(tmp_path_factory, ray_local):
     from lvd.schemas.job_spec import load_job_spec
 
     root = tmp_path_factory.mktemp("ablate")
-    spec = load_job_spec(build_ablation_demo(root, n_images=120, eval_per_class=3, seeds_per_class=3))
+    spec = load_job_spec(build_ablation_demo(root, n_images=100, eval_per_class=3, seeds_per_class=3))
     run_job(spec)
     # The tiny config without loader processes, with fewer crops and one thread: the suite shares 2 cores.
     config = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())

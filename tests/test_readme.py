@@ -26,7 +26,7 @@ def test_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
     # A folder of its own, seeing the clone's Makefile and its set-up .venv as a user's clone would.
     for name in ("Makefile", "pyproject.toml", ".venv"):
         (tmp_path / name).symlink_to(REPO / name)
-    env = {**os.environ, "LVD_DEMO_IMAGES": "120", "LVD_PRETRAIN_STEPS": "4"}
+    env = {**os.environ, "LVD_DEMO_IMAGES": "60", "LVD_PRETRAIN_STEPS": "4"}
     outputs = []
     for command in commands[:-1]:
         proc = subprocess.run(
