@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lvd.jobs.demo import CLASS_NAMES, encode, generate_image, near_duplicate, write_copy_detection_model
+from lvd.jobs.demo import (
+    CLASS_NAMES,
+    already_built,
+    encode,
+    generate_image,
+    near_duplicate,
+    write_copy_detection_model,
+)
 
 GENERATOR_VERSION = 1
 MIN_IMAGES = 100
@@ -165,15 +171,8 @@ def build_ablation_demo(
         "seeds_per_class": seeds_per_class,
     }
     manifest_path = data_dir / "manifest.json"
-    if manifest_path.exists() and job_path.exists():
-        try:
-            if json.loads(manifest_path.read_text()).get("params") == params:
-                return job_path
-        except ValueError:
-            pass
-        shutil.rmtree(out / "output", ignore_errors=True)
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir(parents=True)
+    if already_built(out, params):
+        return job_path
     rng = np.random.default_rng([seed, 0xAB1A7E])
 
     # Eval set first: the pool leaks a near copy of each of its validation images.

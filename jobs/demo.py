@@ -473,6 +473,23 @@ def _job_spec(files_per_part: int) -> dict:
     }
 
 
+def already_built(out: Path, params: dict) -> bool:
+    """Whether `out` holds a generated demo (its manifest, written last, and its job spec) built with
+    `params`. When not, `out/data/` is emptied for a new build, and the job's `out/output/` too when
+    data of other parameters was there: it describes other images under the same paths."""
+    data_dir, manifest_path = out / "data", out / "data" / "manifest.json"
+    if manifest_path.exists() and (out / "job.yaml").exists():
+        try:
+            if json.loads(manifest_path.read_text()).get("params") == params:
+                return True
+        except ValueError:
+            pass
+        shutil.rmtree(out / "output", ignore_errors=True)
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    return False
+
+
 def build_demo(out: Path, n_images: int = 600, seed: int = 0) -> Path:
     """Generate the demo pool, seed and eval sets under `out/data/` and write `out/job.yaml`.
 
@@ -490,15 +507,8 @@ def build_demo(out: Path, n_images: int = 600, seed: int = 0) -> Path:
     job_path = out / "job.yaml"
     params = {"version": GENERATOR_VERSION, "n_images": n_images, "seed": seed}
     manifest_path = data_dir / "manifest.json"
-    if manifest_path.exists() and job_path.exists():
-        try:
-            if json.loads(manifest_path.read_text()).get("params") == params:
-                return job_path
-        except ValueError:
-            pass
-        shutil.rmtree(out / "output", ignore_errors=True)
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir(parents=True)
+    if already_built(out, params):
+        return job_path
 
     rng = np.random.default_rng(seed)
     items, extra = _generate_pool(rng, n_images)
