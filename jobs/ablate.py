@@ -5,8 +5,8 @@ The same pretraining config, steps, seed and number of images on each arm:
   dedup_pool  a random sample of the deduplicated pool (what dedup kept, before clustering/retrieval);
   raw_pool    a random sample of the raw pool (every ok pool image, no dedup);
   seeds       the seed sets alone (when the job has any; all their images when fewer than the others).
-Each arm is evaluated by kNN on labelled evaluation sets, and the curated arm is compared with every
-other arm on the same evaluation images (McNemar). A network at its initial weights is evaluated too,
+Each arm is evaluated by kNN and a linear probe on labelled evaluation sets, and the curated arm is
+compared with every other arm on the same evaluation images (McNemar). A network at its initial weights is evaluated too,
 as the floor every arm should clear.
 
 An arm's images are a curated-like table (the CURATED schema, `sources` = the arm's name) that the job's
@@ -357,6 +357,9 @@ def pretrain_arm(cfg, shard_dir: Path, out: Path, settings: AblationSettings) ->
     return marker
 
 
+PROBES = ("knn", "linear")  # each eval set is scored both ways on the same features
+
+
 def evaluate(
     backbone_key: str,
     load_backbone: Callable[[], Any],
@@ -364,9 +367,15 @@ def evaluate(
     arm: str,
     settings: AblationSettings,
 ) -> dict[str, dict]:
-    """kNN of one backbone on every eval set: per set {top1, n_train, n_val, correct (per validation
-    image, in `images` order), images}; each result file skipped when its marker matches."""
-    from lvd.training.knn_eval import knn_split_scores, labelled_splits
+    """kNN and a linear probe of one backbone on every eval set: per set and probe {top1, correct (per
+    validation image, in `images` order)}, with the set's sizes and images; each result file skipped
+    when its marker matches."""
+    from lvd.training.knn_eval import (
+        knn_feature_scores,
+        labelled_splits,
+        linear_feature_scores,
+        split_features,
+    )
 
     results, backbone = {}, None
     for path in settings.eval_sets:
@@ -374,23 +383,27 @@ def evaluate(
         train, val = labelled_splits(path)
         files = [str(p.relative_to(path)) for p in (*train.paths, *val.paths)]
         fingerprint = _fingerprint(
-            {"backbone": backbone_key, "files": files, "k": settings.k, "t": settings.temperature}
-        )
+            {"backbone": backbone_key, "files": files, "k": settings.k, "t": settings.temperature,
+             "probes": PROBES}
+        )  # fmt: skip
         result_file = layout.ablate_eval_file(out_dir, arm, name)
         done = _read_json(result_file)
         if done is not None and done.get("fingerprint") == fingerprint:
             results[name] = done
             continue
         backbone = backbone if backbone is not None else load_backbone()
-        scores = knn_split_scores(backbone, train, val, k=settings.k, temperature=settings.temperature)
+        feats = split_features(backbone, train, val)
+        scored = {
+            "knn": knn_feature_scores(feats, k=settings.k, temperature=settings.temperature),
+            "linear": linear_feature_scores(feats),
+        }
         results[name] = {
             "fingerprint": fingerprint,
-            "top1": scores.top1,
-            "n_train": scores.n_train,
-            "n_val": len(scores.labels),
-            "classes": len(scores.classes),
-            "correct": scores.correct.int().tolist(),
+            "n_train": len(train.paths),
+            "n_val": len(val.paths),
+            "classes": len(train.classes),
             "images": [str(p.relative_to(path)) for p in val.paths],
+            **{probe: {"top1": s.top1, "correct": s.correct.int().tolist()} for probe, s in scored.items()},
         }
         write_json_atomic(result_file, results[name])
     return results
@@ -400,42 +413,52 @@ def evaluate(
 
 
 def ablation_table(rows: list[dict], eval_sets: Sequence[str]) -> dict:
-    """The Table 2 of the run: one row per arm (and the initial weights), kNN top-1 per eval set, and
-    per eval set the paired comparison of the curated arm against each other row on the same images
-    (`vs_curated`: curated right only, this row right only, McNemar z; z > 0 favours curated)."""
+    """The Table 2 of the run: one row per arm (and the initial weights), kNN and linear-probe top-1 per
+    eval set, and per eval set and probe the paired comparison of the curated arm against each other
+    row on the same images (`vs_curated`: curated right only, this row right only, McNemar z; z > 0
+    favours curated)."""
     from lvd.training.knn_eval import paired_test
 
     curated = next((r for r in rows if r["arm"] == CURATED_ARM), None)
     out_rows = []
     for row in rows:
         entry = {k: row[k] for k in ("arm", "label", "images", "images_seen", "steps", "seconds")}
-        entry["knn_top1"] = {name: row["eval"][name]["top1"] for name in eval_sets}
-        entry["vs_curated"] = {}
+        for probe in PROBES:
+            entry[f"{probe}_top1"] = {name: row["eval"][name][probe]["top1"] for name in eval_sets}
+        entry["vs_curated"] = {probe: {} for probe in PROBES}
         if curated is not None and row is not curated:
             for name in eval_sets:
                 a, b = curated["eval"][name], row["eval"][name]
                 if a["images"] != b["images"]:
                     raise ValueError(f"eval set {name}: {row['arm']} was evaluated on other images")
-                test = paired_test(a["correct"], b["correct"])
-                entry["vs_curated"][name] = {
-                    "curated_only": test.only_a,
-                    "arm_only": test.only_b,
-                    "z": round(test.z, 3),
-                }
+                for probe in PROBES:
+                    test = paired_test(a[probe]["correct"], b[probe]["correct"])
+                    entry["vs_curated"][probe][name] = {
+                        "curated_only": test.only_a,
+                        "arm_only": test.only_b,
+                        "z": round(test.z, 3),
+                    }
         out_rows.append(entry)
     return {
         "eval_sets": {name: {"n_val": rows[0]["eval"][name]["n_val"]} for name in eval_sets},
+        "probes": list(PROBES),
         "rows": out_rows,
     }
 
 
 def format_markdown(table: dict) -> str:
-    """The table as markdown: one row per arm, a kNN top-1 column and a paired-z column per eval set."""
+    """The table as markdown: one row per arm; per eval set and probe a top-1 column and a paired-z
+    column."""
     names = list(table["eval_sets"])
+    probe_label = {"knn": "kNN", "linear": "linear"}
     header = ["arm", "images", "images seen", "steps", "seconds"]
     for name in names:
         n_val = table["eval_sets"][name]["n_val"]
-        header += [f"kNN top-1 {name} ({n_val} val)", f"curated vs arm, z ({name})"]
+        for probe in PROBES:
+            header += [
+                f"{probe_label[probe]} top-1 {name} ({n_val} val)",
+                f"z vs curated ({probe_label[probe]})",
+            ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table["rows"]:
         cells = [
@@ -446,19 +469,21 @@ def format_markdown(table: dict) -> str:
             f"{row['seconds']:.0f}",
         ]
         for name in names:
-            cells.append(f"{100 * row['knn_top1'][name]:.1f}")
-            paired = row["vs_curated"].get(name)
-            cells.append(
-                "-" if paired is None
-                else f"{paired['z']:+.2f} ({paired['curated_only']} vs {paired['arm_only']})"
-            )  # fmt: skip
+            for probe in PROBES:
+                cells.append(f"{100 * row[f'{probe}_top1'][name]:.1f}")
+                paired = row["vs_curated"][probe].get(name)
+                cells.append(
+                    "-" if paired is None
+                    else f"{paired['z']:+.2f} ({paired['curated_only']} vs {paired['arm_only']})"
+                )  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"{arm}: left out, {reason}." for arm, reason in table.get("left_out", {}).items()]
     lines.append(
         "z: McNemar on the same validation images, (curated right only - arm right only) / sqrt(sum); "
         "z > 0 favours curated, |z| > 2 is beyond noise. In brackets: images right only for curated vs "
-        "only for the arm."
+        "only for the arm. kNN: weighted 20-NN on the frozen features; linear: logistic regression on "
+        "them, its L2 weight chosen on held-out training images."
     )
     return "\n".join(lines) + "\n"
 
@@ -528,7 +553,11 @@ def run_ablation(spec: JobSpec, settings: AblationSettings, fanout: Fanout) -> d
             {"arm": arm, "label": ARM_LABELS[arm], "images": images, "images_seen": run["images_seen"],
              "steps": run["steps"], "seconds": run["seconds"], "eval": results}
         )  # fmt: skip
-        log.info("ablate: arm %s: kNN top-1 %s", arm, {n: round(r["top1"], 4) for n, r in results.items()})
+        log.info(
+            "ablate: arm %s: top-1 %s",
+            arm,
+            {n: {p: round(r[p]["top1"], 4) for p in PROBES} for n, r in results.items()},
+        )
     rows = [r for r in rows if r["arm"] != RANDOM_INIT] + [rows[0]]
     table = ablation_table(rows, names)
     table["left_out"] = left_out

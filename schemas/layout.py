@@ -261,7 +261,7 @@ def shard_plan_file(plan_dir: str | Path, index: int) -> Path:
 #   <output_dir>/ablate/<arm>/curated/part-NNNNN.parquet   the arm's images (CURATED schema)
 #   <output_dir>/ablate/<arm>/shards/                     its shards, written by the shards stage
 #   <output_dir>/ablate/<arm>/pretrain/                   its pretraining run (checkpoint, teacher)
-#   <output_dir>/ablate/<arm>/eval/<eval set>.json        its kNN result, per validation image
+#   <output_dir>/ablate/<arm>/eval/<eval set>.json        its kNN and linear-probe results, per val image
 # Each step's folder holds ABLATE_MARKER, written last: what it was made from (resume keys on it).
 
 ABLATE_DIR = "ablate"

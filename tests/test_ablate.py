@@ -75,7 +75,8 @@ def test_eligible_ids_by_arm():
 # ---------------------------------------------------------------- the table
 
 
-def _row(arm: str, correct: list[int]) -> dict:
+def _row(arm: str, correct: list[int], linear: list[int] | None = None) -> dict:
+    linear = correct if linear is None else linear
     return {
         "arm": arm,
         "label": arm,
@@ -83,22 +84,29 @@ def _row(arm: str, correct: list[int]) -> dict:
         "images_seen": 40,
         "steps": 5,
         "seconds": 1.0,
-        "eval": {"e": {"top1": float(np.mean(correct)), "n_val": len(correct), "correct": correct,
-                       "images": [f"v{i}.jpg" for i in range(len(correct))]}},
+        "eval": {"e": {"n_val": len(correct), "images": [f"v{i}.jpg" for i in range(len(correct))],
+                       "knn": {"top1": float(np.mean(correct)), "correct": correct},
+                       "linear": {"top1": float(np.mean(linear)), "correct": linear}}},
     }  # fmt: skip
 
 
 def test_table_pairs_curated_with_every_other_arm():
     curated = [1, 1, 1, 1, 0, 1, 0, 1]
     other = [0, 0, 1, 1, 1, 0, 0, 1]  # curated alone right on 3 images, the other alone on 1
-    table = ablate.ablation_table([_row("curated", curated), _row("raw_pool", other)], ["e"])
+    linear_other = [1, 0, 0, 0, 1, 0, 1, 0]  # the linear probe: curated alone right on 5, the other on 2
+    rows = [_row("curated", curated), _row("raw_pool", other, linear_other)]
+    table = ablate.ablation_table(rows, ["e"])
     assert [r["arm"] for r in table["rows"]] == ["curated", "raw_pool"]
-    assert table["rows"][0]["vs_curated"] == {}
-    paired = table["rows"][1]["vs_curated"]["e"]
+    assert table["rows"][0]["vs_curated"] == {"knn": {}, "linear": {}}
+    paired = table["rows"][1]["vs_curated"]["knn"]["e"]
     assert (paired["curated_only"], paired["arm_only"]) == (3, 1)
     assert paired["z"] == pytest.approx(2 / 2.0)
+    linear = table["rows"][1]["vs_curated"]["linear"]["e"]
+    assert (linear["curated_only"], linear["arm_only"]) == (5, 2)
+    assert linear["z"] == pytest.approx(3 / 7**0.5, abs=1e-3)
+    assert table["rows"][1]["linear_top1"]["e"] == pytest.approx(3 / 8)
     md = ablate.format_markdown(table)
-    assert md.count("\n| ") == 2 and "+1.00 (3 vs 1)" in md
+    assert md.count("\n| ") == 2 and "+1.00 (3 vs 1)" in md and "+1.13 (5 vs 2)" in md
 
 
 def test_table_refuses_results_on_other_images():
@@ -196,10 +204,11 @@ def test_ablate_prints_and_writes_the_table(ablated):
     assert md in first.output
     assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + len(ROW_ARMS)
     for row in table["rows"]:
-        assert set(row["knn_top1"]) == {EVAL_SET}
+        assert set(row["knn_top1"]) == set(row["linear_top1"]) == {EVAL_SET}
         if row["arm"] not in ("curated",):
-            paired = row["vs_curated"][EVAL_SET]
-            assert paired["curated_only"] + paired["arm_only"] <= table["eval_sets"][EVAL_SET]["n_val"]
+            for probe in ("knn", "linear"):
+                paired = row["vs_curated"][probe][EVAL_SET]
+                assert paired["curated_only"] + paired["arm_only"] <= table["eval_sets"][EVAL_SET]["n_val"]
         if row["arm"] != "random_init":
             assert row["steps"] == STEPS and row["images_seen"] == STEPS * BATCH
 

@@ -191,8 +191,10 @@ def paired_test(a_correct: torch.Tensor | np.ndarray, b_correct: torch.Tensor | 
 
 
 @dataclass
-class KnnValScores:
-    scores: torch.Tensor  # [n_val, C] class votes
+class ValScores:
+    """Class scores of a labelled set's val images (kNN votes, or a linear probe's logits)."""
+
+    scores: torch.Tensor  # [n_val, C]
     labels: torch.Tensor  # [n_val] true class
     n_train: int
     classes: list[str]
@@ -216,7 +218,7 @@ def knn_val_scores(
     temperature: float = 0.07,
     image_size: int | None = None,
     batch_size: int = 64,
-) -> KnnValScores:
+) -> ValScores:
     """kNN class scores of the val split of `data_dir` with its train split as the memory bank (see
     `labelled_splits`). Default image size: the backbone's training resolution."""
     train, val = labelled_splits(data_dir)
@@ -234,16 +236,64 @@ def knn_split_scores(
     temperature: float = 0.07,
     image_size: int | None = None,
     batch_size: int = 64,
-) -> KnnValScores:
+) -> ValScores:
     """kNN class scores of the `val` images with the `train` images as the memory bank."""
+    feats = split_features(backbone, train, val, image_size=image_size, batch_size=batch_size)
+    return knn_feature_scores(feats, k=k, temperature=temperature)
+
+
+@dataclass
+class SplitFeatures:
+    """A backbone's features of both splits of a labelled set: what kNN and the linear probe read."""
+
+    train: torch.Tensor  # [n_train, D]
+    val: torch.Tensor  # [n_val, D]
+    train_split: LabelledSplit
+    val_split: LabelledSplit
+    image_size: int
+
+
+def split_features(
+    backbone: nn.Module,
+    train: LabelledSplit,
+    val: LabelledSplit,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 64,
+) -> SplitFeatures:
+    """Features of both splits with the evaluation preprocessing. Default image size: the backbone's
+    training resolution."""
     if image_size is None:
         size = getattr(getattr(backbone, "patch_embed", None), "img_size", 224)
         image_size = int(size[0] if isinstance(size, tuple | list) else size)
     resize = int(round(image_size * 256 / 224))
     train_f = extract_features(backbone, train.paths, image_size, resize, batch_size)
     val_f = extract_features(backbone, val.paths, image_size, resize, batch_size)
-    scores = knn_scores(train_f, torch.from_numpy(train.labels), val_f, len(train.classes), k, temperature)
-    return KnnValScores(scores, torch.from_numpy(val.labels), len(train.paths), train.classes, image_size)
+    return SplitFeatures(train_f, val_f, train, val, image_size)
+
+
+def knn_feature_scores(feats: SplitFeatures, *, k: int = 20, temperature: float = 0.07) -> ValScores:
+    """kNN class scores of the val features with the train features as the memory bank."""
+    train, val = feats.train_split, feats.val_split
+    scores = knn_scores(
+        feats.train, torch.from_numpy(train.labels), feats.val, len(train.classes), k, temperature
+    )
+    return ValScores(scores, torch.from_numpy(val.labels), len(train.paths), train.classes, feats.image_size)
+
+
+def linear_feature_scores(feats: SplitFeatures, *, seed: int = 0) -> ValScores:
+    """Linear-probe class logits of the val features, the probe fitted on the train features."""
+    from lvd.training.linear_probe import fit_linear_probe
+
+    train, val = feats.train_split, feats.val_split
+    probe = fit_linear_probe(feats.train, train.labels, len(train.classes), seed=seed)
+    return ValScores(
+        probe.scores(feats.val),
+        torch.from_numpy(val.labels),
+        len(train.paths),
+        train.classes,
+        feats.image_size,
+    )
 
 
 def evaluate_knn(
@@ -263,7 +313,7 @@ def evaluate_knn(
     return knn_result(v, k)
 
 
-def knn_result(v: KnnValScores, k: int) -> dict[str, float | int]:
+def knn_result(v: ValScores, k: int) -> dict[str, float | int]:
     """The figures of a kNN evaluation: top-1 (top-5 with more than 5 classes) and the set's sizes."""
     result: dict[str, float | int] = {
         "top1": v.top1,
