@@ -81,7 +81,11 @@ def test_submit_with_token_auth_streams_the_job_and_exits_as_it_ended(tmp_path):
         bad_yaml = tmp_path / "dead.yaml"
         bad_yaml.write_text(yaml.safe_dump(bad))
         t0 = time.monotonic()
-        failed = _lvd("submit", str(bad_yaml), "--address", address, "--wait", env=with_token, check=False)
+        # `--ship always`: no second probe (the one above found no lvd on this head).
+        ship = ("--ship", "always")
+        failed = _lvd(
+            "submit", str(bad_yaml), "--address", address, "--wait", *ship, env=with_token, check=False
+        )
         assert failed.returncode == 1, failed.stderr[-3000:]
         assert time.monotonic() - t0 < 120
         assert f"lvd: error: cannot reach the Ray cluster at 127.0.0.1:{dead_port}" in failed.stdout
@@ -95,7 +99,7 @@ def test_submit_with_token_auth_streams_the_job_and_exits_as_it_ended(tmp_path):
         second_yaml.write_text(
             yaml.safe_dump(spec.model_dump(mode="json") | {"output_dir": str(tmp_path / "2")})
         )
-        second = _lvd("submit", str(second_yaml), "--address", address, env=with_token).stdout.strip()
+        second = _lvd("submit", str(second_yaml), "--address", address, *ship, env=with_token).stdout.strip()
         follow = subprocess.Popen(
             [str(Path(sys.executable).parent / "lvd"), "logs", second, "--address", address, "--follow"],
             env=with_token, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
