@@ -338,6 +338,11 @@ def _job_of(output_dir: Path):
 
     try:
         return parse_job_spec(json.loads((output_dir / layout.JOB_FILE).read_text()))
+    except FileNotFoundError:
+        typer.echo(
+            f"{output_dir} is not the output folder of an lvd job (it has no {layout.JOB_FILE})", err=True
+        )
+        raise typer.Exit(2) from None
     except (OSError, ValueError) as err:
         typer.echo(f"{output_dir} is not the output folder of an lvd job: {err}", err=True)
         raise typer.Exit(2) from None

@@ -363,6 +363,8 @@ def load_job_spec(path: str | Path) -> JobSpec:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise JobSpecError(f"no job spec at {path}: no such file") from None
     except (OSError, yaml.YAMLError) as err:
         raise JobSpecError(f"cannot read job spec {path}: {err}") from None
     if not isinstance(data, dict):
