@@ -500,7 +500,11 @@ def dedup_calibrate(
 ) -> None:
     """Neighbour pairs per cosine bin, and example pairs per bin as side-by-side thumbnails."""
     from lvd.jobs.calibrate import calibrate
+    from lvd.schemas import layout
 
+    if not layout.list_parts(layout.table_dir(output_dir, layout.EMBEDDINGS), layout.RETRIEVAL):
+        typer.echo(f"{output_dir} has no embeddings: run `lvd run JOB --until embed` first", err=True)
+        raise typer.Exit(2)
     out = out or output_dir / "calibrate"
     model, bins = calibrate(
         output_dir, out, low=low, high=high, step=step, examples=examples, k=k, max_images=max_images
