@@ -200,6 +200,10 @@ def _check_address(value: str) -> str:
     return value
 
 
+def _address_option():
+    return typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP, callback=_check_address)
+
+
 # `lvd status` / `submit --wait` exit codes per final job state (0 for a job still pending or running).
 EXIT_CODES = {"FAILED": 1, "STOPPED": 3}
 SHIP_HELP = (
@@ -223,7 +227,7 @@ def _shipping(address: str, ship: str):
 @app.command()
 def submit(
     job: Path = typer.Argument(..., help="Job spec YAML."),
-    address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP, callback=_check_address),
+    address: str = _address_option(),
     wait: bool = typer.Option(
         False, help="Stream the job's log until it ends; exit 1 if it FAILED, 3 if it was STOPPED."
     ),
@@ -244,7 +248,7 @@ def submit(
 @app.command("submit-pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit_pretrain(
     ctx: typer.Context,
-    address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP, callback=_check_address),
+    address: str = _address_option(),
     wait: bool = typer.Option(False, help="Wait until the job ends; exit 1 unless it succeeded."),
     ship: str = typer.Option("auto", help=SHIP_HELP),
 ) -> None:
@@ -288,9 +292,7 @@ def submit_pretrain(
 
 
 @app.command()
-def status(
-    job_id: str, address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP, callback=_check_address)
-) -> None:
+def status(job_id: str, address: str = _address_option()) -> None:
     """Status of a submitted job; exits 1 if it FAILED, 3 if it was STOPPED."""
     from lvd.jobs.submit import job_status
 
@@ -302,7 +304,7 @@ def status(
 @app.command()
 def logs(
     job_id: str,
-    address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP, callback=_check_address),
+    address: str = _address_option(),
     follow: bool = typer.Option(
         False, "--follow", "-f", help="Keep streaming until the job ends; exit as `lvd status` does."
     ),
@@ -319,9 +321,7 @@ def logs(
 
 
 @app.command()
-def stop(
-    job_id: str, address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP, callback=_check_address)
-) -> None:
+def stop(job_id: str, address: str = _address_option()) -> None:
     """Stop a submitted job."""
     from lvd.jobs.submit import job_status, stop_job
 
