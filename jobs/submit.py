@@ -23,7 +23,7 @@ Token authentication: every request carries the cluster's token when one is set 
 from __future__ import annotations
 
 import asyncio
-import importlib
+import importlib.util
 import json
 import logging
 import shlex
@@ -110,7 +110,8 @@ def stage_lvd_package(dest: Path) -> Path:
     `dest/lvd`, without bytecode; returns that folder."""
     root = dest / "lvd"
     for name in LVD_PACKAGES:
-        src = Path(importlib.import_module(f"lvd.{name}").__file__).parent
+        # find_spec: the package's folder without running its __init__ (lvd.training would import torch).
+        src = Path(importlib.util.find_spec(f"lvd.{name}").submodule_search_locations[0])
         shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return root
 
