@@ -121,7 +121,16 @@ def detect_format(path: str | Path) -> str:
     return "dinov2"
 
 
+def is_torch_save_file(path: Path) -> bool:
+    """Whether a file starts as torch.save writes it: a zip archive, or (the legacy format) a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def _torch_load(path: Path) -> Any:
+    if not is_torch_save_file(path):
+        raise CheckpointError(f"{path} is not a checkpoint (not a file torch.save wrote)")
     try:
         # mmap: tensors are paged in from the file when used, so checking a big checkpoint is cheap.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

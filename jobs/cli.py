@@ -63,6 +63,22 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _check_stages(force: list[str], until: str | None = None) -> None:
+    """Exit 2 naming a --force or --until value that is not a stage, before anything runs."""
+    import difflib
+
+    from lvd.jobs.pipeline import STAGE_NAMES
+
+    for option, name in [*(("--force", f) for f in force), *([("--until", until)] if until else [])]:
+        if name not in STAGE_NAMES:
+            close = difflib.get_close_matches(name, STAGE_NAMES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            typer.echo(
+                f"{option} {name!r} is not a stage: {hint}stages are {', '.join(STAGE_NAMES)}", err=True
+            )
+            raise typer.Exit(2)
+
+
 def _load_spec(path: Path):
     """The spec, with its inputs checked (sources and weights exist), or exit 2 with every problem."""
     from lvd.jobs.preflight import check_inputs
@@ -117,8 +133,15 @@ def run(
 
     Each stage logs its progress (rows done, rows per second, time left) every few seconds."""
     _setup_logging(verbose, quiet)
+    _check_stages(force, until)
     spec = _load_spec(job)
     from lvd.jobs.runner import run_and_report
+    from lvd.jobs.submit import SHIPPED_ENV
+
+    if os.environ.get(SHIPPED_ENV):
+        logging.getLogger(__name__).info(
+            "lvd: shipped with this job by `lvd submit` (%s)", Path(__file__).parent
+        )
 
     run_and_report(spec, force=force, until=until)
 
@@ -140,6 +163,12 @@ def demo(
 ) -> None:
     """Generate an offline pool and seed set, write a job spec for it, run it and print the funnel."""
     _setup_logging(verbose, quiet)
+    _check_stages(force)
+    from lvd.jobs.preflight import output_dir_problem
+
+    if problem := output_dir_problem(str(out.resolve()), "--out"):
+        typer.echo(problem, err=True)
+        raise typer.Exit(2)
     from lvd.jobs.runner import run_and_report
 
     if ablation:
@@ -162,23 +191,53 @@ ADDRESS_HELP = (
     "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."
 )
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def _check_address(value: str) -> str:
+    """A dashboard address the Jobs API client takes: http(s)://HOST[:PORT]."""
+    if not re.fullmatch(r"https?://[^/\s]+/?", value):
+        raise typer.BadParameter(f"{value!r}: give http://HEAD:8265")
+    return value
+
+
+def _address_option():
+    return typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP, callback=_check_address)
+
+
 # `lvd status` / `submit --wait` exit codes per final job state (0 for a job still pending or running).
 EXIT_CODES = {"FAILED": 1, "STOPPED": 3}
+SHIP_HELP = (
+    "Which lvd runs the job: 'auto' asks the head's `python` (a probe job) and ships this lvd with "
+    "the job (Ray py_modules) unless the cluster has lvd; 'always' ships it; 'never' uses the cluster's."
+)
+
+
+def _shipping(address: str, ship: str):
+    """Decide which lvd runs a submitted job and say so on stderr (stdout keeps the job id alone)."""
+    from lvd.jobs.submit import SHIP_MODES, decide_shipping
+
+    if ship not in SHIP_MODES:
+        typer.echo(f"--ship {ship!r}: use one of {', '.join(SHIP_MODES)}", err=True)
+        raise typer.Exit(2)
+    shipping = decide_shipping(address, ship)
+    typer.echo(f"lvd: {shipping.reason}", err=True)
+    return shipping
 
 
 @app.command()
 def submit(
     job: Path = typer.Argument(..., help="Job spec YAML."),
-    address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP),
+    address: str = _address_option(),
     wait: bool = typer.Option(
         False, help="Stream the job's log until it ends; exit 1 if it FAILED, 3 if it was STOPPED."
     ),
+    ship: str = typer.Option("auto", help=SHIP_HELP),
 ) -> None:
     """Submit a job to a running Ray cluster through the Ray Jobs API; prints the job id."""
     spec = _load_spec(job)
     from lvd.jobs.submit import follow_job, submit_job
 
-    job_id = submit_job(spec, address=address)
+    job_id = submit_job(spec, address=address, shipping=_shipping(address, ship))
     typer.echo(job_id)
     if wait:
         final = follow_job(job_id, address)
@@ -189,8 +248,9 @@ def submit(
 @app.command("submit-pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit_pretrain(
     ctx: typer.Context,
-    address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP),
+    address: str = _address_option(),
     wait: bool = typer.Option(False, help="Wait until the job ends; exit 1 unless it succeeded."),
+    ship: str = typer.Option("auto", help=SHIP_HELP),
 ) -> None:
     """Run `lvd pretrain` on a running Ray cluster as a Ray job. Every other option is `lvd pretrain`'s,
     e.g. `--from-job OUT --output OUT/pretrain --ray-workers 8 --gpu`; paths must be valid on the
@@ -221,7 +281,8 @@ def submit_pretrain(
         else:
             args += [param.opts[0], str(value)]
     metadata = {"output_dir": str(Path(params["output"]).resolve())}
-    job_id = submit(args, address, config_file=config_file, metadata=metadata)
+    shipping = _shipping(address, ship)
+    job_id = submit(args, address, config_file=config_file, metadata=metadata, shipping=shipping)
     typer.echo(job_id)
     if wait:
         final = wait_for_job(job_id, address)
@@ -231,7 +292,7 @@ def submit_pretrain(
 
 
 @app.command()
-def status(job_id: str, address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP)) -> None:
+def status(job_id: str, address: str = _address_option()) -> None:
     """Status of a submitted job; exits 1 if it FAILED, 3 if it was STOPPED."""
     from lvd.jobs.submit import job_status
 
@@ -243,7 +304,7 @@ def status(job_id: str, address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRES
 @app.command()
 def logs(
     job_id: str,
-    address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP),
+    address: str = _address_option(),
     follow: bool = typer.Option(
         False, "--follow", "-f", help="Keep streaming until the job ends; exit as `lvd status` does."
     ),
@@ -260,7 +321,7 @@ def logs(
 
 
 @app.command()
-def stop(job_id: str, address: str = typer.Option(DEFAULT_ADDRESS, help=ADDRESS_HELP)) -> None:
+def stop(job_id: str, address: str = _address_option()) -> None:
     """Stop a submitted job."""
     from lvd.jobs.submit import job_status, stop_job
 
@@ -277,6 +338,11 @@ def _job_of(output_dir: Path):
 
     try:
         return parse_job_spec(json.loads((output_dir / layout.JOB_FILE).read_text()))
+    except FileNotFoundError:
+        typer.echo(
+            f"{output_dir} is not the output folder of an lvd job (it has no {layout.JOB_FILE})", err=True
+        )
+        raise typer.Exit(2) from None
     except (OSError, ValueError) as err:
         typer.echo(f"{output_dir} is not the output folder of an lvd job: {err}", err=True)
         raise typer.Exit(2) from None
@@ -409,6 +475,9 @@ def shards_verify(directory: Path) -> None:
     """Check a shard folder against its index: counts, checksums, keys, adjacency, decodability."""
     from lvd.jobs.shard_verify import verify_shards
 
+    if not directory.is_dir():
+        typer.echo(f"{directory}: no such folder (give a folder of shards, e.g. OUTPUT_DIR/shards)", err=True)
+        raise typer.Exit(2)
     problems = verify_shards(directory)
     for p in problems:
         typer.echo(p, err=True)
@@ -431,7 +500,11 @@ def dedup_calibrate(
 ) -> None:
     """Neighbour pairs per cosine bin, and example pairs per bin as side-by-side thumbnails."""
     from lvd.jobs.calibrate import calibrate
+    from lvd.schemas import layout
 
+    if not layout.list_parts(layout.table_dir(output_dir, layout.EMBEDDINGS), layout.RETRIEVAL):
+        typer.echo(f"{output_dir} has no embeddings: run `lvd run JOB --until embed` first", err=True)
+        raise typer.Exit(2)
     out = out or output_dir / "calibrate"
     model, bins = calibrate(
         output_dir, out, low=low, high=high, step=step, examples=examples, k=k, max_images=max_images
@@ -468,14 +541,16 @@ def error_line(err: BaseException) -> str:
     return text if isinstance(err, (OSError, LookupError)) else f"{type(err).__name__}: {text}"
 
 
-def main() -> None:
-    """The `lvd` command. An error ends it with one line on stderr and exit 1 (the traceback with -v)."""
+def main(argv: list[str] | None = None) -> None:
+    """The `lvd` command (`argv`: its arguments, default sys.argv[1:]). An error ends it with one
+    line on stderr and exit 1 (the traceback with -v)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        app()
+        app(args=argv, prog_name="lvd")
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - usage errors exit 2 inside click; this is the rest
-        if "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]:
+        if "-v" in argv or "--verbose" in argv:
             raise
         print(f"lvd: error: {error_line(err)}", file=sys.stderr)
         sys.exit(1)

@@ -143,30 +143,70 @@ def get_spark(spec: JobSpec):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession
 
-    builder = (
-        SparkSession.builder.appName(f"lvd-{spec.name}")
-        .master(local_master_with_retries(spec.spark.master))
-        .config("spark.driver.memory", spec.spark.driver_memory)
-        .config("spark.executor.memory", spec.spark.executor_memory)
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.python.worker.reuse", "true")
+    conf = {
+        "spark.app.name": f"lvd-{spec.name}",
+        "spark.master": local_master_with_retries(spec.spark.master),
+        "spark.driver.memory": spec.spark.driver_memory,
+        "spark.executor.memory": spec.spark.executor_memory,
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.python.worker.reuse": "true",
         # Replaces Spark's default log4j profile and its start-up banner (spec.spark.conf may override).
-        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{SPARK_LOG4J}")
-    )
+        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{SPARK_LOG4J}",
+    }
     if spec.spark.master.startswith("local"):
         # One machine: a few shuffle partitions (a cluster keeps Spark's default; adaptive query
         # execution merges small ones).
-        builder = (
-            builder.config("spark.sql.shuffle.partitions", "8")
-            .config("spark.driver.bindAddress", "127.0.0.1")
-            .config("spark.driver.host", "127.0.0.1")
-        )
-    for k, v in spec.spark.conf.items():
+        conf |= {
+            "spark.sql.shuffle.partitions": "8",
+            "spark.driver.bindAddress": "127.0.0.1",
+            "spark.driver.host": "127.0.0.1",
+        }
+    conf |= spec.spark.conf
+    _launch_spark_jvm(conf)
+    builder = SparkSession.builder
+    for k, v in conf.items():
         builder = builder.config(k, v)
     _spark = builder.getOrCreate()
     _spark.sparkContext.setLogLevel("WARN")
     return _spark
+
+
+# Lines the Spark JVM writes to stderr that are no problem and that no option turns off: the JVM
+# warns at start-up about the incubator module Spark's launcher always adds
+# (--add-modules=jdk.incubator.vector). Shown with -v.
+_JVM_NOISE = (b"WARNING: Using incubator modules",)
+
+
+def _launch_spark_jvm(conf: dict[str, str]) -> None:
+    """Start this process's Spark JVM (once) with its stderr read by a thread that copies it to ours
+    without the `_JVM_NOISE` lines. Spark's Python workers, children of the JVM, write there too."""
+    import subprocess
+    import threading
+
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+
+    if SparkContext._gateway is not None:
+        return
+    spark_conf = SparkConf().setAll(list(conf.items()))
+    gateway = launch_gateway(spark_conf, popen_kwargs={"stderr": subprocess.PIPE})
+    threading.Thread(
+        target=_copy_jvm_stderr, args=(gateway.proc.stderr,), name="spark-jvm-stderr", daemon=True
+    ).start()
+    SparkContext._ensure_initialized(gateway=gateway, conf=spark_conf)
+
+
+def _copy_jvm_stderr(stream) -> None:
+    """Copy the JVM's stderr to this process's (file descriptor 2, where it went before) line by
+    line until the JVM ends; it must keep reading whatever happens, or the JVM blocks on a full pipe."""
+    for line in iter(stream.readline, b""):
+        if line.startswith(_JVM_NOISE) and not log.isEnabledFor(logging.DEBUG):
+            continue
+        try:
+            os.write(2, line)
+        except OSError:
+            pass
 
 
 def local_master_with_retries(master: str, attempts: int = LOCAL_TASK_ATTEMPTS) -> str:

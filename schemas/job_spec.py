@@ -6,8 +6,10 @@ path and the allowed values (pydantic's messages, reformatted by `load_job_spec`
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -312,6 +314,27 @@ class JobSpecError(ValueError):
     """A job spec that cannot run; the message names every bad field."""
 
 
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The model class a field holds, through `X | None` and `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+def _fields_beside(loc: tuple) -> list[str]:
+    """The field names a spec allows where `loc` (a pydantic error location) points."""
+    model: type[BaseModel] | None = JobSpec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        model = _model_in(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -320,7 +343,8 @@ def _format_errors(err: ValidationError) -> str:
         if e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         elif e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _fields_beside(e["loc"]), n=1)
+            msg = f"unknown field (did you mean {close[0]!r}?)" if close else "unknown field"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
         lines.append(f"  {loc}: {msg}")
@@ -339,6 +363,8 @@ def load_job_spec(path: str | Path) -> JobSpec:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise JobSpecError(f"no job spec at {path}: no such file") from None
     except (OSError, yaml.YAMLError) as err:
         raise JobSpecError(f"cannot read job spec {path}: {err}") from None
     if not isinstance(data, dict):

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -125,6 +126,19 @@ _JOIN_SHIM = (
 )
 
 
+def python_without_lvd(dest: Path) -> Path:
+    """A Python environment that has this venv's packages (Ray, torch, ...) but not lvd: a new venv
+    whose .pth file puts this venv's site-packages on its path. Python reads .pth files only in
+    its own site folders, so the editable install's finder (a .pth file there) is not loaded."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True)
+    site = next(dest.glob("lib/python*/site-packages"))
+    (site / "packages-of-the-test-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return dest / "bin" / "python"
+
+
+_RAY_CLI = "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"
+
+
 def _spawn(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log_path, "w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -155,9 +169,11 @@ def ray_cluster(
     worker_cpus: Sequence[int] = (),
     timeout: float = 120.0,
     auth_token: str | None = None,
+    python: Path | None = None,
 ) -> Iterator[RayCluster]:
     """A head (with dashboard) and one worker node per entry of `worker_cpus`, all on 127.0.0.1;
-    with `auth_token`, every node runs with Ray token auth and that token.
+    with `auth_token`, every node runs with Ray token auth and that token. With `python`, the nodes
+    run Ray with that interpreter, whose folder comes first on their PATH (a job's `python`).
 
     Yields once every node is ALIVE in the state API.
     """
@@ -168,8 +184,9 @@ def ray_cluster(
     common += ["--object-store-memory", str(OBJECT_STORE_BYTES)]
     # Workers bind ports the OS picks: nodes on one host would otherwise share one fixed range.
     common += ["--min-worker-port", "0", "--max-worker-port", "0"]
+    ray_cmd = [_ray_bin()] if python is None else [str(python), "-c", _RAY_CLI]
     head = [
-        _ray_bin(), "start", "--head", *common, "--port", str(gcs),
+        *ray_cmd, "start", "--head", *common, "--port", str(gcs),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
         "--ray-client-server-port", str(client), *_node_ports(),
         "--num-cpus", str(head_cpus), "--temp-dir", str(temp_dir),
@@ -178,11 +195,22 @@ def ray_cluster(
         # RAY_ADDRESS: processes the nodes start that look a cluster up (e.g. Ray Train's placement
         # group cleaner) find this one, not any other Ray instance running on the machine.
         env = {**head_env(auth_token), "RAY_ADDRESS": cluster.gcs}
+        if python is not None:
+            env.update(PATH=f"{python.parent}{os.pathsep}{env['PATH']}", PYSPARK_PYTHON=str(python))
+            env.update(PYSPARK_DRIVER_PYTHON=str(python))
         cluster.procs.append(_spawn(head, temp_dir / "node-0-head.log", env))
         deadline = time.monotonic() + timeout
         _wait(cluster, deadline, lambda: _accepts(cluster.gcs))  # nodes may join before the dashboard is up
         for i, cpus in enumerate(worker_cpus, start=1):
-            worker = [sys.executable, "-c", _JOIN_SHIM, "start", "--address", cluster.gcs, *common]
+            worker = [
+                str(python or sys.executable),
+                "-c",
+                _JOIN_SHIM,
+                "start",
+                "--address",
+                cluster.gcs,
+                *common,
+            ]
             worker += [*_node_ports(), "--num-cpus", str(cpus), "--temp-dir", str(temp_dir)]
             # The nodes share the head's log folder: one log monitor (the head's) forwards it once.
             worker += ["--include-log-monitor", "false"]

@@ -63,3 +63,28 @@ def test_cluster_clients_use_token_auth_when_a_token_is_set_up(monkeypatch, tmp_
     assert wants_token_auth()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert not wants_token_auth()
+
+
+def test_spark_jvm_stderr_is_copied_without_its_start_up_warning(capfd):
+    """What the Spark JVM (and its Python workers) write to stderr reaches ours line by line, except
+    the incubator-module warning, which shows only with -v (lvd's logger at debug)."""
+    import logging
+    import os
+
+    from lvd.jobs.engines import _copy_jvm_stderr
+
+    jvm_says = b"WARNING: Using incubator modules: jdk.incubator.vector\nworker line 7\nlast, unended"
+    lvd_log = logging.getLogger("lvd")
+    level = lvd_log.level
+    try:
+        for debug in (False, True):
+            lvd_log.setLevel(logging.DEBUG if debug else logging.INFO)
+            read, write = os.pipe()
+            os.write(write, jvm_says)
+            os.close(write)
+            with os.fdopen(read, "rb") as stream:
+                _copy_jvm_stderr(stream)
+            err = capfd.readouterr().err
+            assert err == (jvm_says.decode() if debug else "worker line 7\nlast, unended")
+    finally:
+        lvd_log.setLevel(level)

@@ -133,13 +133,15 @@ def _job_yaml(tmp_path, **changes) -> str:
 def test_validate_names_every_missing_input_before_any_work(tmp_path):
     from typer.testing import CliRunner
 
+    from lvd.embeddings.checkpoints import save_lvd_backbone
+    from lvd.embeddings.vit import build_vit
     from lvd.jobs.cli import app
     from lvd.jobs.preflight import input_problems
 
     job = _job_yaml(
         tmp_path,
         embedding={
-            "retrieval": {"weights": "models/missing.pth"},
+            "retrieval": {"arch": "vit_tiny", "weights": "models/missing.pth"},
             "copy_detection": {"arch": "torchscript", "weights": "https://example.invalid/sscd.pt"},
         },
     )
@@ -159,6 +161,13 @@ def test_validate_names_every_missing_input_before_any_work(tmp_path):
         (tmp_path / name / "a.png").write_bytes(b"not read by validate")
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "missing.pth").write_bytes(b"")
+    result = CliRunner().invoke(app, ["validate", job])  # a weights file is loaded as the embed stage would
+    assert result.exit_code == 2
+    assert (
+        f"embedding.retrieval.weights: {tmp_path / 'models' / 'missing.pth'} is not a checkpoint"
+        in result.output
+    )
+    save_lvd_backbone(build_vit("vit_tiny", img_size=28), tmp_path / "models" / "missing.pth")
     result = CliRunner().invoke(app, ["validate", job])
     assert result.exit_code == 0, result.output
     assert "ok: job 't'" in result.output

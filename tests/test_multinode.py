@@ -162,6 +162,7 @@ class Pretraining:
     ray_summary: dict  # what that command printed
     job_id: str
     job_status: str
+    submit_said: str  # what `lvd submit-pretrain` printed on stderr
 
 
 @pytest.fixture(scope="module")
@@ -174,16 +175,19 @@ def pretrained(clusters, curated, tmp_path_factory) -> Pretraining:
     config.write_text(yaml.safe_dump(load_config("tiny", PRETRAIN_OVERRIDES).model_dump(mode="json")))
     common = ["--from-job", str(curated.cluster_out), "--config", str(config), "--stop-after", str(STEPS)]
 
-    job_id = _lvd(
+    submitted = _lvd(
         "submit-pretrain", "--address", ray_c.dashboard,
         *common, "--output", str(root / "one-process"), "--data-ranks", "2",
-    ).stdout.strip().splitlines()[-1]  # fmt: skip
+    )  # fmt: skip
+    job_id = submitted.stdout.strip().splitlines()[-1]
     printed = _lvd(
         "pretrain", *common, "--output", str(root / "ray-train"),
         "--ray-workers", "2", "--ray-address", ray_c.gcs,
     ).stdout.strip().splitlines()[-1]  # fmt: skip
     status = wait_for_job(job_id, ray_c.dashboard, timeout=600)
-    return Pretraining(root / "one-process", root / "ray-train", json.loads(printed), job_id, status)
+    return Pretraining(
+        root / "one-process", root / "ray-train", json.loads(printed), job_id, status, submitted.stderr
+    )
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -194,6 +198,8 @@ def test_pretraining_submitted_as_a_ray_job(clusters, pretrained):
     ray_c, _ = clusters
     logs = job_logs(pretrained.job_id, ray_c.dashboard)
     assert pretrained.job_status == "SUCCEEDED", logs[-4000:]
+    # The nodes run Ray from this venv, which has lvd: the probe finds it and nothing is shipped.
+    assert f"running the job with the cluster's lvd ({sys.executable})" in pretrained.submit_said
     assert _lvd("status", pretrained.job_id, "--address", ray_c.dashboard).stdout.strip() == "SUCCEEDED"
     assert f"step {STEPS}/" in _lvd("logs", pretrained.job_id, "--address", ray_c.dashboard).stdout
     assert [r["step"] for r in _metrics(pretrained.one_process)] == list(range(STEPS))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_head import free_ports, head_env, ray_cluster
+from ray_head import free_ports, head_env, python_without_lvd, ray_cluster
 
 from lvd.jobs.demo import build_demo
 from lvd.schemas.job_spec import load_job_spec
@@ -40,16 +40,20 @@ def _one_line_error(out: subprocess.CompletedProcess) -> str:
 
 
 def test_submit_with_token_auth_streams_the_job_and_exits_as_it_ended(tmp_path):
-    """A head with Ray token auth: requests without the token are refused; with RAY_AUTH_TOKEN set,
-    `lvd submit --wait` streams the job's log and exits 0 on success, 1 on failure; `lvd stop`,
-    `lvd status` and `lvd logs --follow` say how a stopped job ended; mistakes are one line."""
+    """A head with Ray token auth whose `python` has no lvd: requests without the token are refused;
+    with RAY_AUTH_TOKEN set, `lvd submit --wait` ships lvd with the job, streams the job's log and
+    exits 0 on success, 1 on failure; `lvd stop`, `lvd status` and `lvd logs --follow` say how a
+    stopped job ended; mistakes are one line. (A head with lvd installed: test_multinode.)"""
     token = uuid.uuid4().hex
     home = tmp_path / "home"
     home.mkdir()
     job_yaml = build_demo(tmp_path / "demo", n_images=60)
     spec = load_job_spec(job_yaml)
     with_token, without_token = _client_env(home, token), _client_env(home, None)
-    with ray_cluster(auth_token=token) as cluster:
+    python = python_without_lvd(tmp_path / "no-lvd")
+    no_lvd = subprocess.run([python, "-c", "import ray, lvd.jobs"], capture_output=True, text=True)
+    assert "No module named 'lvd'" in no_lvd.stderr  # Ray imports there, lvd does not
+    with ray_cluster(auth_token=token, python=python) as cluster:
         address = cluster.dashboard
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
@@ -63,6 +67,8 @@ def test_submit_with_token_auth_streams_the_job_and_exits_as_it_ended(tmp_path):
         assert job_id.startswith("lvd-")
         assert "funnel:" in submitted.stdout and "shards written" in submitted.stdout  # the job's log
         assert f"job {job_id}: SUCCEEDED" in submitted.stderr
+        assert f"the cluster's python ({python}) has no lvd: shipping" in submitted.stderr
+        assert "shipped with this job by `lvd submit`" in submitted.stdout  # the job's log says so
         assert _lvd("status", job_id, "--address", address, env=with_token).stdout.strip() == "SUCCEEDED"
         assert "funnel:" in _lvd("logs", job_id, "--address", address, "--follow", env=with_token).stdout
         index = json.loads((Path(spec.output_dir) / "shards" / "index.json").read_text())
@@ -75,7 +81,11 @@ def test_submit_with_token_auth_streams_the_job_and_exits_as_it_ended(tmp_path):
         bad_yaml = tmp_path / "dead.yaml"
         bad_yaml.write_text(yaml.safe_dump(bad))
         t0 = time.monotonic()
-        failed = _lvd("submit", str(bad_yaml), "--address", address, "--wait", env=with_token, check=False)
+        # `--ship always`: no second probe (the one above found no lvd on this head).
+        ship = ("--ship", "always")
+        failed = _lvd(
+            "submit", str(bad_yaml), "--address", address, "--wait", *ship, env=with_token, check=False
+        )
         assert failed.returncode == 1, failed.stderr[-3000:]
         assert time.monotonic() - t0 < 120
         assert f"lvd: error: cannot reach the Ray cluster at 127.0.0.1:{dead_port}" in failed.stdout
@@ -89,7 +99,7 @@ def test_submit_with_token_auth_streams_the_job_and_exits_as_it_ended(tmp_path):
         second_yaml.write_text(
             yaml.safe_dump(spec.model_dump(mode="json") | {"output_dir": str(tmp_path / "2")})
         )
-        second = _lvd("submit", str(second_yaml), "--address", address, env=with_token).stdout.strip()
+        second = _lvd("submit", str(second_yaml), "--address", address, *ship, env=with_token).stdout.strip()
         follow = subprocess.Popen(
             [str(Path(sys.executable).parent / "lvd"), "logs", second, "--address", address, "--follow"],
             env=with_token, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -120,18 +130,31 @@ def test_submit_pretrain_checks_options_and_sends_paths_the_cluster_can_open(tmp
 
     sent: list[dict] = []
 
-    def fake_submit(args, address, *, config_file=None, metadata=None):
-        sent.append({"args": args, "address": address, "config_file": config_file})
+    def fake_submit(args, address, *, config_file=None, metadata=None, shipping=None):
+        sent.append({"args": args, "address": address, "config_file": config_file, "shipping": shipping})
         return "lvd-pretrain-0"
 
     monkeypatch.setattr("lvd.jobs.submit.submit_pretrain", fake_submit)
+    monkeypatch.setattr("lvd.jobs.submit.probe_cluster_python", lambda address: pytest.fail("probed"))
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "small.yaml"
     config.write_text("train: {batch_size_per_gpu: 4}\n")
     runner = CliRunner()
     common = ["submit-pretrain", "--address", "http://head:8265", "--from-job", "out"]
     result = runner.invoke(
-        app, [*common, "--config", "small.yaml", "--output", "run", "--ray-workers", "2", "--no-resume"]
+        app,
+        [
+            *common,
+            "--config",
+            "small.yaml",
+            "--output",
+            "run",
+            "--ray-workers",
+            "2",
+            "--no-resume",
+            "--ship",
+            "never",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "lvd-pretrain-0"
@@ -146,8 +169,24 @@ def test_submit_pretrain_checks_options_and_sends_paths_the_cluster_can_open(tmp
     typer.main.get_command(app).commands["pretrain"].make_context("lvd pretrain", list(args))
 
     # A built-in config name goes as it is; nothing is submitted for a bad option or without --output.
-    runner.invoke(app, [*common, "--config", "tiny", "--output", "run"])
+    runner.invoke(app, [*common, "--config", "tiny", "--output", "run", "--ship", "always"])
     assert sent[-1]["config_file"] is None and "tiny" in sent[-1]["args"]
+    assert [c["shipping"].ship for c in sent] == [False, True]
     assert runner.invoke(app, [*common, "--output", "run", "--no-such-option"]).exit_code == 2
     assert runner.invoke(app, common).exit_code == 2
+    assert runner.invoke(app, [*common, "--output", "run", "--ship", "sometimes"]).exit_code == 2
     assert len(sent) == 2
+
+
+def test_shipped_lvd_package_is_the_one_pyproject_lists(tmp_path):
+    """What `submit` ships holds every package pyproject.toml installs, as importable folders."""
+    import tomllib
+
+    from lvd.jobs.submit import stage_lvd_package
+
+    root = stage_lvd_package(tmp_path)
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    for package in pyproject["tool"]["setuptools"]["packages"]:
+        assert (root.parent / package.replace(".", "/") / "__init__.py").is_file(), package
+    assert not list(root.rglob("__pycache__"))
+    assert (root / "jobs" / "spark-log4j2.properties").is_file()  # data files travel too

@@ -38,7 +38,9 @@ def list_labelled_folder(split_dir: Path, classes: list[str] | None = None) -> L
                 paths.append(p)
                 labels.append(idx)
     if not paths:
-        raise ValueError(f"no images under {split_dir}/<class>/")
+        raise ValueError(
+            f"no images under {split_dir}/<class>/: put each class's images in a folder named after it"
+        )
     return LabelledSplit(paths, np.asarray(labels, dtype=np.int64), classes)
 
 

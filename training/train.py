@@ -27,6 +27,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from lvd.embeddings.checkpoints import is_torch_save_file
 from lvd.training.augment import MultiCrop, MultiCropConfig, augment_batch
 from lvd.training.config import PretrainConfig
 from lvd.training.launch import (
@@ -133,6 +134,8 @@ class CheckpointRefused(ValueError):
 def load_checkpoint(path: Path) -> dict:
     """A pretraining checkpoint, read with `weights_only=True`: tensors, numbers, strings and plain
     containers only, so a crafted file cannot run code when resumed or evaluated."""
+    if not is_torch_save_file(path):
+        raise ValueError(f"{path} is not a checkpoint (not a file torch.save wrote)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
