@@ -13,6 +13,8 @@
     <output_dir>/embed/_<name>/part-NNNNN/chunk-*.parquet   embed: vectors of a part not yet merged
     <output_dir>/shards/lvd-NNNNNN.tar           WebDataset shards, each with lvd-NNNNNN.parquet
     <output_dir>/shards/index.json, index.parquet   the dataset index, written last
+    <output_dir>/_previous/<stage>/              an earlier run of a stage whose inputs changed, kept
+                                                 while the stage reruns so it can reuse unchanged parts
 
 Temp files are hidden (`.<name>.<random>.tmp` beside the final name) and renamed into place, so
 no glob here ever matches a half-written file. Every other module asks this one for names.
@@ -107,6 +109,14 @@ def scratch_dir(stage_folder: str | Path, name: str) -> Path:
 
 
 INGEST_PLAN = "_plan.json"  # ingest: fingerprint of the work units its parts were written for
+EMBED_INPUTS = "_inputs.json"  # embed: digest of each images part its parts were embedded from
+PREVIOUS = "_previous"
+
+
+def previous_stage_dir(out_dir: str | Path, stage: str) -> Path:
+    """Where the runner keeps a stage's earlier output while the stage reruns on changed inputs
+    (stages declaring `reuses_previous`): the stage adopts the parts it can, the runner then removes it."""
+    return Path(out_dir) / PREVIOUS / stage
 
 
 def embed_chunk_dir(scratch: str | Path, part: int) -> Path:
