@@ -71,9 +71,9 @@ def grown(moved_demo_job):
         (new / f"copy-{i}{Path(uri).suffix}").write_bytes(Path(uri).read_bytes())
     (new / f"eval-copy{Path(eval_files[0]).suffix}").write_bytes(Path(eval_files[0]).read_bytes())
 
-    run_job(load_job_spec(_spec_file(root / "job.yaml", "job-first.yaml")))  # the moved job, finished
+    run_job(load_job_spec(_spec_file(root / "job.yaml", "job-first.yaml")), until="shards")
     before = _shard_files(layout.shards_dir(out))
-    incremental = run_job(load_job_spec(_spec_file(root / "job.yaml", "job-grown.yaml", new)))
+    incremental = run_job(load_job_spec(_spec_file(root / "job.yaml", "job-grown.yaml", new)), until="shards")
     full_out = str(root / "full-out")
     full_spec = load_job_spec(_spec_file(root / "job.yaml", "job-full.yaml", new, full_out))
     full = run_job(full_spec, until="dedup")
