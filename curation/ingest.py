@@ -71,6 +71,8 @@ class WorkUnit:
     kind: UnitKind
     paths: tuple[str, ...]  # files; a single tar / parquet path otherwise
     image_column: str = "image"  # parquet only
+    root: str = ""  # the source's root: ids hash the uri relative to it (see `id_key`); "": the whole uri
+    root_label: str = ""  # what stands for the root in the id key (the root's name)
 
     def to_dict(self) -> dict:
         return {
@@ -78,11 +80,20 @@ class WorkUnit:
             "kind": self.kind,
             "paths": list(self.paths),
             "image_column": self.image_column,
+            "root": self.root,
+            "root_label": self.root_label,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> WorkUnit:
-        return cls(d["dataset"], d["kind"], tuple(d["paths"]), d.get("image_column", "image"))
+        return cls(
+            d["dataset"],
+            d["kind"],
+            tuple(d["paths"]),
+            d.get("image_column", "image"),
+            d.get("root", ""),
+            d.get("root_label", ""),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,30 +417,91 @@ def plan_work_units(
     return units
 
 
+_WILD = re.compile(r"[*?\[{]")
+
+
+def source_root(uri: str, literal_folder: bool) -> str:
+    """The folder a source's paths are taken relative to for ids: the pattern up to its first
+    component with a glob or brace; for a literal name, the folder itself or a file's folder."""
+    fs, fs_path = fsspec.core.url_to_fs(uri)
+    pattern = (fs_path if isinstance(fs, LocalFileSystem) else uri).rstrip("/")
+    parts = pattern.split("/")
+    wild = next((i for i, p in enumerate(parts) if _WILD.search(p)), None)
+    if wild is not None:
+        return "/".join(parts[:wild]) or "/"
+    return pattern if literal_folder else ("/".join(parts[:-1]) or "/")
+
+
+def root_labels(roots: Sequence[str]) -> list[str]:
+    """A label per source root: the root's name; a later root with the name of an earlier, different
+    root gets `~2`, `~3`, ... so two folders named alike cannot give two images one id. Labels depend
+    only on the sources before, so a source added at the end changes no earlier label."""
+    labels: dict[str, str] = {}
+    taken: set[str] = set()
+    for root in roots:
+        if root in labels:
+            continue
+        name = PurePosixPath(root.split("://", 1)[-1]).name
+        label, n = name, 1
+        while label in taken:
+            n += 1
+            label = f"{name}~{n}"
+        labels[root] = label
+        taken.add(label)
+    return [labels[r] for r in roots]
+
+
+def id_key(uri: str, root: str, root_label: str) -> str:
+    """What an image id hashes besides the dataset: the root's label and the uri relative to the root
+    (`folder/cls/img.png`, `pool/pool-000.tar#key.jpg`), so ids survive moving the pool; a uri outside
+    the root (or no root) keys by itself."""
+    prefix = root if root.endswith("/") else root + "/"
+    if root and uri.startswith(prefix):
+        return f"{root_label}/{uri[len(prefix) :]}"
+    return uri
+
+
 def _assemble(
     s: SourceSet, found: list[list[Match]], folder_files: Iterator[list[str]], files_per_part: int
 ) -> list[WorkUnit]:
-    """One set's units from its matches, in source order; `folder_files` yields each folder's files."""
+    """One set's units from its matches, in source order; `folder_files` yields each folder's files.
+
+    Loose files (globs, literal image files) are chunked together after the folders; each chunk is
+    split where the source root changes, so every unit has one root."""
     units: list[WorkUnit] = []
     seen: set[str] = set()
-    loose: list[str] = []
+    loose: list[tuple[str, int]] = []
+    roots = [
+        source_root(src.uri, any(m.kind == "folder" and m.literal for m in matches))
+        for src, matches in zip(s.sources, found, strict=True)
+    ]
+    labels = root_labels(roots)
 
     def fresh(paths: list[str]) -> list[str]:
         new = [p for p in paths if p not in seen]
         seen.update(new)
         return new
 
-    for src, matches in zip(s.sources, found, strict=True):
+    for k, (src, matches) in enumerate(zip(s.sources, found, strict=True)):
+        root = {"root": roots[k], "root_label": labels[k]}
         for m in matches:
             if m.kind == "folder":
                 files = fresh(next(folder_files))
-                units += [WorkUnit(s.dataset, "files", c) for c in _chunks(files, files_per_part)]
+                units += [WorkUnit(s.dataset, "files", c, **root) for c in _chunks(files, files_per_part)]
             elif m.kind in ("tar", "parquet"):
                 if fresh([m.path]):
-                    units.append(WorkUnit(s.dataset, m.kind, (m.path,), src.image_column))
+                    units.append(WorkUnit(s.dataset, m.kind, (m.path,), src.image_column, **root))
             elif m.kind == "file":
-                loose += fresh([m.path])
-    return units + [WorkUnit(s.dataset, "files", c) for c in _chunks(sorted(loose), files_per_part)]
+                loose += [(p, k) for p in fresh([m.path])]
+    for c in _chunks(sorted(loose), files_per_part):
+        start = 0
+        for i in range(1, len(c) + 1):
+            if i == len(c) or c[i][1] != c[start][1]:
+                k = c[start][1]
+                paths = tuple(p for p, _ in c[start:i])
+                units.append(WorkUnit(s.dataset, "files", paths, root=roots[k], root_label=labels[k]))
+                start = i
+    return units
 
 
 def list_work_units(
@@ -585,9 +657,14 @@ def _decode_reason(err: BaseException, data: bytes) -> str:
 # Ids and one work unit
 
 
-def stable_image_id(dataset: str, uri: str) -> int:
-    """A non-negative int64 from blake2b(dataset, uri): the same on every run and machine."""
-    digest = hashlib.blake2b(f"{dataset}\x00{uri}".encode(), digest_size=8).digest()
+def stable_image_id(dataset: str, key: str) -> int:
+    """A non-negative int64 from blake2b(dataset, key): the same on every run and machine.
+
+    `key` is `id_key(uri, ...)`: the path relative to the source root, so moving the pool keeps ids.
+    63 bits, not 53: at a billion images 53-bit hashes would be expected to collide (n^2 / 2^54 pairs).
+    Readers that go through float64 (pandas with nulls, JSON in JavaScript) get ids as strings or
+    Arrow-backed integers (`schemas.ids`)."""
+    digest = hashlib.blake2b(f"{dataset}\x00{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -621,8 +698,17 @@ NOT_UTF8 = "unsafe name: not UTF-8 (the file cannot be named in the images table
 class _Rows:
     """Accumulates rows of the images table column by column."""
 
-    def __init__(self, dataset: str, max_pixels: int, min_side: int, max_aspect_ratio: float | None):
+    def __init__(
+        self,
+        dataset: str,
+        max_pixels: int,
+        min_side: int,
+        max_aspect_ratio: float | None,
+        root: str = "",
+        root_label: str = "",
+    ):
         self.dataset = dataset
+        self.root, self.root_label = root, root_label
         self.limits = {"max_pixels": max_pixels, "min_side": min_side, "max_aspect_ratio": max_aspect_ratio}
         self.cols: dict[str, list] = {name: [] for name in IMAGES.names}
 
@@ -637,7 +723,7 @@ class _Rows:
         else:
             probe = _result(error=error)
         row = {
-            "image_id": stable_image_id(self.dataset, uri),
+            "image_id": stable_image_id(self.dataset, id_key(uri, self.root, self.root_label)),
             "dataset": self.dataset,
             "uri": uri,
             "kind": kind,
@@ -830,7 +916,7 @@ def ingest_unit(
     """Read and probe every image of a work unit: one `images` row per image, good or bad.
 
     The limits are the job spec's `ingest` section; min_side and max_aspect_ratio default to none."""
-    rows = _Rows(unit.dataset, max_pixels, min_side, max_aspect_ratio)
+    rows = _Rows(unit.dataset, max_pixels, min_side, max_aspect_ratio, unit.root, unit.root_label)
     if unit.kind == "files":
         _ingest_files(unit, rows, max_bytes)
     elif unit.kind == "tar":

@@ -431,3 +431,37 @@ def hierarchical_kmeans_over_parts(
             np.bincount(parent, weights=sizes[-1], minlength=centroids[lv + 1].shape[0]).astype(np.int64)
         )
     return PartsHierarchy(centroids, parents, sizes, leaf.label_parts, n)
+
+
+def assign_to_hierarchy(
+    parts: list[VectorPart],
+    centroids: list[np.ndarray],
+    parents: list[np.ndarray],
+    label_dir: Path,
+    *,
+    n: int,
+    spherical: bool = True,
+    assign_dtype: AssignDtype = "auto",
+    fanout: Fanout | None = None,
+) -> PartsHierarchy:
+    """The points of `parts` assigned to a fitted hierarchy (an earlier run's): one nearest-centroid
+    pass at level 0 writing the label parts; upper levels follow the parents. No fit."""
+    fanout = fanout or RayFanout()
+    if assign_dtype == "auto" and fanout.gpu_task_options():
+        assign_dtype = "float32"
+    assign_dtype = resolve_assign_dtype(assign_dtype)
+    items = [(p, part_path(label_dir, p.index)) for p in parts]
+    stats = _assign_all(
+        fanout,
+        items,
+        centroids[0],
+        spherical=spherical,
+        assign_dtype=assign_dtype,
+        name=f"k-means k={centroids[0].shape[0]}: assign to the earlier centroids",
+    )
+    sizes = [stats.counts]
+    for lv, parent in enumerate(parents):
+        sizes.append(
+            np.bincount(parent, weights=sizes[-1], minlength=centroids[lv + 1].shape[0]).astype(np.int64)
+        )
+    return PartsHierarchy(centroids, parents, sizes, [path for _, path in items], n)

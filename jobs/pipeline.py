@@ -99,6 +99,7 @@ def run_job(
         if stage.name in force:
             # A forced stage starts from nothing: parts from the previous run must not be reused.
             shutil.rmtree(stage_dir, ignore_errors=True)
+            shutil.rmtree(layout.previous_stage_dir(out_dir, stage.name), ignore_errors=True)
         t0 = time.perf_counter()
         if stage_is_done(spec, stage, out_dir):
             marker = read_marker(stage_dir)
@@ -108,9 +109,17 @@ def run_job(
             fingerprints = _fingerprints(spec, stage, out_dir)
             started = read_marker(stage_dir, layout.STARTED)
             if started is not None and started != fingerprints:
-                # Parts left by an attempt with another config or other inputs are stale: never mix them in.
-                log.info("stage %s: config or inputs changed, clearing %s", stage.name, stage_dir)
-                shutil.rmtree(stage_dir)
+                # Parts left by an attempt with another config or other inputs are stale: never mix them
+                # in. A stage that reuses unchanged parts gets the finished earlier output set aside.
+                previous = layout.previous_stage_dir(out_dir, stage.name)
+                if stage.reuses_previous and (stage_dir / layout.MARKER).exists():
+                    log.info("stage %s: inputs changed, keeping its output aside for reuse", stage.name)
+                    shutil.rmtree(previous, ignore_errors=True)
+                    previous.parent.mkdir(parents=True, exist_ok=True)
+                    stage_dir.rename(previous)
+                else:
+                    log.info("stage %s: config or inputs changed, clearing %s", stage.name, stage_dir)
+                    shutil.rmtree(stage_dir)
             (stage_dir / layout.MARKER).unlink(missing_ok=True)
             stage_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(stage_dir / layout.STARTED, fingerprints)
@@ -121,6 +130,7 @@ def run_job(
                     f"stage {stage.name!r} returned {type(summary).__name__}, not {stage.summary.__name__}"
                 )
             seconds = time.perf_counter() - t0
+            shutil.rmtree(layout.previous_stage_dir(out_dir, stage.name), ignore_errors=True)
             write_json_atomic(
                 stage_dir / layout.MARKER,
                 {

@@ -487,11 +487,7 @@ def write_report(out_dir: str | Path, spec: JobSpec) -> Path:
 
     # Output: samples read back from a few shards, and the share of each source.
     shard_dir = layout.shards_dir(out_dir)
-    shard_parts = sorted(
-        p
-        for p in shard_dir.glob(f"{layout.SHARD_PREFIX}*.parquet")
-        if layout.shard_number(p.name) is not None
-    )
+    shard_parts = layout.shard_tables(shard_dir)  # the latest version's
     shard_results = run_tasks(shard_stats, shard_parts, name="report: shards")
     source_counts, n_samples = Counter(), 0
     for sources, n, _ in shard_results:

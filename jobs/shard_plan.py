@@ -37,7 +37,7 @@ from lvd.jobs.shard_writer import (
     write_plan_file,
 )
 from lvd.schemas import layout
-from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES
+from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES, SHARD_SAMPLES
 
 log = logging.getLogger("lvd")
 
@@ -50,6 +50,9 @@ SORT_PARTITION_ROWS = 1 << 21
 SAMPLE_COLUMNS = [n for n in PLAN.names if n not in ("shard", "position", "key")]
 # Columns of the images table a sample takes (where its bytes are and what its sidecar names).
 IMAGE_COLUMNS = ["dataset", "uri", "kind", "path", "member", "offset", "size", "sha256", "format"]
+# What a sample's tar member and sidecar are made of besides its image id and repeat: a kept shard's
+# samples must all be unchanged in these.
+SAME_COLUMNS = ["uri", "sha256", "format", "sources", "cluster_ids"]
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,18 @@ class ShardPlan:
     n_samples: int
     shards_per_file: int
     sort_partitions: int = 1
+    first: int = 0  # the number of the first shard (after the kept shards of an earlier version)
+
+    @property
+    def shards(self) -> range:
+        """The numbers of the planned shards."""
+        return range(self.first, self.first + self.n_shards)
 
     def rows(self, shard: int) -> list[dict]:
         """Plan rows of one shard (what its writing task reads)."""
-        file = layout.shard_plan_file(self.folder, shard // self.shards_per_file)
-        return read_plan_rows(str(file), shard % self.shards_per_file)
+        local = shard - self.first
+        file = layout.shard_plan_file(self.folder, local // self.shards_per_file)
+        return read_plan_rows(str(file), local % self.shards_per_file)
 
     def table(self) -> pa.Table:
         """The whole plan in (shard, position) order: for tests and small runs only."""
@@ -75,6 +85,68 @@ class ShardPlan:
             layout.shard_plan_file(self.folder, i) for i in range(-(-self.n_shards // self.shards_per_file))
         ]
         return pa.concat_tables([PLAN.empty_table(), *(pq.read_table(f, schema=PLAN) for f in files)])
+
+
+@dataclass(frozen=True)
+class KeptShards:
+    """Shards of an earlier version kept as they are: their sample tables, how many samples they
+    hold, and the number new shards start from (after every shard of every earlier version)."""
+
+    tables: tuple[str, ...]  # the kept shards' parquet files (SHARD_SAMPLES)
+    samples: int
+    first: int
+
+
+def _earlier_samples(spark, tables: list[Path] | tuple[str, ...]):
+    """The samples of earlier shards as a frame: their SHARD_SAMPLES columns, the repeat (the key's
+    last field) and the shard's number."""
+    from pyspark.sql import functions as F
+
+    frame = _read(spark, [Path(t) for t in tables], SHARD_SAMPLES, SHARD_SAMPLES.names)
+    return frame.withColumn("repeat", F.element_at(F.split("key", "_"), -1).cast("int")).withColumn(
+        "number", F.regexp_extract("shard", r"(\d+)\.tar$", 1).cast("int")
+    )
+
+
+def _kept_samples(spark, keep: KeptShards):
+    return _earlier_samples(spark, keep.tables).select("image_id", "repeat")
+
+
+def unchanged_shards(
+    spark,
+    earlier_tables: list[Path],
+    curated_parts: list[Path],
+    images_parts: list[Path],
+    clusters_parts: list[Path],
+) -> dict[int, int]:
+    """Which earlier shards would hold exactly the same samples now: every sample of the shard is
+    still a sample (same image, repeat) with the same bytes, uri, format, sources and clusters (so
+    its tar member and sidecar are unchanged). Returns {shard number: samples} of those shards.
+    One Spark job: the earlier samples left-joined to today's, counted per shard."""
+    from pyspark.sql import functions as F
+
+    if not earlier_tables:
+        return {}
+    curated = _read(spark, curated_parts, CURATED, CURATED.names)
+    images = _read(spark, images_parts, IMAGES, ["image_id", "status", *IMAGE_COLUMNS])
+    clusters = _read(spark, clusters_parts, CLUSTERS, ["image_id", "cluster_ids"])
+    now = (
+        curated.join(images.filter(F.col("status") == "ok").drop("status"), "image_id")
+        .join(clusters, "image_id", "left")
+        .withColumn("repeat", F.explode(F.sequence(F.lit(0), F.col("repeats") - 1)))
+        .select("image_id", "repeat", *(F.col(c).alias(f"now_{c}") for c in SAME_COLUMNS))
+    )
+    earlier = _earlier_samples(spark, earlier_tables)
+    same = F.lit(True)
+    for c in SAME_COLUMNS:
+        same = same & F.col(c).eqNullSafe(F.col(f"now_{c}"))
+    per_shard = (
+        earlier.join(now, ["image_id", "repeat"], "left")
+        .groupBy("number")
+        .agg(F.count("*").alias("samples"), F.sum(F.coalesce(same, F.lit(False)).cast("long")).alias("same"))
+        .collect()
+    )
+    return {r.number: int(r.samples) for r in per_shard if r.samples == r.same}
 
 
 def _read(spark, paths: list[Path], schema: pa.Schema, columns: list[str]):
@@ -157,9 +229,10 @@ def _member_bytes(size):
     return padded - padded % TAR_BLOCK + TAR_BLOCK
 
 
-def ordered_samples(curated, images, clusters, seed: int, partitions: int = 1):
+def ordered_samples(curated, images, clusters, seed: int, partitions: int = 1, exclude=None):
     """Every sample with its deal order keys and estimated tar bytes, sorted in deal order into
-    `partitions` range partitions (partition i holds samples before those of partition i + 1)."""
+    `partitions` range partitions (partition i holds samples before those of partition i + 1).
+    `exclude`: a frame of (image_id, repeat) samples left out (those of kept shards)."""
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
@@ -182,7 +255,11 @@ def ordered_samples(curated, images, clusters, seed: int, partitions: int = 1):
         .join(images.filter(F.col("status") == "ok").drop("status"), "image_id")
         .join(clusters, "image_id", "left")
         .withColumn("repeat", F.explode(F.sequence(F.lit(0), F.col("repeats") - 1)))
-        .withColumn("coarse", F.when(has_levels, F.element_at(levels, -1)).otherwise(-1).cast("long"))
+    )
+    if exclude is not None:
+        samples = samples.join(exclude, ["image_id", "repeat"], "left_anti")
+    samples = (
+        samples.withColumn("coarse", F.when(has_levels, F.element_at(levels, -1)).otherwise(-1).cast("long"))
         .withColumn("fine", F.when(has_levels, F.element_at(levels, 1)).otherwise(-1).cast("long"))
         .withColumn(
             "bytes",
@@ -203,10 +280,12 @@ def plan_shards_spark(
     samples_per_shard: int,
     max_shard_bytes: int | None = None,
     seed: int = 0,
+    keep: KeptShards | None = None,
 ) -> ShardPlan:
     """Plan the shards on executors into `folder` (scratch on storage every executor sees).
 
-    Same plan as `plan_shards` on the same tables, row for row.
+    Same plan as `plan_shards` on the same tables, row for row. With `keep`, the samples of the kept
+    shards are left out and the rest are dealt into shards numbered from `keep.first`.
     """
     from pyspark.sql import functions as F
 
@@ -225,14 +304,18 @@ def plan_shards_spark(
 
     n_samples = check_inputs(curated, images)
     step(f"checked inputs ({n_samples} samples)")
+    first, exclude = 0, None
+    if keep is not None:
+        first, n_samples = keep.first, n_samples - keep.samples
+        exclude = _kept_samples(spark, keep)
     if n_samples == 0:
-        return ShardPlan(str(folder), 0, 0, 1)
+        return ShardPlan(str(folder), 0, 0, 1, first=first)
 
     # Sort partition and row within it, taken right after the sort (nondeterministic expressions
     # stay where they are): the lower 33 bits of monotonically_increasing_id count rows.
     ordered_dir = layout.shard_plan_ordered(folder)
     partitions = -(-n_samples // SORT_PARTITION_ROWS)
-    ordered_samples(curated, images, clusters, seed, partitions).select(
+    ordered_samples(curated, images, clusters, seed, partitions, exclude).select(
         "*",
         F.spark_partition_id().alias("part"),
         (F.monotonically_increasing_id().bitwiseAND((1 << 33) - 1)).alias("row"),
@@ -261,26 +344,26 @@ def plan_shards_spark(
     step(f"counted {n_shards} shards")
     per_file = max(1, PLAN_FILE_ROWS // -(-n_samples // n_shards))
     placed = (
-        dealt.withColumn("shard", (F.col("g") % n_shards).cast("int"))
+        dealt.withColumn("shard", (F.col("g") % n_shards + first).cast("int"))
         .withColumn("deal_rank", F.expr(f"g div {n_shards}"))
-        .withColumn("file", F.expr(f"shard div {per_file}").cast("int"))
+        .withColumn("file", F.expr(f"(shard - {first}) div {per_file}").cast("int"))
         .select(*SAMPLE_COLUMNS, "shard", "deal_rank", "file")
         .repartition(-(-n_shards // per_file), "file")
         .groupBy("file")
-        .applyInArrow(_plan_file_writer(str(folder), per_file, seed), "shard int, samples long")
+        .applyInArrow(_plan_file_writer(str(folder), per_file, seed, first), "shard int, samples long")
         .collect()
     )
     step("placed the samples and wrote the plan files")
     counts = dict(placed)
-    if sorted(counts) != list(range(n_shards)) or sum(counts.values()) != n_samples:
+    if sorted(counts) != list(range(first, first + n_shards)) or sum(counts.values()) != n_samples:
         raise RuntimeError(f"shard plan: {len(counts)} shards placed, expected {n_shards}")
     shutil.rmtree(ordered_dir)
     log.info("shards: planned %d samples into %d shards (%d sort partitions, %d plan files)",
              n_samples, n_shards, len(parts), -(-n_shards // per_file))  # fmt: skip
-    return ShardPlan(str(folder), n_shards, n_samples, per_file, len(parts))
+    return ShardPlan(str(folder), n_shards, n_samples, per_file, len(parts), first)
 
 
-def _plan_file_writer(folder: str, per_file: int, seed: int):
+def _plan_file_writer(folder: str, per_file: int, seed: int, first: int = 0):
     """The executor's work for one plan file: place its shards' members and write the file."""
 
     def write(table: pa.Table) -> pa.Table:
@@ -288,7 +371,7 @@ def _plan_file_writer(folder: str, per_file: int, seed: int):
         plan = place_in_shards(table.drop_columns(["file"]), seed)
         write_plan_file(plan, layout.shard_plan_file(folder, file))
         shards, counts = np.unique(plan["shard"].to_numpy(), return_counts=True)
-        if shards[0] != file * per_file:
+        if shards[0] != first + file * per_file:
             raise RuntimeError(f"plan file {file} starts at shard {shards[0]}")
         return pa.table({"shard": pa.array(shards, pa.int32()), "samples": pa.array(counts, pa.int64())})
 

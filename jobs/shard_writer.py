@@ -337,7 +337,7 @@ def sample_json(row: dict[str, Any]) -> bytes:
     """The provenance sidecar of one sample (stable bytes: sorted keys, no whitespace)."""
     doc = {
         "key": row["key"],
-        "image_id": row["image_id"],
+        "image_id": str(row["image_id"]),  # a string: JSON readers parse numbers as float64 (schemas/ids.py)
         "repeat": row["repeat"],
         "dataset": row.get("dataset"),
         "uri": row["uri"],

@@ -59,6 +59,10 @@ class Stage:
     resources: Resources
     summary: type[StageSummary]
     run: Callable[[StageContext], StageSummary]
+    # When its config or inputs change, the runner keeps the stage's earlier output aside
+    # (`StageContext.previous_dir`) instead of deleting it, so the stage can adopt the parts whose
+    # own inputs did not change (incremental runs: a source added to the spec).
+    reuses_previous: bool = False
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -90,6 +94,13 @@ class StageContext:
     @property
     def stage_dir(self) -> Path:
         return layout.stage_dir(self.out_dir, self.stage.name)
+
+    @property
+    def previous_dir(self) -> Path | None:
+        """The stage's output from an earlier run with other inputs, kept by the runner while this
+        run adopts what it can (stages declaring `reuses_previous`); None when there is none."""
+        folder = layout.previous_stage_dir(self.out_dir, self.stage.name)
+        return folder if self.stage.reuses_previous and folder.is_dir() else None
 
     def scratch_dir(self, name: str) -> Path:
         return layout.scratch_dir(self.stage_dir, name)

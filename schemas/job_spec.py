@@ -199,6 +199,13 @@ class ClusteringSpec(_Strict):
         "FAISS float32.",
     )
     seed: int = 0
+    on_new_images: Literal["assign", "refit"] = Field(
+        "assign",
+        description="When the stage reruns on changed inputs (a source added) with these same settings: "
+        "assign keeps the earlier run's centroids and assigns every kept image to them (one "
+        "nearest-centroid pass); refit fits again (the fit sample, niter iterations on it, then "
+        "1 + resampling_steps assignment passes and the resampling sums passes over all images).",
+    )
 
     @field_validator("levels")
     @classmethod
@@ -219,6 +226,14 @@ class ShardSpec(_Strict):
     samples_per_shard: int = Field(1000, ge=1)
     max_shard_bytes: int | None = Field(None, ge=1024, description="If set, also bound shards by bytes.")
     seed: int = 0
+    on_new_images: Literal["append", "replan"] = Field(
+        "append",
+        description="When the stage reruns on changed inputs (a source added) with these same settings: "
+        "append keeps every earlier shard whose samples are all unchanged (not rewritten) and deals the "
+        "other samples into new shards numbered after the earlier ones, as a new version of the output "
+        "(index.json and index-vNNNN.json name the version's shards, unchanged and new); replan deals "
+        "every sample again into shards 0 .. n-1, as a first run does.",
+    )
 
 
 class SparkSpec(_Strict):

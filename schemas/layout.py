@@ -13,6 +13,9 @@
     <output_dir>/embed/_<name>/part-NNNNN/chunk-*.parquet   embed: vectors of a part not yet merged
     <output_dir>/shards/lvd-NNNNNN.tar           WebDataset shards, each with lvd-NNNNNN.parquet
     <output_dir>/shards/index.json, index.parquet   the dataset index, written last
+    <output_dir>/shards/index-vNNNN.json         each version's manifest (shards unchanged and new)
+    <output_dir>/_previous/<stage>/              an earlier run of a stage whose inputs changed, kept
+                                                 while the stage reruns so it can reuse unchanged parts
 
 Temp files are hidden (`.<name>.<random>.tmp` beside the final name) and renamed into place, so
 no glob here ever matches a half-written file. Every other module asks this one for names.
@@ -107,6 +110,14 @@ def scratch_dir(stage_folder: str | Path, name: str) -> Path:
 
 
 INGEST_PLAN = "_plan.json"  # ingest: fingerprint of the work units its parts were written for
+EMBED_INPUTS = "_inputs.json"  # embed: the models' fingerprint and the digest of each images part embedded
+PREVIOUS = "_previous"
+
+
+def previous_stage_dir(out_dir: str | Path, stage: str) -> Path:
+    """Where the runner keeps a stage's earlier output while the stage reruns on changed inputs
+    (stages declaring `reuses_previous`): the stage adopts the parts it can, the runner then removes it."""
+    return Path(out_dir) / PREVIOUS / stage
 
 
 def embed_chunk_dir(scratch: str | Path, part: int) -> Path:
@@ -207,6 +218,38 @@ SHARD_DIGITS = 6
 SHARD_INDEX_JSON = "index.json"
 SHARD_INDEX_PARQUET = "index.parquet"
 _SHARD = re.compile(rf"{re.escape(SHARD_PREFIX)}(\d{{{SHARD_DIGITS}}})\.(tar|parquet)")
+
+
+SHARD_VERSION = re.compile(r"index-v(\d{4,})\.json")
+
+
+def shard_version_manifest(version: int) -> str:
+    """The manifest of one version of a shard folder (its shards, which are unchanged and which new);
+    index.json holds the latest version's."""
+    return f"index-v{version:04d}.json"
+
+
+def list_shard_versions(folder: str | Path) -> list[Path]:
+    """The version manifests of a shard folder, oldest first."""
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(folder).glob("index-v*.json")
+        if (m := SHARD_VERSION.fullmatch(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def shard_tables(folder: str | Path) -> list[Path]:
+    """The sample tables (parquet) of the shards of a folder's latest version: those its index.json
+    lists; every shard parquet in the folder when there is no index (yet)."""
+    import json
+
+    folder = Path(folder)
+    try:
+        names = [row["shard"] for row in json.loads((folder / SHARD_INDEX_JSON).read_text())["shards"]]
+        return [folder / shard_table_name(shard_number(n)) for n in names]
+    except (OSError, ValueError, KeyError, TypeError):
+        return sorted(p for p in folder.glob(f"{SHARD_PREFIX}*.parquet") if shard_number(p.name) is not None)
 
 
 def shard_name(shard: int) -> str:

@@ -99,3 +99,20 @@ def demo_job(tmp_path_factory, ray_local):
     t0 = time.perf_counter()
     reports = run_job(spec)
     return spec, root, reports, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="session")
+def moved_demo_job(demo_job, tmp_path_factory):
+    """The demo's folder (data and output) copied elsewhere, as if moved, and run again up to
+    sampling there: ((old root, old output), (new root, new output), stage reports)."""
+    import shutil
+
+    from lvd.jobs.pipeline import run_job
+    from lvd.schemas.job_spec import load_job_spec
+
+    spec, root, _, _ = demo_job
+    moved = tmp_path_factory.mktemp("moved") / "elsewhere" / "demo"
+    shutil.copytree(root, moved, symlinks=True)
+    moved_spec = load_job_spec(moved / "job.yaml")
+    reports = run_job(moved_spec, until="sample")
+    return (root, Path(spec.output_dir)), (moved, Path(moved_spec.output_dir)), reports

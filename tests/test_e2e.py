@@ -50,10 +50,10 @@ def test_shards_hold_every_curated_sample_once_with_original_bytes(demo_run):
     for sample in wds.WebDataset([str(p) for p in shard_files], shardshuffle=False):
         meta = json.loads(sample["json"])
         image_key = next(k for k in sample if k in ("jpg", "png", "webp", "gif", "bmp", "tif", "tiff"))
-        assert hashlib.sha256(sample[image_key]).hexdigest() == sha_by_id[meta["image_id"]]
+        assert hashlib.sha256(sample[image_key]).hexdigest() == sha_by_id[int(meta["image_id"])]
         assert sample["__key__"] not in keys
         keys.add(sample["__key__"])
-        seen[meta["image_id"]] = seen.get(meta["image_id"], 0) + 1
+        seen[int(meta["image_id"])] = seen.get(int(meta["image_id"]), 0) + 1
     assert seen == expected
     assert sum(expected.values()) == sum(s["samples"] for s in index["shards"])
     assert verify_shards(out / "shards") == []

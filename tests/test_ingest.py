@@ -27,9 +27,11 @@ from lvd.curation.ingest import (
     WorkUnit,
     check_sources,
     expand_braces,
+    id_key,
     ingest_unit,
     list_work_units,
     probe_image,
+    root_labels,
     stable_image_id,
 )
 from lvd.jobs.demo import bomb_png
@@ -265,6 +267,48 @@ def test_fsspec_memory_urls(image_bytes):
         fs.rm("/lvd-test", recursive=True)
 
 
+def test_units_carry_their_source_root(nested_sources, tmp_path):
+    from lvd.curation.ingest import list_work_units
+
+    units = list_work_units(nested_sources, "pool", 4)
+    deep, top = str(tmp_path / "deep"), str(tmp_path)
+    by_first = {u.paths[0]: (u.root, u.root_label) for u in units}
+    assert by_first[str(tmp_path / "s-00.tar")] == (top, tmp_path.name)  # the folder before the brace
+    assert by_first[str(tmp_path / "t.parquet")] == (top, tmp_path.name)  # a literal file: its folder
+    assert by_first[str(tmp_path / "loose" / "0000.png")] == (str(tmp_path / "loose"), "loose")  # glob
+    assert {(u.root, u.root_label) for u in units if u.paths[0].startswith(deep + "/")} == {(deep, "deep")}
+
+
+def test_root_labels_tell_apart_folders_named_alike():
+    labels = root_labels(["/x/images", "/y/images", "/x/images", "/z/other", "/w/images"])
+    assert labels == ["images", "images~2", "images", "other", "images~3"]
+    # A source added at the end changes no earlier label.
+    assert root_labels(["/x/images", "/y/images", "/q/images"])[:2] == labels[:2]
+
+
+def test_ids_are_relative_to_the_source_root(tmp_path, tiny_images):
+    """The same files under two different parent folders get the same ids; another root name or
+    dataset, other ids."""
+    from lvd.curation.ingest import list_work_units
+
+    def ids(folder: Path, dataset: str = "pool") -> dict[str, int]:
+        (unit,) = list_work_units([Source(uri=str(folder))], dataset, 100)
+        table = ingest_unit(unit, MAX_PIXELS, MAX_BYTES)
+        return dict(zip(table["sha256"].to_pylist(), table["image_id"].to_pylist(), strict=True))
+
+    tiny_images(tmp_path / "a" / "pool", 3)
+    tiny_images(tmp_path / "b" / "c" / "pool", 3)
+    tiny_images(tmp_path / "b" / "other", 3)
+    first = ids(tmp_path / "a" / "pool")
+    assert len(set(first.values())) == 3
+    assert ids(tmp_path / "b" / "c" / "pool") == first
+    assert set(ids(tmp_path / "b" / "other").values()).isdisjoint(first.values())
+    assert set(ids(tmp_path / "a" / "pool", "seed:s").values()).isdisjoint(first.values())
+    assert id_key("/a/pool/x/1.png", "/a/pool", "pool") == "pool/x/1.png"
+    assert id_key("/a/pool.tar#k.jpg", "/a", "a") == "a/pool.tar#k.jpg"
+    assert id_key("/elsewhere/1.png", "/a/pool", "pool") == "/elsewhere/1.png"
+
+
 def test_stable_ids_same_everywhere_distinct_across_uris():
     uris = [f"/data/img-{i}.jpg" for i in range(2000)]
     ids = [stable_image_id("pool", u) for u in uris]
@@ -424,6 +468,11 @@ def _serial_units(sources: list[Source], dataset: str, files_per_part: int) -> l
     return units + [WorkUnit(dataset, "files", c) for c in chunks(sorted(loose))]
 
 
+def _rootless(units: list[WorkUnit]) -> list[WorkUnit]:
+    """Units without their id roots (tested on their own in test_ids_are_relative_to_the_source_root)."""
+    return [dataclasses.replace(u, root="", root_label="") for u in units]
+
+
 @pytest.fixture
 def nested_sources(tmp_path, tiny_images, image_bytes):
     """A deep folder (hidden files and folders, sidecars, symlinks, names that sort across levels),
@@ -469,13 +518,13 @@ def test_listing_split_over_tasks_gives_the_serial_units(nested_sources, tmp_pat
     for parallelism in (1, 2, 8, 64):  # more parallelism: folders split into more, deeper subtrees
         calls.clear()
         units = list_work_units(nested_sources, "pool", 4, mapper=counting, parallelism=parallelism)
-        assert units == expected, parallelism
+        assert _rootless(units) == expected, parallelism
         assert calls.get(list_folder_level.__name__, 0) >= 1
     assert calls[list_folder_tree.__name__] > 1  # subtrees went to several tasks
 
     # Several datasets in one plan: the same as listing each on its own, in set order.
     sets = [SourceSet("pool", nested_sources[:3]), SourceSet("seed:s", nested_sources[2:])]
-    assert plan_work_units(sets, 4, parallelism=4) == (
+    assert _rootless(plan_work_units(sets, 4, parallelism=4)) == (
         _serial_units(nested_sources[:3], "pool", 4) + _serial_units(nested_sources[2:], "seed:s", 4)
     )
 
@@ -486,7 +535,7 @@ def test_listing_on_ray_workers_gives_the_serial_units(nested_sources, ray_local
 
     expected = _serial_units(nested_sources, "eval:e", files_per_part=3)
     units = plan_work_units([SourceSet("eval:e", nested_sources)], 3, mapper=ray_mapper, parallelism=4)
-    assert units == expected
+    assert _rootless(units) == expected
 
 
 def test_plan_fingerprint_is_the_json_of_the_plan(tmp_path, tiny_images):

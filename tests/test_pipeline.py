@@ -1,5 +1,6 @@
 """The stage runner: markers, skipping, --force, and fingerprints (stages here are stand-ins that count calls)."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -123,6 +124,37 @@ def test_parts_of_an_attempt_with_another_config_are_not_reused(tmp_path, fake_s
     write_parquet_atomic(pa.table({"x": [-1]}), layout.part_path(tmp_path / "out" / "c", 7), SCHEMA)
     pipeline.run_job(_spec(tmp_path, shards={"samples_per_shard": 3}))
     assert sorted(_rows(tmp_path, "c")) == [1000, 2000, 3000]
+
+
+def test_a_stage_that_reuses_previous_output_sees_it_aside_on_changed_inputs(tmp_path, monkeypatch):
+    """Stage b declares reuses_previous: when a's config changes, b's finished output is kept aside
+    for b's rerun (not mixed into its folder) and removed when b finishes; c's is cleared as before."""
+    seen: list[list[int] | None] = []
+    a, b, c = _fake_stage("a", None, "pool"), _fake_stage("b", "a", "dedup"), _fake_stage("c", "b", "shards")
+    inner = b.run
+
+    def run_b(ctx: StageContext) -> RowsSummary:
+        previous = ctx.previous_dir
+        seen.append(
+            None
+            if previous is None
+            else sorted(read_parts(layout.list_parts(previous), SCHEMA)["x"].to_pylist())
+        )
+        assert layout.list_parts(ctx.output_dir(TABLES["b"])) == []  # nothing stale in its own folder
+        return inner(ctx)
+
+    b = dataclasses.replace(b, run=run_b, reuses_previous=True)
+    stages = (a, b, c)
+    monkeypatch.setattr(pipeline, "STAGES", stages)
+    monkeypatch.setattr(pipeline, "STAGE_NAMES", tuple(s.name for s in stages))
+    pipeline.run_job(_spec(tmp_path))
+    pipeline.run_job(_spec(tmp_path, pool=[{"uri": "p"}, {"uri": "q"}]))
+    assert seen == [None, [100, 200, 300]]
+    assert not layout.previous_stage_dir(tmp_path / "out", "b").exists()
+    assert sorted(_rows(tmp_path, "b")) == [100, 200, 300]
+    # A forced stage never sees an earlier output.
+    pipeline.run_job(_spec(tmp_path), force=["b"])
+    assert seen[-1] is None
 
 
 def test_a_stage_cannot_open_a_table_it_did_not_declare(tmp_path, fake_stages):

@@ -106,7 +106,7 @@ def test_gap_in_names_and_unlisted_shard(good):
     (good / "index.json").write_text(json.dumps(index))
     problems = verify_shards(good)
     assert any("instead of lvd-000000.tar" in p for p in problems)
-    assert "lvd-000003.tar: on disk but not in the index" in problems
+    assert "lvd-000003.tar: on disk but not in the index (of any version)" in problems
     assert "index.parquet and index.json list different shards" in problems
 
 

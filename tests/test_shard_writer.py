@@ -227,7 +227,7 @@ def test_members_keys_and_original_bytes(written):
             assert img_name == f"{key}.{ext[src['format']]}" and json_name == f"{key}.json"
             assert img == originals[row["image_id"]]  # the original bytes, never re-encoded
             assert meta["uri"] == src["uri"] and meta["sha256"] == src["sha256"] == row["sha256"]
-            assert meta["image_id"] == row["image_id"] and meta["shard"] == tar_path.name
+            assert meta["image_id"] == str(row["image_id"]) and meta["shard"] == tar_path.name
             assert meta["sources"] == sources[row["image_id"]]
             assert meta["cluster_ids"] == clusters.get(row["image_id"])  # None for as_is seed images
         all_keys += keys

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.parquet as pq
 
 from lvd.curation.kmeans import level_labels
 from lvd.curation.vector_parts import read_labels
-from lvd.jobs.kmeans_parts import hierarchical_kmeans_over_parts, kept_pool_parts
+from lvd.jobs.kmeans_parts import assign_to_hierarchy, hierarchical_kmeans_over_parts, kept_pool_parts
 from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
 from lvd.jobs.workers import run_tasks
 from lvd.schemas import layout
@@ -34,6 +36,7 @@ class ClusterSummary(StageSummary):
     images: int = 0
     levels: list[int] = field(default_factory=list)
     requested_levels: list[int] = field(default_factory=list)
+    refit: bool = True  # False: assigned to the earlier run's centroids (clustering.on_new_images)
 
 
 def _list_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
@@ -75,17 +78,19 @@ def run(ctx: StageContext) -> ClusterSummary:
         _remove_stale(out_dir, written)
         return ClusterSummary(requested_levels=requested)
     scratch = ctx.scratch_dir("labels")
-    hier = hierarchical_kmeans_over_parts(
-        parts,
-        [(lv.k, lv.resampling_steps) for lv in cfg.levels],
-        scratch,
-        n=n,
-        niter=cfg.niter,
-        spherical=cfg.spherical,
-        max_points_per_centroid=cfg.max_points_per_centroid,
-        seed=cfg.seed,
-        assign_dtype=cfg.assign_dtype,
-    )
+    earlier = earlier_hierarchy(ctx)
+    if earlier is not None:
+        log.info("cluster: assigning to the earlier run's centroids (clustering.on_new_images: assign)")
+        hier = assign_to_hierarchy(
+            parts,
+            *earlier,
+            scratch,
+            n=n,
+            spherical=cfg.spherical,
+            assign_dtype=cfg.assign_dtype,
+        )
+    else:
+        hier = fit_hierarchy(ctx, parts, scratch, n)
     run_tasks(
         _write_clusters_part,
         hier.label_parts,
@@ -116,9 +121,52 @@ def run(ctx: StageContext) -> ClusterSummary:
         )
     write_parquet_atomic(pa.concat_tables(levels), ctx.table_file(layout.CENTROIDS), CENTROIDS)
     shutil.rmtree(scratch, ignore_errors=True)
-    summary = ClusterSummary(images=n, levels=hier.ks, requested_levels=requested)
+    summary = ClusterSummary(images=n, levels=hier.ks, requested_levels=requested, refit=earlier is None)
     log.info("cluster: %s", summary)
     return summary
+
+
+def fit_hierarchy(ctx: StageContext, parts: list, scratch: Path, n: int):
+    """Hierarchical k-means of the kept pool, fit from scratch."""
+    cfg = ctx.spec.clustering
+    return hierarchical_kmeans_over_parts(
+        parts,
+        [(lv.k, lv.resampling_steps) for lv in cfg.levels],
+        scratch,
+        n=n,
+        niter=cfg.niter,
+        spherical=cfg.spherical,
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        seed=cfg.seed,
+        assign_dtype=cfg.assign_dtype,
+    )
+
+
+def earlier_hierarchy(ctx: StageContext) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """The centroids and parents of the earlier run (kept aside because the inputs changed) when the
+    spec says to assign new images to them and the clustering settings are unchanged; else None."""
+    from lvd.jobs.pipeline import read_marker
+
+    previous = ctx.previous_dir
+    if previous is None or ctx.spec.clustering.on_new_images != "assign":
+        return None
+    marker = read_marker(previous) or {}
+    if marker.get("config_fingerprint") != ctx.spec.fingerprint(*ctx.stage.spec_sections):
+        return None
+    path = previous / ctx.table_file(layout.CENTROIDS).name
+    if not path.exists():
+        return None
+    table = pq.read_table(path).sort_by([("level", "ascending"), ("cluster_id", "ascending")])
+    if table.num_rows == 0:
+        return None
+    levels = table["level"].to_numpy()
+    centroids, parents = [], []
+    for lv in range(int(levels.max()) + 1):
+        rows = table.filter(pa.compute.equal(table["level"], lv))
+        centroids.append(np.stack(rows["centroid"].to_numpy(zero_copy_only=False)).astype(np.float32))
+        if lv < levels.max():
+            parents.append(rows["parent_id"].to_numpy().astype(np.int64))
+    return centroids, parents
 
 
 def _remove_stale(out_dir: Path, written: list[Path]) -> None:
@@ -137,4 +185,5 @@ STAGE = Stage(
     resources=Resources(engine="ray", gpu=True),
     summary=ClusterSummary,
     run=run,
+    reuses_previous=True,
 )

@@ -16,6 +16,7 @@ output changed).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -40,6 +41,7 @@ from lvd.jobs.workers import run_tasks
 from lvd.schemas import layout
 from lvd.schemas.job_spec import JobSpec, ModelSpec
 from lvd.schemas.layout import COPY_DETECTION, RETRIEVAL
+from lvd.schemas.tables import write_json_atomic
 
 log = logging.getLogger("lvd")
 
@@ -77,6 +79,69 @@ def _dims_on_disk(stage_dir: Path, models: dict[str, ModelSpec]) -> dict[str, in
         part = layout.list_parts(stage_dir, name)[0]
         dims[name] = pq.read_schema(part).field("vector").type.list_size
     return dims
+
+
+def images_part_digest(path: str) -> str:
+    """Task: what an embeddings part depends on in its images part: each row's id, status and
+    content hash (not its path), so a part ingested again or moved keeps its digest."""
+    import hashlib
+
+    t = pq.read_table(path, columns=["image_id", "status", "sha256"])
+    h = hashlib.sha256()
+    h.update(t["image_id"].to_numpy().tobytes())
+    for name in ("status", "sha256"):
+        h.update("\0".join(v or "" for v in t[name].to_pylist()).encode())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(models: dict[str, ModelSpec]) -> str:
+    """What the vectors depend on besides the images: each model's settings, with a local weights
+    file named by its content (sha256) rather than its path, so a moved job keeps its embeddings."""
+    import hashlib
+
+    from lvd.embeddings.checkpoints import file_sha256
+
+    data = {}
+    for name, m in models.items():
+        d = m.model_dump(mode="json")
+        weights = d.get("weights")
+        if weights and weights != "random" and "://" not in weights and Path(weights).is_file():
+            d["weights"] = d.get("sha256") or file_sha256(Path(weights))
+        data[name] = d
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def adopt_previous_parts(
+    ctx: StageContext,
+    stage_dir: Path,
+    digests: dict[int, str],
+    models: dict[str, ModelSpec],
+    fingerprint: str,
+) -> set[int]:
+    """Move into place the earlier run's parts (same `model_fingerprint`) embedded from an images
+    part with the same digest, wherever that part now sits; return the adopted part indexes."""
+    previous = ctx.previous_dir
+    if previous is None:
+        return set()
+    try:
+        inputs = json.loads((previous / layout.EMBED_INPUTS).read_text())
+        old = inputs["digests"]
+    except (OSError, ValueError, KeyError):
+        return set()
+    if inputs.get("models") != fingerprint:
+        return set()  # other models or settings: nothing to reuse
+    old_index = {d: int(j) for j, d in old.items()}
+    adopted = set()
+    for i, digest in digests.items():
+        j = old_index.get(digest)
+        if j is None or any(layout.part_path(stage_dir, i, n).exists() for n in models):
+            continue
+        sources = [layout.part_path(previous, j, n) for n in models]
+        if all(p.exists() for p in sources):
+            for n, p in zip(models, sources, strict=True):
+                p.rename(layout.part_path(stage_dir, i, n))
+            adopted.add(i)
+    return adopted
 
 
 class PartFinalizer:
@@ -162,6 +227,7 @@ class EmbedSummary(StageSummary):
     decoded: int = 0
     parts_written: int = 0
     parts_skipped: int = 0
+    parts_reused: int = 0  # adopted from the run before sources were added (`reuses_previous`)
     images_per_second: float | None = None
 
 
@@ -174,6 +240,16 @@ def run(ctx: StageContext) -> EmbedSummary:
     ingest_parts = ctx.parts(layout.IMAGES)
     if not ingest_parts:
         raise FileNotFoundError(f"no images table in {ctx.input_dir(layout.IMAGES)}: run ingest first")
+    ctx.ray()
+    digests = dict(
+        zip(
+            (layout.part_index(p) for p in ingest_parts),
+            run_tasks(images_part_digest, [str(p) for p in ingest_parts], name="embed: part digests"),
+            strict=True,
+        )
+    )
+    fingerprint = model_fingerprint(models)
+    adopted = adopt_previous_parts(ctx, stage_dir, digests, models, fingerprint)
     todo = {
         layout.part_index(p): str(p)
         for p in ingest_parts
@@ -245,13 +321,23 @@ def run(ctx: StageContext) -> EmbedSummary:
         counts = {p: (r["rows"], r["errors"]) for p, r in finalizer.results.items()}
     seconds = time.perf_counter() - t0
     shutil.rmtree(chunk_root, ignore_errors=True)
+    write_json_atomic(
+        stage_dir / layout.EMBED_INPUTS,
+        {"models": fingerprint, "digests": {str(i): d for i, d in digests.items()}},
+    )
     for p in ingest_parts:  # skipped parts: counted from their footers
         index = layout.part_index(p)
         if index not in counts:
             counts[index] = part_counts(layout.part_path(stage_dir, index, RETRIEVAL))
     images = sum(rows for rows, _ in counts.values())
     errors = sum(errs for _, errs in counts.values())
-    log.info("embed: %d parts written, %d skipped, %.1f s", len(todo), len(ingest_parts) - len(todo), seconds)
+    log.info(
+        "embed: %d parts written, %d skipped (%d from the earlier run), %.1f s",
+        len(todo),
+        len(ingest_parts) - len(todo),
+        len(adopted),
+        seconds,
+    )
     return EmbedSummary(
         images=images,
         errors=errors,
@@ -262,6 +348,7 @@ def run(ctx: StageContext) -> EmbedSummary:
         decoded=reads,
         parts_written=len(todo),
         parts_skipped=len(ingest_parts) - len(todo),
+        parts_reused=len(adopted),
         images_per_second=round(reads / seconds, 2) if reads and seconds > 0 else None,
     )
 
@@ -274,4 +361,5 @@ STAGE = Stage(
     resources=Resources(engine="ray", gpu=True),
     summary=EmbedSummary,
     run=run,
+    reuses_previous=True,
 )

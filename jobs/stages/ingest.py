@@ -119,21 +119,52 @@ def _plan_fingerprint(units: list[WorkUnit], spec: JobSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def _drop_stale_parts(stage_dir: Path, fingerprint: str, n_units: int) -> None:
-    """Parts written for another plan (sources or limits changed) must not be resumed."""
-    plan_file = stage_dir / layout.INGEST_PLAN
+def unit_digests(units: list[WorkUnit], spec: JobSpec) -> list[str]:
+    """Per unit, what its part depends on (the unit and the limits): equal digests, equal parts."""
+    limits = json.dumps(_limits(spec), sort_keys=True)
+    return [
+        hashlib.sha256((limits + json.dumps(u.to_dict(), sort_keys=True)).encode()).hexdigest()[:16]
+        for u in units
+    ]
+
+
+def _read_plan(stage_dir: Path) -> dict:
     try:
-        old = json.loads(plan_file.read_text()).get("fingerprint")
+        return json.loads((stage_dir / layout.INGEST_PLAN).read_text())
     except (OSError, ValueError):
-        old = None
-    if old != fingerprint:
+        return {}
+
+
+def _drop_stale_parts(stage_dir: Path, fingerprint: str, digests: list[str]) -> None:
+    """Parts written for another plan (sources or limits changed) must not be resumed."""
+    if _read_plan(stage_dir).get("fingerprint") != fingerprint:
         for part in layout.list_parts(stage_dir):
             part.unlink()
     else:
         for part in layout.list_parts(stage_dir):
-            if layout.part_index(part) >= n_units:
+            if layout.part_index(part) >= len(digests):
                 part.unlink()
-    write_json_atomic(plan_file, {"fingerprint": fingerprint, "units": n_units})
+    write_json_atomic(
+        stage_dir / layout.INGEST_PLAN,
+        {"fingerprint": fingerprint, "units": len(digests), "digests": digests},
+    )
+
+
+def adopt_previous_parts(previous: Path | None, stage_dir: Path, digests: list[str]) -> int:
+    """Move into place the parts of an earlier run (sources since added or removed) whose unit and
+    limits are unchanged, wherever the unit now sits in the plan; return how many were adopted."""
+    if previous is None:
+        return 0
+    old_index = {d: j for j, d in enumerate(_read_plan(previous).get("digests", []))}
+    adopted = 0
+    for i, digest in enumerate(digests):
+        j = old_index.get(digest)
+        target = part_path(stage_dir, i)
+        if j is None or target.exists() or not part_path(previous, j).exists():
+            continue
+        part_path(previous, j).rename(target)
+        adopted += 1
+    return adopted
 
 
 def _merge(summaries: list[dict]) -> dict:
@@ -190,6 +221,7 @@ class IngestSummary(StageSummary):
     by_dataset: dict[str, dict[str, int]] = field(default_factory=dict)
     parts: int = 0
     parts_written: int = 0
+    parts_reused: int = 0  # adopted from the run before sources were added (`reuses_previous`)
 
 
 def run(ctx: StageContext) -> IngestSummary:
@@ -201,9 +233,11 @@ def run(ctx: StageContext) -> IngestSummary:
     stage_dir.mkdir(parents=True, exist_ok=True)
     ctx.ray()
     units = plan_units(spec, ray_mapper, max(1, int(ray.cluster_resources().get("CPU", 1))))
-    _drop_stale_parts(stage_dir, _plan_fingerprint(units, spec), len(units))
+    digests = unit_digests(units, spec)
+    _drop_stale_parts(stage_dir, _plan_fingerprint(units, spec), digests)
+    adopted = adopt_previous_parts(ctx.previous_dir, stage_dir, digests)
     todo = [i for i in range(len(units)) if not part_path(stage_dir, i).exists()]
-    log.info("ingest: %d work units, %d to do", len(units), len(todo))
+    log.info("ingest: %d work units, %d to do, %d from the earlier run", len(units), len(todo), adopted)
 
     written = run_tasks(
         ingest_part,
@@ -224,7 +258,7 @@ def run(ctx: StageContext) -> IngestSummary:
     merged = _merge([summaries[i] for i in range(len(units))])
     # After the parts are written: a rerun with the sets fixed redoes only what changed.
     check_readable(merged["by_dataset"], source_sets(spec))
-    return IngestSummary(**merged, parts=len(units), parts_written=len(todo))
+    return IngestSummary(**merged, parts=len(units), parts_written=len(todo), parts_reused=adopted)
 
 
 STAGE = Stage(
@@ -235,4 +269,5 @@ STAGE = Stage(
     resources=Resources(engine="ray"),
     summary=IngestSummary,
     run=run,
+    reuses_previous=True,
 )

@@ -257,10 +257,7 @@ def build_decisions(ctx: StageContext) -> tuple[int, int]:
     run_tasks(
         _pool_task, groups, name="report: pool rows", scratch=scratch, bounds=bounds, reps=reps, seed=seed
     )
-    shard_parts = sorted(
-        p for p in ctx.input_dir(layout.SHARDS).glob(f"{layout.SHARD_PREFIX}*.parquet")
-        if layout.shard_number(p.name) is not None
-    )  # fmt: skip
+    shard_parts = layout.shard_tables(ctx.input_dir(layout.SHARDS))  # the latest version's
     sources = [("retrieved", str(p)) for p in ctx.parts(layout.RETRIEVED)]
     sources += [("curated", str(p)) for p in ctx.parts(layout.CURATED)]
     sources += [("shard", str(p)) for p in shard_parts]

@@ -48,15 +48,21 @@ STATE_VERSION = 1
 
 
 def resolve_shards(shards: str | os.PathLike | Sequence[str]) -> list[str]:
-    """Shard URLs from a brace pattern (`lvd-{000000..000009}.tar`), a shard folder, or a list of either.
+    """Shard URLs from a brace pattern (`lvd-{000000..000009}.tar`), a shard folder, a version manifest
+    (`index-v0002.json`), or a list of these.
 
-    A folder is read through its `index.json` (written by the shard stage) when present, else
-    every `lvd-*.tar` in it, sorted.
+    A folder is read through its `index.json` (written by the shard stage: the latest version's
+    shards) when present, else every `lvd-*.tar` in it, sorted. A manifest names one version's shards,
+    which lie beside it.
     """
     if isinstance(shards, os.PathLike):
         shards = os.fspath(shards)
     if not isinstance(shards, str):
         urls = [u for s in shards for u in resolve_shards(str(s))]
+    elif os.path.isfile(shards) and shards.endswith(".json"):
+        with open(shards) as f:
+            names = [row["shard"] for row in json.load(f)["shards"]]
+        urls = [os.path.join(os.path.dirname(shards), n) for n in names]
     elif os.path.isdir(shards):
         index = os.path.join(shards, layout.SHARD_INDEX_JSON)
         if os.path.exists(index):

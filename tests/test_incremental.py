@@ -1,0 +1,153 @@
+"""Incremental runs: a source added to a finished job's spec reuses the per-image work of the images
+seen before, and its dedup decisions equal those of a full run on the union of the sources.
+
+Chained on the moved demo (conftest.moved_demo_job) so no extra full run is paid for the first run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import make_image_bytes
+
+from lvd.jobs.pipeline import run_job
+from lvd.schemas import ids, layout
+from lvd.schemas.job_spec import load_job_spec
+
+FRESH = 8  # new images unlike any other
+COPIES = 3  # byte copies of kept pool images of the first run
+
+
+SAMPLES_PER_SHARD = 4  # small shards: many of them, so some hold only samples that stay the same
+
+
+def _spec_file(job_yaml: Path, name: str, source: Path | None = None, out: str | None = None) -> Path:
+    """A copy of the job spec with small shards, `source` added to the pool, another output folder."""
+    doc = yaml.safe_load(job_yaml.read_text())
+    doc["shards"]["samples_per_shard"] = SAMPLES_PER_SHARD
+    if source is not None:
+        doc["pool"].append({"uri": str(source)})
+    if out is not None:
+        doc["output_dir"] = out
+    path = job_yaml.with_name(name)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _shard_files(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """(inode, mtime in ns, bytes) of every shard tar and parquet."""
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+        for p in folder.iterdir()
+        if layout.shard_number(p.name) is not None
+    }
+
+
+@pytest.fixture(scope="module")
+def grown(moved_demo_job):
+    """The moved demo job run again with a new pool source (incremental), and the same spec run
+    from nothing in another output folder up to dedup (full)."""
+    _, (root, out), _ = moved_demo_job
+    images = layout.read_table(out, layout.IMAGES, columns=["uri", "dataset", "status", "kind"])
+    dedup = layout.read_table(out, layout.DEDUP, columns=["image_id", "keep"])
+    kept = set(dedup.filter(dedup["keep"])["image_id"].to_pylist())
+    ok_files = [
+        r["uri"]
+        for r, i in zip(
+            images.to_pylist(), layout.read_table(out, layout.IMAGES)["image_id"].to_pylist(), strict=True
+        )
+        if r["dataset"] == layout.POOL and r["status"] == "ok" and r["kind"] == "file" and i in kept
+    ]
+    eval_files = [r["uri"] for r in images.to_pylist() if r["dataset"].startswith(layout.EVAL_PREFIX)]
+    new = root / "data" / "new-source"
+    new.mkdir()
+    for i in range(FRESH):
+        (new / f"fresh-{i}.png").write_bytes(make_image_bytes("png", (64, 64), seed=1000 + i))
+    copied = sorted(ok_files)[:COPIES]
+    for i, uri in enumerate(copied):
+        (new / f"copy-{i}{Path(uri).suffix}").write_bytes(Path(uri).read_bytes())
+    (new / f"eval-copy{Path(eval_files[0]).suffix}").write_bytes(Path(eval_files[0]).read_bytes())
+
+    run_job(load_job_spec(_spec_file(root / "job.yaml", "job-first.yaml")), until="shards")
+    before = _shard_files(layout.shards_dir(out))
+    incremental = run_job(load_job_spec(_spec_file(root / "job.yaml", "job-grown.yaml", new)), until="shards")
+    full_out = str(root / "full-out")
+    full_spec = load_job_spec(_spec_file(root / "job.yaml", "job-full.yaml", new, full_out))
+    full = run_job(full_spec, until="dedup")
+    return out, Path(full_out), {r.name: r for r in incremental}, {r.name: r for r in full}, before
+
+
+def test_moved_job_reused_its_embeddings(moved_demo_job):
+    *_, reports = moved_demo_job
+    embed = next(r for r in reports if r.name == "embed").summary
+    assert embed.parts_reused > 0 and embed.parts_written == 0  # content unchanged, paths changed
+
+
+def test_incremental_run_reuses_the_work_on_images_seen_before(grown):
+    out, _, incremental, full, _ = grown
+    ingest, embed = incremental["ingest"].summary, incremental["embed"].summary
+    assert ingest.parts_written == 1 and ingest.parts_reused == ingest.parts - 1
+    assert embed.parts_written == 1 and embed.parts_reused == embed.parts_skipped
+    assert full["embed"].summary.parts_written == embed.parts_written + embed.parts_skipped
+    assert not incremental["cluster"].summary.refit  # assigned to the first run's centroids
+    assert not layout.previous_stage_dir(out, "embed").exists()  # removed once the stage finished
+
+
+def test_incremental_dedup_decisions_equal_a_full_rerun(grown):
+    out, full_out, _, _, _ = grown
+    cols = ["image_id", "component_id", "keep", "reason", "duplicate_of"]
+
+    def decisions(folder: Path) -> pd.DataFrame:
+        t = ids.to_pandas(layout.read_table(folder, layout.DEDUP, columns=cols))
+        return t.sort_values("image_id").reset_index(drop=True)
+
+    inc, full = decisions(out), decisions(full_out)
+    pd.testing.assert_frame_equal(inc, full)
+    # Each copy in the new source and its original from the first run: the smallest id of the content
+    # is kept (as a full run decides, even when that is the new copy), the others are exact duplicates.
+    images = layout.read_table(out, layout.IMAGES, columns=["image_id", "uri", "sha256"]).to_pandas()
+    new = images[images["uri"].str.contains("/new-source/")].set_index("image_id")
+    by_id = inc.set_index("image_id")
+    by_name = {Path(new.loc[i, "uri"]).stem: by_id.loc[i, "reason"] for i in new.index}
+    for i in new.index:
+        if not Path(new.loc[i, "uri"]).stem.startswith("copy-"):
+            continue
+        same = images[(images["sha256"] == new.loc[i, "sha256"])]["image_id"].tolist()
+        assert len(same) >= 2 and [j for j in same if by_id.loc[j, "keep"]] == [min(same)]
+        for lost in set(same) - {min(same)}:
+            assert by_id.loc[lost, "reason"] == "exact" and by_id.loc[lost, "duplicate_of"] == min(same)
+    assert by_name["eval-copy"] is not None  # the copy of an eval image was dropped
+    assert any(by_name[f"fresh-{i}"] is None for i in range(FRESH))
+    # Every kept new image is in a cluster.
+    clusters = set(layout.read_table(out, layout.CLUSTERS, columns=["image_id"])["image_id"].to_pylist())
+    assert {i for i in new.index if by_name[Path(new.loc[i, "uri"]).stem] is None} <= clusters
+
+
+def test_incremental_shards_keep_unchanged_shards_as_a_new_version(grown):
+    from lvd.jobs.shard_verify import verify_shards
+    from lvd.training.data.loader import resolve_shards
+
+    out, _, incremental, _, before = grown
+    folder = layout.shards_dir(out)
+    index = json.loads((folder / layout.SHARD_INDEX_JSON).read_text())
+    first = json.loads((folder / layout.shard_version_manifest(1)).read_text())
+    assert index["version"] == 2 and first["version"] == 1
+    assert index["unchanged"] and index["new"]  # some shards kept, the new samples in new shards
+    assert set(index["unchanged"]) <= set(first["new"])
+    after = _shard_files(folder)
+    for name in index["unchanged"]:
+        for member in (name, name.replace(".tar", ".parquet")):
+            assert after[member] == before[member], member  # same bytes, same inode and mtime
+    last_old = max(layout.shard_number(n) for n in first["new"])
+    assert all(layout.shard_number(n) > last_old for n in index["new"])
+    # Every curated sample is in exactly one shard of the new version.
+    curated = layout.read_table(out, layout.CURATED, columns=["repeats"])["repeats"].to_pylist()
+    assert index["total"]["samples"] == sum(curated) == incremental["shards"].summary.samples
+    assert verify_shards(folder) == []
+    # The loader reads the latest version by default, and any version by its manifest.
+    assert [Path(u).name for u in resolve_shards(str(folder))] == sorted(index["unchanged"] + index["new"])
+    v1 = resolve_shards(str(folder / layout.shard_version_manifest(1)))
+    assert [Path(u).name for u in v1] == first["new"] and all(Path(u).exists() for u in v1)
