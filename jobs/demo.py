@@ -213,7 +213,7 @@ def generate_image(rng: np.random.Generator, label: int, colours: Colours = "cla
 
 
 def generate_scene(rng: np.random.Generator, label: int) -> Image.Image:
-    """A pool image of class `label`: its pattern fills a random region of the picture (40-80% of it)
+    """A pool image of class `label`: its pattern fills a random region of the picture (30-65% of it)
     and a backdrop of random colours, as a photo holds its subject, fills the rest; then shading as
     in generate_image.
 
@@ -222,9 +222,9 @@ def generate_scene(rng: np.random.Generator, label: int) -> Image.Image:
     so a copy detector has to call them near copies. Distinct photos differ in layout and colour,
     which is what the built-in copy detector (`arch: copy_descriptor`) relies on."""
     h, w = (int(v) for v in rng.integers(96, 201, 2))
-    # The pattern at its own scale and, half the time, turned a quarter: stripes, grids and
-    # wedges of one class then differ in frequency and orientation from picture to picture.
-    zoom = rng.uniform(0.6, 1.6)
+    # The pattern magnified 1-2x and, half the time, turned a quarter: stripes, grids and wedges of
+    # one class then differ in frequency and orientation from picture to picture.
+    zoom = rng.uniform(1.0, 2.0)
     turn = rng.random() < 0.5
     ph, pw = max(16, round(h / zoom)), max(16, round(w / zoom))
     pattern = _CLASSES[label](rng, *((pw, ph) if turn else (ph, pw)), _palette(rng, label, 6))
@@ -234,13 +234,13 @@ def generate_scene(rng: np.random.Generator, label: int) -> Image.Image:
         pattern = np.asarray(scaled, dtype=np.float64) / 255
     # Each picture's own exposure (a gamma) and its own layout of subject and backdrop.
     pattern = pattern ** rng.uniform(0.5, 2.0)
-    region = _smooth_field(rng, h, w, int(rng.integers(2, 5)))
-    subject = region > np.quantile(region, 1 - rng.uniform(0.4, 0.8))
+    region = _smooth_field(rng, h, w, int(rng.integers(3, 7)))
+    subject = region > np.quantile(region, 1 - rng.uniform(0.3, 0.65))
     yy, xx = _coords(h, w)
     slope = rng.uniform(-1, 1, 2)
     ramp = yy * slope[0] + xx * slope[1]
     ramp = ((ramp - ramp.min()) / (np.ptp(ramp) + 1e-9))[..., None]
-    ends = _hsv_to_rgb(rng.uniform(0, 1, 2), rng.uniform(0.1, 0.6, 2), rng.uniform(0.3, 0.95, 2))
+    ends = _hsv_to_rgb(rng.uniform(0, 1, 2), rng.uniform(0.2, 0.9, 2), rng.uniform(0.3, 0.95, 2))
     backdrop = ends[0] * (1 - ramp) + ends[1] * ramp
     base = np.where(subject[..., None], pattern, backdrop)
     shade = 0.4 * _smooth_field(rng, h, w, 12)[..., None]
