@@ -13,8 +13,8 @@
 Images come from 8 procedural classes (shapes, stripes, textures, palettes) with per-image
 randomness, each pattern the subject of a scene with its own backdrop (`generate_scene`), class
 frequencies deliberately unbalanced (the long tail that balanced sampling is for). Planted: ~5%
-exact byte copies, ~5% copies by realistic edits (`realistic_copy`: rescale, trim, JPEG, colour
-jitter, text, logo, flip), corrupt files (empty, truncated JPEG/PNG, text named .jpg, a
+exact byte copies, ~5% copies by realistic edits (`realistic_copy`: rescale, trim, colour jitter,
+text, logo, flip, then JPEG), corrupt files (empty, truncated JPEG/PNG, text named .jpg, a
 decompression bomb) and valid odd modes (CMYK JPEG, 16-bit PNG). Dedup compares the built-in copy
 detector's vectors (`arch: copy_descriptor`).
 """
@@ -213,18 +213,19 @@ def generate_image(rng: np.random.Generator, label: int, colours: Colours = "cla
 
 
 def generate_scene(rng: np.random.Generator, label: int) -> Image.Image:
-    """A pool image of class `label`: its pattern fills a random region of the picture (30-65% of it)
-    and a backdrop of random colours, as a photo holds its subject, fills the rest; then shading as
-    in generate_image.
+    """A pool image of class `label`: its pattern fills a random region of the picture (50-80% of it)
+    and a muted backdrop (a gradient of two greyish colours), as a photo holds its subject, fills
+    the rest; then shading as in generate_image. The subject keeps its class's hues, which the
+    demo's random-weight retrieval model goes by.
 
     Why not generate_image's whole-frame pattern: two such images of one class differ only in phase
     and shading, like two crops of one wallpaper, and share their colour and orientation statistics,
     so a copy detector has to call them near copies. Distinct photos differ in layout and colour,
     which is what the built-in copy detector (`arch: copy_descriptor`) relies on."""
     h, w = (int(v) for v in rng.integers(96, 201, 2))
-    # The pattern magnified 1-2x and, half the time, turned a quarter: stripes, grids and wedges of
+    # The pattern magnified 1.5-3x and, half the time, turned a quarter: stripes, grids and wedges of
     # one class then differ in frequency and orientation from picture to picture.
-    zoom = rng.uniform(1.0, 2.0)
+    zoom = rng.uniform(1.5, 3.0)
     turn = rng.random() < 0.5
     ph, pw = max(16, round(h / zoom)), max(16, round(w / zoom))
     pattern = _CLASSES[label](rng, *((pw, ph) if turn else (ph, pw)), _palette(rng, label, 6))
@@ -235,12 +236,12 @@ def generate_scene(rng: np.random.Generator, label: int) -> Image.Image:
     # Each picture's own exposure (a gamma) and its own layout of subject and backdrop.
     pattern = pattern ** rng.uniform(0.5, 2.0)
     region = _smooth_field(rng, h, w, int(rng.integers(3, 7)))
-    subject = region > np.quantile(region, 1 - rng.uniform(0.3, 0.65))
+    subject = region > np.quantile(region, 1 - rng.uniform(0.5, 0.8))
     yy, xx = _coords(h, w)
     slope = rng.uniform(-1, 1, 2)
     ramp = yy * slope[0] + xx * slope[1]
     ramp = ((ramp - ramp.min()) / (np.ptp(ramp) + 1e-9))[..., None]
-    ends = _hsv_to_rgb(rng.uniform(0, 1, 2), rng.uniform(0.2, 0.9, 2), rng.uniform(0.3, 0.95, 2))
+    ends = _hsv_to_rgb(rng.uniform(0, 1, 2), rng.uniform(0.0, 0.15, 2), rng.uniform(0.3, 0.95, 2))
     backdrop = ends[0] * (1 - ramp) + ends[1] * ramp
     base = np.where(subject[..., None], pattern, backdrop)
     shade = 0.4 * _smooth_field(rng, h, w, 12)[..., None]
@@ -274,15 +275,16 @@ def near_duplicate(rng: np.random.Generator, data: bytes) -> bytes:
 
 
 # Edits the demo's planted copies are made with: the real-image corpus's re-post edits
-# (`copy_corpus.apply_edit`) except rotation, padding and its 70-95% crops, with a trim of 2-5% per
-# side in their place. The built-in copy detector misses some rotated, padded or deeply cropped
+# (`copy_corpus.apply_edit`) except rotation, padding, a second low-quality JPEG pass and its 70-95%
+# crops, with a trim of 2-5% per side in their place; every copy is then saved as JPEG once. The
+# built-in copy detector misses some rotated, padded, deeply cropped or twice-compressed fine
 # periodic patterns (benchmarks/dedup_quality.py measures those edits on real images); every
 # planted copy here is one the demo's dedup must remove.
-COPY_EDITS = ("rescale", "trim", "jpeg", "jitter", "text", "logo", "flip")
+COPY_EDITS = ("rescale", "trim", "jitter", "text", "logo", "flip")
 
 
 def realistic_copy(rng: np.random.Generator, data: bytes) -> bytes:
-    """A copy an exact hash misses: one or two of COPY_EDITS, then JPEG at quality 40-90."""
+    """A copy an exact hash misses: one or two of COPY_EDITS, then JPEG at quality 50-90."""
     from lvd.jobs.copy_corpus import apply_edit, overlay_logo
 
     img = Image.open(io.BytesIO(data)).convert("RGB")
@@ -294,7 +296,7 @@ def realistic_copy(rng: np.random.Generator, data: bytes) -> bytes:
             img = img.crop((dx, dy, w - dx, h - dy))
         else:
             img = apply_edit(rng, img, edit, overlay_logo())
-    return encode(img.convert("RGB"), "jpeg", int(rng.integers(40, 91)))
+    return encode(img.convert("RGB"), "jpeg", int(rng.integers(50, 91)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,12 +127,13 @@ def test_planted_copies_collapse_and_no_distinct_image_is_dropped(demo_run):
         str(Path(uri).relative_to(root / "data")): image_id
         for image_id, uri in zip(images["image_id"].to_pylist(), images["uri"].to_pylist(), strict=True)
     }
-    dedup = layout.read_table(spec.output_dir, layout.DEDUP).to_pandas().set_index("image_id")
+    dedup = layout.read_table(spec.output_dir, layout.DEDUP).to_pylist()  # ids stay int64
+    keep = {row["image_id"]: row["keep"] for row in dedup}
     partner = {}
     for a, b in manifest["near_pairs"]:
         partner[id_of[a]], partner[id_of[b]] = id_of[b], id_of[a]
-        assert dedup.keep[id_of[a]] != dedup.keep[id_of[b]], (a, b)  # exactly one of the pair kept
-    copies = dedup[dedup.reason == "copy"]
+        assert keep[id_of[a]] != keep[id_of[b]], (a, b)  # exactly one of the pair kept
+    copies = [row for row in dedup if row["reason"] == "copy"]
     assert len(copies) == len(manifest["near_pairs"])
-    for image_id, row in copies.iterrows():
-        assert partner.get(image_id) == row.duplicate_of, image_id
+    for row in copies:
+        assert partner.get(row["image_id"]) == row["duplicate_of"], row
