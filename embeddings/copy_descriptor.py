@@ -1,7 +1,9 @@
 """A hand-built copy-detection descriptor with no learned weights: the offline stand-in for SSCD.
 
-(B, 3, S, S) ImageNet-normalised crops in, (B, DIM) L2-normalised vectors out; the cosine of two
-vectors says how likely one image is an edited copy of the other. Steps, and the edits each serves:
+(B, 3, S, S) ImageNet-normalised images in (the whole picture resized to S x S, no centre crop:
+the embed stage's `PreprocessConfig.whole`, set for this arch), (B, DIM) L2-normalised vectors out;
+the cosine of two vectors says how likely one image is an edited copy of the other. Steps, and the
+edits each serves:
   1. uniform borders (padding, the transparent margin of an icon composited on white by the
      decoder) are trimmed, twice, and the content box is resampled to GRID x GRID: padding,
      rescaling, icons drawn at several sizes;
@@ -30,7 +32,7 @@ from lvd.embeddings.preprocess import IMAGENET_MEAN, IMAGENET_STD
 # The cosine above which two descriptors are copies: measured on the real-image corpus
 # (benchmarks/dedup_quality.py); the job spec's dedup.threshold is set to it where this detector runs.
 THRESHOLD = 0.84
-# The input the descriptor is measured with: the shorter side resized to SIZE, centre crop SIZE.
+# The input the descriptor is measured with: the whole image resized to SIZE x SIZE.
 SIZE = 128
 GRID = 48  # the content box is resampled to GRID x GRID before the blocks are computed
 DIM = 320  # output width (a multiple of 64, as PQ64 indexes need)

@@ -74,7 +74,7 @@ def preprocess_keys(models: dict[str, ModelSpec]) -> tuple[dict[str, PreprocessC
     for name, m in models.items():
         # Patch size of a TorchScript model is unknown (the copy descriptor has none): crop to image_size.
         patch = 1 if m.arch in ("torchscript", "copy_descriptor") else m.patch_size
-        cfg = PreprocessConfig(m.resize_size, m.image_size, patch)
+        cfg = PreprocessConfig(m.resize_size, m.image_size, patch, whole=m.arch == "copy_descriptor")
         key = next((k for k, c in configs.items() if c == cfg), str(len(configs)))
         configs[key] = cfg
         key_of[name] = key

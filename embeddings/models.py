@@ -100,7 +100,12 @@ def load_embedding_model(spec: ModelSpec, device: torch.device | str | None = No
         p.requires_grad_(False)
     autocast = autocast_dtype(spec.precision, device)
     patch = module.patch_size if isinstance(module, DinoVisionTransformer) else 1
-    pre = PreprocessConfig(resize_size=spec.resize_size, image_size=spec.image_size, patch_size=patch)
+    pre = PreprocessConfig(
+        resize_size=spec.resize_size,
+        image_size=spec.image_size,
+        patch_size=patch,
+        whole=spec.arch == "copy_descriptor",
+    )
     model = EmbeddingModel(module, 0, pre, device, autocast, spec.batch_size)
     if isinstance(module, DinoVisionTransformer):
         model.dim = module.embed_dim

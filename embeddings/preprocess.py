@@ -31,6 +31,9 @@ class PreprocessConfig:
     resize_size: int = 256  # shorter side after resizing
     image_size: int = 224  # centre crop side
     patch_size: int = 14
+    # Resize the whole image to crop_size x crop_size instead (no crop): a copy detector must see all
+    # of the picture, since padding or a change of aspect ratio would move a centre crop over it.
+    whole: bool = False
 
     @property
     def crop_size(self) -> int:
@@ -86,10 +89,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """Shorter side to cfg.resize_size (bicubic), centre crop cfg.crop_size: uint8 [S, S, 3]."""
+    """Shorter side to cfg.resize_size (bicubic), centre crop cfg.crop_size: uint8 [S, S, 3]; with
+    cfg.whole, the whole image resized to S x S."""
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageDecodeError(f"empty image ({w}x{h})")
+    if cfg.whole:
+        s = cfg.crop_size
+        return np.array(img.resize((s, s), Image.Resampling.BICUBIC), dtype=np.uint8)
     # Same rounding as torchvision's Resize(int): the longer side is truncated.
     if w <= h:
         nw, nh = cfg.resize_size, int(cfg.resize_size * h / w)

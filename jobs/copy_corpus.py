@@ -18,6 +18,7 @@ not. Deterministic for a given seed. Tests (`tests/test_dedup_quality.py`) and
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -83,6 +84,12 @@ def load_packaged_image(package: str, name: str) -> Image.Image:
     img = Image.open(_package_dir(package) / name)
     img.load()
     return img.convert("RGBA" if img.mode in ("RGBA", "LA", "P") else "RGB")
+
+
+@functools.cache
+def overlay_logo() -> Image.Image:
+    """The mark the "logo" edit pastes onto a copy (RGBA)."""
+    return load_packaged_image("matplotlib", "Minduka_Present_Blue_Pack.png").convert("RGBA")
 
 
 @dataclass
@@ -294,7 +301,7 @@ def build_copy_corpus(
     """The corpus: every original; for a `copy_rate` share of them 1..max_copies planted copies; and
     `icons` drawings at `icon_sizes` sizes each. Deterministic for `seed`."""
     rng = np.random.default_rng(seed)
-    logo = load_packaged_image("matplotlib", "Minduka_Present_Blue_Pack.png").convert("RGBA")
+    logo = overlay_logo()
     images: list[CorpusImage] = []
     for group, (name, img) in enumerate(originals()):
         fmt = "png" if img.mode == "RGBA" or rng.random() < 0.3 else "jpeg"

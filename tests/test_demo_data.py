@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from lvd.curation.ingest import check_sources
+from lvd.embeddings import copy_descriptor
+from lvd.embeddings.models import load_embedding_model
+from lvd.embeddings.preprocess import prepare_image
 from lvd.jobs.demo import CLASS_NAMES, build_demo, build_labelled_folder
 from lvd.schemas.job_spec import load_job_spec
 
@@ -83,7 +85,8 @@ def test_job_spec_validates_and_points_at_the_data(demo):
     for s in [*spec.seeds, *spec.eval_sets]:
         check_sources(s.sources)
     assert {s.strategy for s in spec.seeds} == {"sample", "cluster", "as_is"}
-    assert Path(spec.embedding.copy_detection.weights).is_file()
+    assert spec.embedding.copy_detection.arch == "copy_descriptor"
+    assert spec.dedup.threshold == copy_descriptor.THRESHOLD
     assert spec.embedding.retrieval.random_init and spec.embedding.retrieval.image_size == 112
     assert [lv.k for lv in spec.clustering.levels] == [24, 6]
     assert spec.ray.num_cpus == 2 and spec.spark.master == "local[2]"
@@ -115,44 +118,32 @@ def test_planted_counts_match_an_independent_scan(demo):
     assert len(list((data / "eval" / "holdout").iterdir())) == manifest["eval"]["holdout"] == 10
 
 
-def _prep(data: bytes) -> torch.Tensor:
-    """Resize the short side to 128, centre-crop 112, ImageNet-normalise (what the embed stage does)."""
-    img = Image.open(io.BytesIO(data))
-    if img.mode.startswith("I;16"):  # PIL's convert clips 16-bit values at 255: scale them down instead
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).astype(np.uint8), "L")
-    img = img.convert("RGB")
-    s = 128 / min(img.size)
-    img = img.resize(
-        (max(128, round(img.width * s)), max(128, round(img.height * s))), Image.Resampling.BICUBIC
-    )
-    left, top = (img.width - 112) // 2, (img.height - 112) // 2
-    arr = np.asarray(img.crop((left, top, left + 112, top + 112)), dtype=np.float32) / 255
-    arr = (arr - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    return torch.from_numpy(arr.transpose(2, 0, 1).astype(np.float32))
-
-
-def test_copy_detection_model_separates_near_duplicates_from_distinct_images(demo):
+def test_copy_descriptor_separates_planted_copies_from_distinct_images(demo):
+    """At the threshold the demo's dedup uses, every planted copy (and eval-set copy) is above it
+    and every pair of distinct pool images below it, through the embed stage's decoding."""
     data = demo / "data"
     manifest = json.loads((data / "manifest.json").read_text())
+    spec = load_job_spec(demo / "job.yaml")
+    model = load_embedding_model(spec.embedding.copy_detection, "cpu")
     pool = scan_pool(data)
     uris = sorted(manifest["labels"])
-    model = torch.jit.load(str(data / "copy_detection.pt"))
-    with torch.no_grad():
-        vectors = model(torch.stack([_prep(pool[u]) for u in uris])).numpy()
-        evals = model(
-            torch.stack([_prep((data / e).read_bytes()) for e, _ in manifest["eval_pairs"]])
-        ).numpy()
-    assert vectors.shape == (len(uris), 256)
-    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+    def embed(blobs: list[bytes]) -> np.ndarray:
+        return model.embed_uint8(np.stack([prepare_image(b, model.preprocess) for b in blobs]))
+
+    vectors = embed([pool[u] for u in uris])
+    evals = embed([(data / e).read_bytes() for e, _ in manifest["eval_pairs"]])
     index = {u: i for i, u in enumerate(uris)}
     sim = vectors @ vectors.T
     copies = np.eye(len(uris), dtype=bool)
     for a, b in manifest["exact_pairs"] + manifest["near_pairs"]:
         copies[index[a], index[b]] = copies[index[b], index[a]] = True
-    near = [sim[index[a], index[b]] for a, b in manifest["near_pairs"]]
-    assert min(near) > 0.6
-    assert sim[~copies].max() < 0.6
-    assert min(float(evals[k] @ vectors[index[p]]) for k, (_, p) in enumerate(manifest["eval_pairs"])) > 0.6
+    threshold, eval_threshold = spec.dedup.threshold, spec.dedup.eval_threshold
+    assert min(sim[index[a], index[b]] for a, b in manifest["near_pairs"]) > threshold
+    assert sim[~copies].max() < threshold
+    assert min(float(evals[k] @ vectors[index[p]]) for k, (_, p) in enumerate(manifest["eval_pairs"])) > (
+        eval_threshold
+    )
 
 
 def test_labelled_folder(tmp_path):

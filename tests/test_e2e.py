@@ -115,3 +115,25 @@ def test_sample_retrieval_finds_the_seed_sets_classes(demo_run):
         share = sum(label in seed["classes"] for label in pool) / len(pool)
         # Chance is the classes' share of the pool; a working embed + kNN does far better.
         assert precision >= 3 * share, (name, precision, share)
+
+
+def test_planted_copies_collapse_and_no_distinct_image_is_dropped(demo_run):
+    """With the built-in copy detector: each planted copy pair keeps one image, and every image
+    dropped as a copy was dropped for the other image of its planted pair."""
+    spec, root, _, _ = demo_run
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    images = layout.read_table(spec.output_dir, layout.IMAGES)
+    id_of = {
+        str(Path(uri).relative_to(root / "data")): image_id
+        for image_id, uri in zip(images["image_id"].to_pylist(), images["uri"].to_pylist(), strict=True)
+    }
+    dedup = layout.read_table(spec.output_dir, layout.DEDUP).to_pylist()  # ids stay int64
+    keep = {row["image_id"]: row["keep"] for row in dedup}
+    partner = {}
+    for a, b in manifest["near_pairs"]:
+        partner[id_of[a]], partner[id_of[b]] = id_of[b], id_of[a]
+        assert keep[id_of[a]] != keep[id_of[b]], (a, b)  # exactly one of the pair kept
+    copies = [row for row in dedup if row["reason"] == "copy"]
+    assert len(copies) == len(manifest["near_pairs"])
+    for row in copies:
+        assert partner.get(row["image_id"]) == row["duplicate_of"], row

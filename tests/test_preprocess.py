@@ -38,6 +38,18 @@ def test_resize_crop_and_normalise_match_the_formula():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+def test_whole_resizes_the_full_picture_without_a_crop():
+    arr = np.zeros((100, 400, 3), dtype=np.uint8)  # a wide picture with red left and blue right ends
+    arr[:, :40, 0] = 255
+    arr[:, -40:, 2] = 255
+    data = _encode(Image.fromarray(arr))
+    whole = prepare_image(data, PreprocessConfig(resize_size=32, image_size=32, patch_size=1, whole=True))
+    assert whole.shape == (32, 32, 3)
+    assert whole[16, 0, 0] > 200 and whole[16, -1, 2] > 200  # both ends are seen
+    crop = prepare_image(data, PreprocessConfig(resize_size=32, image_size=32, patch_size=1))
+    assert crop[:, :, 0].max() < 50 and crop[:, :, 2].max() < 50  # a centre crop loses them
+
+
 def test_default_sizes_are_dinov2_evaluation_sizes():
     img = Image.new("RGB", (640, 480), (10, 200, 30))
     out = preprocess_image(_encode(img))
