@@ -98,7 +98,10 @@ def load_embedding_model(spec: ModelSpec, device: torch.device | str | None = No
     module = build_module(spec).eval().to(device)
     for p in module.parameters():
         p.requires_grad_(False)
-    autocast = autocast_dtype(spec.precision, device)
+    # The copy descriptor is cheap beside a ViT and its threshold sits close to the demo's copies:
+    # under `auto` it runs in float32 on every machine, so its decisions do not depend on the CPU.
+    descriptor_auto = spec.arch == "copy_descriptor" and spec.precision == "auto"
+    autocast = None if descriptor_auto else autocast_dtype(spec.precision, device)
     patch = module.patch_size if isinstance(module, DinoVisionTransformer) else 1
     pre = PreprocessConfig(
         resize_size=spec.resize_size,
