@@ -52,7 +52,7 @@ from lvd.curation.sampling import (
     leaf_repeats,
 )
 from lvd.schemas import layout
-from lvd.schemas.job_spec import DedupSpec
+from lvd.schemas.job_spec import ClusteringSpec, DedupSpec
 from lvd.schemas.tables import IMAGES, embeddings_schema, write_parquet_atomic
 
 PARTS = ("dedup", "dedup_parts", "kmeans", "hier", "parts")
@@ -287,10 +287,10 @@ def driver_hwm_gib() -> float:
     return float("nan")
 
 
-def parse_kmeans_config(text: str) -> tuple[int, int, str]:
-    """'cap:niter:assign_dtype', e.g. '256:20:float32'."""
-    cap, niter, dtype = text.split(":")
-    return int(cap), int(niter), dtype
+def parse_kmeans_config(text: str) -> tuple[int, int, str, int]:
+    """'cap:niter:assign_dtype[:lloyd_passes]', e.g. '256:20:float32' or '32:10:bfloat16:2'."""
+    cap, niter, dtype, *passes = text.split(":")
+    return int(cap), int(niter), dtype, int(passes[0]) if passes else 0
 
 
 def bench_kmeans(x, args) -> dict:
@@ -301,10 +301,17 @@ def bench_kmeans(x, args) -> dict:
     k = args.kmeans_k
     ours = {}
     for text in args.kmeans_configs:
-        cap, niter, dtype = parse_kmeans_config(text)
+        cap, niter, dtype, passes = parse_kmeans_config(text)
         t0 = time.perf_counter()
         res = kmeans(
-            x, k, niter=niter, spherical=False, max_points_per_centroid=cap, seed=0, assign_dtype=dtype
+            x,
+            k,
+            niter=niter,
+            spherical=False,
+            max_points_per_centroid=cap,
+            seed=0,
+            assign_dtype=dtype,
+            lloyd_passes=passes,
         )
         ours[text] = (time.perf_counter() - t0, res.objective)
         print(f"  ours {text}: {ours[text][0]:.1f} s, objective {ours[text][1]:.1f}", flush=True)
@@ -362,7 +369,16 @@ def bench_hierarchy(x, comp, args) -> dict:
     n = x.shape[0]
     levels = [(args.leaf_k, 0), (max(2, args.leaf_k // 10), 2), (max(2, args.leaf_k // 50), 2)]
     t0 = time.perf_counter()
-    hier = hierarchical_kmeans(x, levels, niter=20, spherical=True, seed=0)
+    spec = ClusteringSpec()  # the job spec's defaults
+    hier = hierarchical_kmeans(
+        x,
+        levels,
+        niter=spec.niter,
+        spherical=True,
+        max_points_per_centroid=spec.max_points_per_centroid,
+        seed=0,
+        lloyd_passes=spec.lloyd_passes if args.hier_lloyd_passes is None else args.hier_lloyd_passes,
+    )
     seconds = time.perf_counter() - t0
     ref = None
     if args.reference_iters:
@@ -545,8 +561,9 @@ def main() -> None:
             "32:6:float32",
             "32:6:bfloat16",
         ],
-        help="cap:niter:assign_dtype (max points per centroid in the fit, Lloyd iterations, precision of "
-        "the assignment passes); the job spec's default is 256:20:auto",
+        help="cap:niter:assign_dtype[:lloyd_passes] (max points per centroid in the fit, its Lloyd "
+        "iterations, precision of the assignment passes, full-data Lloyd passes after the fit); the job "
+        "spec's defaults are printed",
     )
     ap.add_argument("--mb-batch", type=int, default=1024, help="MiniBatchKMeans batch size (its default)")
     ap.add_argument("--leaf-k", type=int, default=1000)
@@ -555,6 +572,12 @@ def main() -> None:
         type=int,
         default=50,
         help="hier: Lloyd iterations of the level-0 quality reference (k-means++ init; 0 skips it)",
+    )
+    ap.add_argument(
+        "--hier-lloyd-passes",
+        type=int,
+        default=None,
+        help="hier: level-0 full-data Lloyd passes (default: the job spec's)",
     )
     ap.add_argument(
         "--num-parts", type=int, default=8, help="dedup_parts / parts: parts the pool is written in"
@@ -621,6 +644,11 @@ def main() -> None:
             flush=True,
         )
 
+    spec = ClusteringSpec()
+    print(
+        f"job spec defaults: {spec.max_points_per_centroid}:{spec.niter}:{spec.assign_dtype}:{spec.lloyd_passes}",
+        flush=True,
+    )
     km = bench_kmeans(x, args) if "kmeans" in args.parts else None
     if km:
         mb_s, mb_obj = km["minibatch"]
@@ -629,9 +657,10 @@ def main() -> None:
             flush=True,
         )
         for text, (sec, obj) in km["ours"].items():
-            cap, niter, dtype = parse_kmeans_config(text)
+            cap, niter, dtype, passes = parse_kmeans_config(text)
             print(
-                f"  FAISS fit on <= {cap} points/centroid, {niter} iterations, {dtype} assignment: {sec:.1f} s "
+                f"  FAISS fit on <= {cap} points/centroid, {niter} iterations, {passes} full Lloyd passes, "
+                f"{dtype} assignment: {sec:.1f} s "
                 f"objective {obj:.1f}",
                 flush=True,
             )

@@ -98,7 +98,12 @@ def load_embedding_model(spec: ModelSpec, device: torch.device | str | None = No
     module = build_module(spec).eval().to(device)
     for p in module.parameters():
         p.requires_grad_(False)
-    autocast = autocast_dtype(spec.precision, device)
+    precision = spec.precision
+    if spec.arch == "copy_descriptor" and precision == "auto":
+        # Its hand-made features (colour statistics, content boxes) lose far more to bf16 rounding
+        # than a network's, enough to flip copy decisions; it has no large matmul to speed up.
+        precision = "float32"
+    autocast = autocast_dtype(precision, device)
     patch = module.patch_size if isinstance(module, DinoVisionTransformer) else 1
     pre = PreprocessConfig(resize_size=spec.resize_size, image_size=spec.image_size, patch_size=patch)
     model = EmbeddingModel(module, 0, pre, device, autocast, spec.batch_size)

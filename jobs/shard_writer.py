@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import tarfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -500,20 +501,59 @@ def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, st
     return tar.size, tar.sha.hexdigest()
 
 
+class _RowGroupCache:
+    """Image columns of parquet row groups this process read lately, least recently used dropped
+    first, keyed by the file's path, size and mtime so a rewritten file is never served stale.
+
+    The plan spreads a row group's images over many shards, so without it every shard that draws
+    from a row group reads and decodes all of it again; Spark reuses a Python worker for the
+    shards it writes one after another, and they hit here instead.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[tuple, pa.ChunkedArray] = OrderedDict()
+
+    def get(self, key: tuple) -> pa.ChunkedArray | None:
+        found = self.entries.get(key)
+        if found is not None:
+            self.entries.move_to_end(key)
+        return found
+
+    def put(self, key: tuple, values: pa.ChunkedArray) -> None:
+        if values.nbytes > self.max_bytes:
+            return
+        while self.entries and self.bytes + values.nbytes > self.max_bytes:
+            self.bytes -= self.entries.popitem(last=False)[1].nbytes
+        self.entries[key] = values
+        self.bytes += values.nbytes
+
+
+ROW_GROUP_CACHE = _RowGroupCache(256 << 20)
+
+
 def read_parquet_rows(path: str, column: str, rows: Iterable[int]) -> dict[int, bytes]:
     """Image bytes of several rows of one parquet file, reading each needed row group once.
 
-    (Reading rows one by one would decode a whole row group per image.)
+    (Reading rows one by one would decode a whole row group per image.) Row groups of local files
+    are kept in `ROW_GROUP_CACHE` for the next shards.
     """
     wanted = sorted(set(rows))
     out: dict[int, bytes] = {}
+    local = _local_path(path)
+    stat = os.stat(local) if local is not None else None
     with fsspec.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         starts = np.cumsum([0, *sizes])
         groups = np.searchsorted(starts, wanted, side="right") - 1
         for group in np.unique(groups[(groups >= 0) & (groups < len(sizes))]):
-            values = pf.read_row_group(int(group), columns=[column]).column(0)
+            key = None if stat is None else (local, stat.st_size, stat.st_mtime_ns, int(group), column)
+            values = None if key is None else ROW_GROUP_CACHE.get(key)
+            if values is None:
+                values = pf.read_row_group(int(group), columns=[column]).column(0)
+                if key is not None:
+                    ROW_GROUP_CACHE.put(key, values)
             for row, g in zip(wanted, groups, strict=True):
                 if g == group:
                     value = values[row - int(starts[group])].as_py()

@@ -567,3 +567,17 @@ def test_tar_bytes_equal_tarfiles(tmp_path):
         assert path.read_bytes() == reference.getvalue()
         assert (size, sha) == (len(reference.getvalue()), hashlib.sha256(reference.getvalue()).hexdigest())
     assert not [p for p in tmp_path.iterdir() if layout.is_temp(p.name)]
+
+
+def test_parquet_rows_come_from_the_file_as_it_is_now(tmp_path):
+    """Row groups kept for later shards are read again once the file changes (same path)."""
+    import os
+
+    from lvd.jobs.shard_writer import read_parquet_rows
+
+    path = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"image": [b"a0", b"a1", b"a2"]}), path, row_group_size=2)
+    assert read_parquet_rows(str(path), "image", [0, 2]) == {0: b"a0", 2: b"a2"}
+    pq.write_table(pa.table({"image": [b"b0", b"b1", b"b2"]}), path, row_group_size=2)
+    os.utime(path, ns=(0, 12345))  # even a rewrite within the mtime's resolution changes the key
+    assert read_parquet_rows(str(path), "image", [1, 2]) == {1: b"b1", 2: b"b2"}

@@ -85,6 +85,7 @@ def run(ctx: StageContext) -> ClusterSummary:
         max_points_per_centroid=cfg.max_points_per_centroid,
         seed=cfg.seed,
         assign_dtype=cfg.assign_dtype,
+        lloyd_passes=cfg.lloyd_passes,
     )
     run_tasks(
         _write_clusters_part,
