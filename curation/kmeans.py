@@ -113,17 +113,16 @@ def cluster_sums(
     x: np.ndarray, labels: np.ndarray, k: int, *, chunk_size: int = ASSIGN_CHUNK
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-label float64 sums (k, d) of the rows of `x` and the label counts (int64): what a worker
-    returns for its part of a centroid update (sums of several parts add up)."""
-    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
+    returns for its part of a centroid update (sums of several parts add up).
+
+    Rows are added in row order (torch's CPU index_add_ is sequential), so the sums are repeatable."""
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float64)
+    label_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
     for start in range(0, x.shape[0], chunk_size):
-        lab = labels[start : start + chunk_size]
-        order = np.argsort(lab, kind="stable")
-        lab = lab[order]
-        firsts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-        rows = x[start : start + chunk_size][order].astype(np.float64)
-        sums[lab[firsts]] += np.add.reduceat(rows, firsts, axis=0)
+        rows = torch.from_numpy(np.ascontiguousarray(x[start : start + chunk_size])).double()
+        sums.index_add_(0, label_t[start : start + chunk_size], rows)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
-    return sums, counts
+    return sums.numpy(), counts
 
 
 def mean_by_label(

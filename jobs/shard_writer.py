@@ -452,13 +452,15 @@ class _TarFile:
         views = [memoryview(b) for b in self.pending]
         while views:
             n = os.writev(self.fd, views)
+            if n == 0:
+                raise OSError(f"no progress writing a tar ({self.size} bytes written)")
             self.size += n
             while views and n >= len(views[0]):
                 n -= len(views.pop(0))
             if views:
                 views[0] = views[0][n:]
         self.pending, self.pending_bytes = [], 0
-        if self.size - self.written_back >= _WRITEBACK_BYTES:
+        if self.size - self.written_back >= _WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
             # POSIX_FADV_DONTNEED starts asynchronous writeback of the dirty range on Linux.
             os.posix_fadvise(
                 self.fd, self.written_back, self.size - self.written_back, os.POSIX_FADV_DONTNEED
