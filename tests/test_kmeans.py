@@ -252,9 +252,8 @@ def _labels_of(result):
     [
         ("bfloat16", 0, 256, False, 0),
         ("bfloat16", 2, 256, False, 0),
-        ("bfloat16", 3, 20, True, 0),
+        ("bfloat16", 3, 20, True, 2),
         ("float32", 2, 30, True, 0),
-        ("bfloat16", 1, 20, False, 2),
     ],
 )
 def test_kmeans_over_parts_equals_kmeans(
