@@ -3,7 +3,8 @@
 
 One k-means = FAISS Lloyd iterations on a random sample capped at `max_points_per_centroid` per
 centroid, a last centroid update over that sample with the sums in float64 (FAISS sums in float32),
-then a chunked assignment of every point: the only pass over all of them.
+optionally `lloyd_passes` Lloyd iterations over all points (assignment, float64 sums, update: the
+sample's noise is what they remove), then a chunked assignment of every point.
 
 That assignment pass is most of the time at scale (1M x 1000 x 384 is 0.77 TFLOP). On a GPU FAISS does
 it; on a CPU with bf16 dot-product instructions (AVX512-BF16, AMX) a bf16 matmul through torch runs
@@ -112,17 +113,16 @@ def cluster_sums(
     x: np.ndarray, labels: np.ndarray, k: int, *, chunk_size: int = ASSIGN_CHUNK
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-label float64 sums (k, d) of the rows of `x` and the label counts (int64): what a worker
-    returns for its part of a centroid update (sums of several parts add up)."""
-    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
+    returns for its part of a centroid update (sums of several parts add up).
+
+    Rows are added in row order (torch's CPU index_add_ is sequential), so the sums are repeatable."""
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float64)
+    label_t = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
     for start in range(0, x.shape[0], chunk_size):
-        lab = labels[start : start + chunk_size]
-        order = np.argsort(lab, kind="stable")
-        lab = lab[order]
-        firsts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-        rows = x[start : start + chunk_size][order].astype(np.float64)
-        sums[lab[firsts]] += np.add.reduceat(rows, firsts, axis=0)
+        rows = torch.from_numpy(np.ascontiguousarray(x[start : start + chunk_size])).double()
+        sums.index_add_(0, label_t[start : start + chunk_size], rows)
     counts = np.bincount(labels, minlength=k).astype(np.int64)
-    return sums, counts
+    return sums.numpy(), counts
 
 
 def mean_by_label(
@@ -149,6 +149,28 @@ def update_from_sums(
 def _update(x: np.ndarray, labels: np.ndarray, previous: np.ndarray, spherical: bool) -> np.ndarray:
     """Float64 centroid update over the rows of `x`; an empty cluster keeps its previous centroid."""
     return update_from_sums(*cluster_sums(x, labels, previous.shape[0]), previous, spherical)
+
+
+def assigned_sums(
+    x: np.ndarray, centroids: np.ndarray, *, spherical: bool, assign_dtype: AssignDtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Half of a Lloyd iteration over the rows of `x`: assign them to `centroids`, then their float64
+    per-cluster sums and counts (sums over several row sets add up; `update_from_sums` finishes)."""
+    k = centroids.shape[0]
+    if x.shape[0] == 0:
+        return np.zeros((k, centroids.shape[1])), np.zeros(k, dtype=np.int64)
+    labels, _ = kmeans_assign(x, centroids, spherical=spherical, assign_dtype=assign_dtype)
+    return cluster_sums(x, labels, k)
+
+
+def lloyd_refine(
+    x: np.ndarray, centroids: np.ndarray, passes: int, *, spherical: bool, assign_dtype: AssignDtype
+) -> np.ndarray:
+    """`passes` Lloyd iterations over all rows of `x` from `centroids` (float64 updates)."""
+    for _ in range(passes):
+        sums, counts = assigned_sums(x, centroids, spherical=spherical, assign_dtype=assign_dtype)
+        centroids = update_from_sums(sums, counts, centroids, spherical)
+    return centroids
 
 
 @dataclass
@@ -319,6 +341,7 @@ def kmeans(
     nredo: int = 1,
     assign_dtype: AssignDtype = "auto",
     ids: np.ndarray | None = None,
+    lloyd_passes: int = 0,
 ) -> KMeansResult:
     """Fit on a capped sample, a float64 mean update over it, assign all rows; then resampling steps.
 
@@ -326,6 +349,7 @@ def kmeans(
     (default: half the mean cluster size, so dense clusters weigh no more than sparse ones).
     assign_dtype: of the assignment passes (module docstring); the fit itself is FAISS float32.
     ids: the points' ids, which key the fit samples (row numbers when None).
+    lloyd_passes: Lloyd iterations over all rows after a fit on a sample (before any resampling step).
     """
     n = x.shape[0]
     if not 1 <= k <= n:
@@ -341,6 +365,8 @@ def kmeans(
         nredo=nredo,
         assign_dtype=assign_dtype,
     )
+    if n > k * max_points_per_centroid:  # else the fit saw every row already
+        centroids = lloyd_refine(x, centroids, lloyd_passes, spherical=spherical, assign_dtype=assign_dtype)
     # Then one pass over every point.
     labels, dist = kmeans_assign(x, centroids, spherical=spherical, assign_dtype=assign_dtype)
     r = nearest_per_cluster(n, k, resample_size)
@@ -450,10 +476,11 @@ def hierarchical_kmeans(
     seed: int = 0,
     assign_dtype: AssignDtype = "auto",
     ids: np.ndarray | None = None,
+    lloyd_passes: int = 0,
 ) -> Hierarchy:
     """`levels` = [(k, resampling_steps), ...], finest first, k decreasing. Each k is clamped to the
     number of points (or centroids) below it, with a warning. ids: of the points (level 0), keying
-    its fit samples; the upper levels key theirs by centroid number."""
+    its fit samples; the upper levels key theirs by centroid number. lloyd_passes: of level 0 (`kmeans`)."""
     if not levels:
         raise ValueError("hierarchical_kmeans needs at least one level")
     if x.shape[0] == 0:
@@ -470,6 +497,7 @@ def hierarchical_kmeans(
         nredo=1,
         assign_dtype=assign_dtype,
         ids=ids,
+        lloyd_passes=lloyd_passes,
     )
     centroids, parents = cluster_centroids(
         res.centroids,

@@ -98,10 +98,12 @@ def load_embedding_model(spec: ModelSpec, device: torch.device | str | None = No
     module = build_module(spec).eval().to(device)
     for p in module.parameters():
         p.requires_grad_(False)
-    # The copy descriptor is cheap beside a ViT and its threshold sits close to the demo's copies:
-    # under `auto` it runs in float32 on every machine, so its decisions do not depend on the CPU.
-    descriptor_auto = spec.arch == "copy_descriptor" and spec.precision == "auto"
-    autocast = None if descriptor_auto else autocast_dtype(spec.precision, device)
+    precision = spec.precision
+    if spec.arch == "copy_descriptor" and precision == "auto":
+        # Its hand-made features (colour statistics, content boxes) lose far more to bf16 rounding
+        # than a network's, enough to flip copy decisions; it has no large matmul to speed up.
+        precision = "float32"
+    autocast = autocast_dtype(precision, device)
     patch = module.patch_size if isinstance(module, DinoVisionTransformer) else 1
     pre = PreprocessConfig(
         resize_size=spec.resize_size,

@@ -6,6 +6,9 @@ capped sample and keeps per-cluster results only. Equal to `curation.kmeans.kmea
   sample     each worker returns its points with keyed draw < cap / n (`in_fit_sample`); the driver
              sorts them by image_id and fits (FAISS, then the float64 mean update over the sample)
              on itself or on a GPU worker: at most about k * max_points_per_centroid rows
+  lloyd      (lloyd_passes times, when the fit saw only a sample) per-cluster float64 sums of
+             every point under the current centroids (parts grouped per task, folded in part
+             order) -> the mean update
   assign     each worker assigns its points to the centroids, writes a label part (image_id,
              label, distance) and returns per-cluster counts and distance ranges
   resampling steps, each:
@@ -37,10 +40,10 @@ import pyarrow.parquet as pq
 from lvd.curation.kmeans import (
     AssignDtype,
     ClusterStats,
+    assigned_sums,
     clamp_k,
     cluster_centroids,
     cluster_stats,
-    cluster_sums,
     fit_and_refine,
     fit_centroids,
     in_fit_sample,
@@ -150,24 +153,23 @@ def _assign_task(
 
 
 def _sums_task(
-    items: list[tuple[VectorPart, Path]],
+    items: list[tuple[VectorPart, Path | None]],
     *,
-    cutoffs: Cutoffs,
+    cutoffs: Cutoffs | None,
     centroids: np.ndarray,
     spherical: bool,
     assign_dtype: AssignDtype,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums and counts of the parts' points (all, or those under `cutoffs`) assigned
+    to `centroids`, folded in part order."""
     k = centroids.shape[0]
-    sums, counts = None, np.zeros(k, dtype=np.int64)
+    sums, counts = np.zeros((k, centroids.shape[1])), np.zeros(k, dtype=np.int64)
     for part, label_path in items:
         _, x = _subset(part, label_path, cutoffs)
-        if x.shape[0] == 0:
-            continue
-        labels, _ = kmeans_assign(x, centroids, spherical=spherical, assign_dtype=assign_dtype)
-        s, c = cluster_sums(x, labels, k)
-        sums = s if sums is None else sums + s
+        s, c = assigned_sums(x, centroids, spherical=spherical, assign_dtype=assign_dtype)
+        sums += s
         counts += c
-    return (np.zeros((k, centroids.shape[1])) if sums is None else sums), counts
+    return sums, counts
 
 
 def _add_sums(a, b):
@@ -228,6 +230,24 @@ def _gather_sample(fanout, items, *, name: str, **kwargs) -> np.ndarray:
     return x[np.argsort(ids, kind="stable")]
 
 
+def _sum_all(
+    fanout, groups, centroids, cutoffs, *, spherical, assign_dtype, name
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums and counts over every group of parts (`_sums_task`), folded in group order."""
+    return fanout.fold(
+        _sums_task,
+        groups,
+        _add_sums,
+        name=name,
+        max_in_flight=_window(centroids.size * 8),
+        **fanout.gpu_task_options(),
+        cutoffs=cutoffs,
+        centroids=centroids,
+        spherical=spherical,
+        assign_dtype=assign_dtype,
+    )
+
+
 def _assign_all(fanout, items, centroids, *, spherical, assign_dtype, name) -> ClusterStats:
     return fanout.fold(
         _assign_task,
@@ -273,6 +293,7 @@ def kmeans_over_parts(
     nredo: int = 1,
     assign_dtype: AssignDtype = "auto",
     fanout: Fanout | None = None,
+    lloyd_passes: int = 0,
 ) -> PartsKMeans:
     """`curation.kmeans.kmeans` over the points of `parts` (n of them in all, from `kept_pool_parts`),
     keyed by image_id. Writes label_dir/part-NNNNN.parquet (image_id, label, distance, in id order)
@@ -309,10 +330,20 @@ def kmeans_over_parts(
         assign_dtype=assign_dtype,
     )
     del sample
+    sum_groups = _groups(items, SUM_TASKS)
+    sums_over = functools.partial(_sum_all, fanout, spherical=spherical, assign_dtype=assign_dtype)
+    if n > k * mppc:  # else the fit saw every point already
+        for p in range(lloyd_passes):
+            sums, counts = sums_over(
+                _groups(_without_labels(items), SUM_TASKS),
+                centroids,
+                None,
+                name=f"k-means k={k}: Lloyd pass {p + 1}",
+            )
+            centroids = update_from_sums(sums, counts, centroids, spherical)
     assign = functools.partial(_assign_all, fanout, items, spherical=spherical, assign_dtype=assign_dtype)
     stats = assign(centroids, name=f"k-means k={k}: assign")
     r = nearest_per_cluster(n, k, resample_size)
-    sum_groups = _groups(items, SUM_TASKS)
     for step in range(resampling_steps):
         take = np.minimum(stats.counts, r)
         if take.sum() < k:  # most clusters empty (degenerate data): nothing to re-balance
@@ -354,18 +385,7 @@ def kmeans_over_parts(
             init_centroids=centroids,
         )
         del sample
-        sums, counts = fanout.fold(
-            _sums_task,
-            sum_groups,
-            _add_sums,
-            name=f"k-means k={k}: resampling means",
-            max_in_flight=_window(centroids.size * 8),
-            **fanout.gpu_task_options(),
-            cutoffs=cutoffs,
-            centroids=centroids,
-            spherical=spherical,
-            assign_dtype=assign_dtype,
-        )
+        sums, counts = sums_over(sum_groups, centroids, cutoffs, name=f"k-means k={k}: resampling means")
         centroids = update_from_sums(sums, counts, centroids, spherical)
         stats = assign(centroids, name=f"k-means k={k}: assign")
     return PartsKMeans(centroids, stats, [path for _, path in items], n)
@@ -394,6 +414,7 @@ def hierarchical_kmeans_over_parts(
     seed: int = 0,
     assign_dtype: AssignDtype = "auto",
     fanout: Fanout | None = None,
+    lloyd_passes: int = 0,
 ) -> PartsHierarchy:
     """`curation.kmeans.hierarchical_kmeans` over the points of `parts`: level 0 over the parts
     (labels in label parts), the upper levels on the driver over the centroids."""
@@ -415,6 +436,7 @@ def hierarchical_kmeans_over_parts(
         nredo=1,
         assign_dtype=assign_dtype,
         fanout=fanout,
+        lloyd_passes=lloyd_passes,
     )
     centroids, parents = cluster_centroids(
         leaf.centroids,

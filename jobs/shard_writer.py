@@ -18,11 +18,11 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
 import tarfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -350,22 +350,6 @@ def sample_json(row: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-class _HashingWriter:
-    """A file wrapper that hashes and counts what tarfile writes through it."""
-
-    def __init__(self, f: Any):
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.f.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size = size
@@ -377,13 +361,48 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _tarfile_header(name: str, size: int) -> bytes:
+    """The header block(s) tarfile writes for this member in PAX format (the reference)."""
+    return _tar_info(name, size).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+# tarfile's header for an empty name and size 0, with the checksum field blank (8 spaces): members
+# with a short ASCII name differ from it only in the name, size and checksum fields.
+_NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+_TEMPLATE = bytearray(_tarfile_header("", 0))
+_TEMPLATE[_CHKSUM] = b" " * 8
+_TEMPLATE_SUM = (
+    sum(_TEMPLATE[: _NAME.start]) + sum(_TEMPLATE[_NAME.stop : _SIZE.start]) + sum(_TEMPLATE[_SIZE.stop :])
+)
+_MAX_USTAR_SIZE = 8**11 - 1
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The header block(s) of a tar member, byte-identical to `_tarfile_header` (tests check it).
+
+    Headers are built by patching a template: tarfile's own header code costs as much per member as
+    copying a photo, and a shard has hundreds of thousands of members. Names that need a PAX
+    extended header (long or non-ASCII) and huge sizes go through tarfile.
+    """
+    raw = name.encode("ascii", "surrogateescape") if name.isascii() else b""
+    if not raw or len(raw) > 100 or size > _MAX_USTAR_SIZE or size < 0:
+        return _tarfile_header(name, size)
+    header = bytearray(_TEMPLATE)
+    header[: len(raw)] = raw
+    size_field = b"%011o\0" % size
+    header[_SIZE] = size_field
+    chksum = _TEMPLATE_SUM + sum(raw) + sum(size_field)
+    header[_CHKSUM] = b"%06o\0 " % chksum
+    return bytes(header)
+
+
 # Test hook (tests/test_faults.py): when set to a file path that does not exist yet, the process
 # writing a tar creates that file (holding the tar's temp path) and kills itself after the tar's
 # first member, so a Spark task dies mid-write exactly once per marker file.
 DIE_WRITING_TAR_ENV = "LVD_TEST_DIE_WRITING_TAR"
 
 
-def _die_once_for_test(f: Any, tmp: Path) -> None:
+def _die_once_for_test(tmp: Path) -> None:
     marker = os.environ.get(DIE_WRITING_TAR_ENV)
     if not marker:
         return
@@ -393,45 +412,150 @@ def _die_once_for_test(f: Any, tmp: Path) -> None:
         return
     os.write(fd, str(tmp).encode())
     os.close(fd)
-    f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+_ZEROS = bytes(TAR_RECORD)
+# Buffers are handed to the kernel in batches of about this many bytes (one writev each); batches
+# of a few images keep syscalls few without copying image bytes into a buffer.
+_BATCH_BYTES = 1 << 20
+_BATCH_BUFFERS = 512  # well under IOV_MAX
+# Every this many bytes the kernel is asked to start writing the tar back to disk, so the disk
+# works while the next images are read and hashed and the final fsync has little left to do.
+_WRITEBACK_BYTES = 8 << 20
+
+
+class _TarFile:
+    """An open tar temp file: batched unbuffered writes, a running sha256, early writeback."""
+
+    def __init__(self, fd: int):
+        self.fd, self.sha, self.size = fd, hashlib.sha256(), 0
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.written_back = 0
+
+    def add(self, buffer: bytes) -> None:
+        if not buffer:
+            return
+        self.sha.update(buffer)
+        self.pending.append(buffer)
+        self.pending_bytes += len(buffer)
+        if self.pending_bytes >= _BATCH_BYTES or len(self.pending) >= _BATCH_BUFFERS:
+            self.flush()
+
+    def add_member(self, name: str, data: bytes) -> None:
+        self.add(member_header(name, len(data)))
+        self.add(data)
+        self.add(_ZEROS[: -len(data) % TAR_BLOCK])
+
+    def flush(self) -> None:
+        views = [memoryview(b) for b in self.pending]
+        while views:
+            n = os.writev(self.fd, views)
+            if n == 0:
+                raise OSError(f"no progress writing a tar ({self.size} bytes written)")
+            self.size += n
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if views:
+                views[0] = views[0][n:]
+        self.pending, self.pending_bytes = [], 0
+        if self.size - self.written_back >= _WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            # POSIX_FADV_DONTNEED starts asynchronous writeback of the dirty range on Linux.
+            os.posix_fadvise(
+                self.fd, self.written_back, self.size - self.written_back, os.POSIX_FADV_DONTNEED
+            )
+            self.written_back = self.size
+
+    def finish(self) -> None:
+        """The end-of-archive blocks and record padding, as tarfile writes them on close."""
+        end = self.size + self.pending_bytes + 2 * TAR_BLOCK
+        self.add(_ZEROS[: 2 * TAR_BLOCK])
+        self.add(_ZEROS[: -end % TAR_RECORD])
+        self.flush()
+
+
 def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, str]:
-    """Write `members` as a deterministic tar at `path` (temp then rename); returns (bytes, sha256)."""
+    """Write `members` as a deterministic tar at `path` (temp then rename); returns (bytes, sha256).
+
+    The bytes are those tarfile writes in PAX format for the same members (fixed mtime, owner,
+    mode): headers, data padded to 512, two zero blocks, padding to a 10 KiB record.
+    """
     tmp = layout.temp_path(path)
     try:
-        with open(tmp, "wb", buffering=1 << 20) as f:
-            writer = _HashingWriter(f)
-            with tarfile.open(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for i, (name, data) in enumerate(members):
-                    tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
-                    if i == 0:
-                        _die_once_for_test(f, tmp)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            tar = _TarFile(fd)
+            for i, (name, data) in enumerate(members):
+                tar.add_member(name, data)
+                if i == 0 and os.environ.get(DIE_WRITING_TAR_ENV):
+                    tar.flush()
+                    _die_once_for_test(tmp)
+            tar.finish()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as err:
         raise naming_error(err, path) from err
     finally:
         tmp.unlink(missing_ok=True)
-    return writer.size, writer.sha.hexdigest()
+    return tar.size, tar.sha.hexdigest()
+
+
+class _RowGroupCache:
+    """Image columns of parquet row groups this process read lately, least recently used dropped
+    first, keyed by the file's path, size and mtime so a rewritten file is never served stale.
+
+    The plan spreads a row group's images over many shards, so without it every shard that draws
+    from a row group reads and decodes all of it again; Spark reuses a Python worker for the
+    shards it writes one after another, and they hit here instead.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[tuple, pa.ChunkedArray] = OrderedDict()
+
+    def get(self, key: tuple) -> pa.ChunkedArray | None:
+        found = self.entries.get(key)
+        if found is not None:
+            self.entries.move_to_end(key)
+        return found
+
+    def put(self, key: tuple, values: pa.ChunkedArray) -> None:
+        if values.nbytes > self.max_bytes:
+            return
+        while self.entries and self.bytes + values.nbytes > self.max_bytes:
+            self.bytes -= self.entries.popitem(last=False)[1].nbytes
+        self.entries[key] = values
+        self.bytes += values.nbytes
+
+
+ROW_GROUP_CACHE = _RowGroupCache(256 << 20)
 
 
 def read_parquet_rows(path: str, column: str, rows: Iterable[int]) -> dict[int, bytes]:
     """Image bytes of several rows of one parquet file, reading each needed row group once.
 
-    (Reading rows one by one would decode a whole row group per image.)
+    (Reading rows one by one would decode a whole row group per image.) Row groups of local files
+    are kept in `ROW_GROUP_CACHE` for the next shards.
     """
     wanted = sorted(set(rows))
     out: dict[int, bytes] = {}
+    local = _local_path(path)
+    stat = os.stat(local) if local is not None else None
     with fsspec.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         starts = np.cumsum([0, *sizes])
         groups = np.searchsorted(starts, wanted, side="right") - 1
         for group in np.unique(groups[(groups >= 0) & (groups < len(sizes))]):
-            values = pf.read_row_group(int(group), columns=[column]).column(0)
+            key = None if stat is None else (local, stat.st_size, stat.st_mtime_ns, int(group), column)
+            values = None if key is None else ROW_GROUP_CACHE.get(key)
+            if values is None:
+                values = pf.read_row_group(int(group), columns=[column]).column(0)
+                if key is not None:
+                    ROW_GROUP_CACHE.put(key, values)
             for row, g in zip(wanted, groups, strict=True):
                 if g == group:
                     value = values[row - int(starts[group])].as_py()
@@ -439,10 +563,53 @@ def read_parquet_rows(path: str, column: str, rows: Iterable[int]) -> dict[int, 
     return out
 
 
+def _local_path(path: str) -> str | None:
+    """`path` as a local file path, or None for other filesystems (read through fsspec)."""
+    if "://" not in path:
+        return path
+    return path[len("file://") :] if path.startswith("file://") else None
+
+
+class _LocalSources:
+    """Reads of files and tar members on local disk with plain file objects, a tar's kept open
+    for the whole shard (fsspec's per-open cost is larger than reading a small image)."""
+
+    def __init__(self) -> None:
+        self.open_tars: dict[str, Any] = {}
+
+    def read(self, kind: str, path: str, member: str | None, offset: int | None, size: int | None) -> bytes:
+        local = _local_path(path)
+        if local is None or kind not in ("file", "tar"):
+            return read_image_bytes(kind, path, member, offset, size)
+        if kind == "file":
+            with open(local, "rb") as f:
+                return f.read()
+        if offset is None or size is None:
+            raise ValueError(f"tar member {path}#{member} has no offset/size")
+        f = self.open_tars.get(local)
+        if f is None:
+            f = self.open_tars[local] = open(local, "rb")  # noqa: SIM115 (closed in close())
+        data = os.pread(f.fileno(), size, offset)
+        if len(data) != size:
+            raise OSError(f"short read from {path}#{member}: {len(data)} of {size} bytes")
+        return data
+
+    def close(self) -> None:
+        for f in self.open_tars.values():
+            f.close()
+        self.open_tars.clear()
+
+
 def read_sources(
-    rows: list[dict[str, Any]], read: Callable[..., bytes] = read_image_bytes
+    rows: list[dict[str, Any]], read: Callable[..., bytes] | None = None
 ) -> Iterator[tuple[dict[str, Any], bytes | Exception]]:
-    """Each row's original image bytes (checked against the sha256 ingest recorded) or the error, in order."""
+    """Each row's original image bytes (checked against the sha256 ingest recorded) or the error, in order.
+
+    `read(kind, path, member, offset, size)` reads a file or tar member; by default local files are
+    read directly and anything else through `read_image_bytes`.
+    """
+    local = _LocalSources() if read is None else None
+    read = local.read if local is not None else read
     parquet: dict[tuple[str, str], dict[int, bytes] | Exception] = {}
     for key in {(r["path"], r["member"]) for r in rows if r["kind"] == "parquet"}:
         try:
@@ -450,24 +617,30 @@ def read_sources(
             parquet[key] = read_parquet_rows(key[0], key[1], wanted)
         except Exception as err:  # unreadable file: every row from it fails with this reason
             parquet[key] = err
-    for r in rows:
-        try:
-            if r["kind"] == "parquet":
-                found = parquet[(r["path"], r["member"])]
-                if isinstance(found, Exception):
-                    raise found
-                if r["offset"] not in found:
-                    raise IndexError(f"row {r['offset']} out of range in {r['path']}")
-                data = found[r["offset"]]
-            else:
-                data = read(r["kind"], r["path"], r["member"], r["offset"], r["size"])
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != r["sha256"]:
-                raise ValueError(f"content changed since ingest (sha256 {digest[:12]} != {r['sha256'][:12]})")
-        except Exception as err:  # any read failure is reported per image, never stops the shard
-            yield r, err
-            continue
-        yield r, data
+    try:
+        for r in rows:
+            try:
+                if r["kind"] == "parquet":
+                    found = parquet[(r["path"], r["member"])]
+                    if isinstance(found, Exception):
+                        raise found
+                    if r["offset"] not in found:
+                        raise IndexError(f"row {r['offset']} out of range in {r['path']}")
+                    data = found[r["offset"]]
+                else:
+                    data = read(r["kind"], r["path"], r["member"], r["offset"], r["size"])
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != r["sha256"]:
+                    raise ValueError(
+                        f"content changed since ingest (sha256 {digest[:12]} != {r['sha256'][:12]})"
+                    )
+            except Exception as err:  # any read failure is reported per image, never stops the shard
+                yield r, err
+                continue
+            yield r, data
+    finally:
+        if local is not None:
+            local.close()
 
 
 def write_shard(out_dir: str | Path, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -99,12 +99,14 @@ class ModelSpec(_Strict):
     resize_size: int = Field(256, ge=14)
     batch_size: int = Field(32, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
-    # bf16 moves unit vectors far less than any dedup or cluster threshold can see, and runs much faster
-    # where the CPU has native bf16; benchmarks/embed.py measures the speed and the agreement.
+    # bf16 moves a network's unit vectors far less than any dedup or cluster threshold can see, and runs
+    # much faster where the CPU has native bf16; benchmarks/embed.py measures the speed and
+    # benchmarks/bf16_agreement.py the decisions.
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Inference precision. auto: bf16 autocast on CUDA and on CPUs with native bf16 "
-        "(AVX512-BF16, AMX), float32 elsewhere.",
+        "(AVX512-BF16, AMX), float32 elsewhere and for copy_descriptor (bf16 rounding moves its "
+        "hand-made features enough to change copy decisions).",
     )
 
     @model_validator(mode="after")
@@ -192,6 +194,12 @@ class ClusteringSpec(_Strict):
     niter: int = Field(20, ge=1)
     spherical: bool = True
     max_points_per_centroid: int = Field(256, ge=1)
+    lloyd_passes: int = Field(
+        0,
+        ge=0,
+        description="Lloyd iterations over all points after the fit on the capped sample (level 0 and "
+        "retrieval k-means; none when the sample is every point). Each costs about one assignment pass.",
+    )
     assign_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Precision of the nearest-centroid passes over all points. auto: bfloat16 matmul on a "

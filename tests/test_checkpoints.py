@@ -279,6 +279,8 @@ def test_auto_precision_is_bf16_where_the_cpu_has_it(tmp_path, vit_tiny_regs):
     bf16 = load_embedding_model(ModelSpec(**base, precision="bfloat16"), "cpu")
     assert auto.autocast_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert fp32.autocast_dtype is None and bf16.autocast_dtype == torch.bfloat16
+    # The copy descriptor's hand-made features stay float32 under auto (bf16 flips copy decisions).
+    assert load_embedding_model(ModelSpec(arch="copy_descriptor"), "cpu").autocast_dtype is None
     x = torch.randn(4, 3, 42, 42)
     v32, v16 = fp32(x), bf16(x)
     assert not np.array_equal(v32, v16)  # bf16 really ran

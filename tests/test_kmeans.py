@@ -110,6 +110,20 @@ def test_kmeans_recovers_blobs_and_objective_is_brute_force():
         assert np.allclose(res.centroids[j], x[res.labels == j].astype(np.float64).mean(0), atol=1e-5)
 
 
+def test_lloyd_passes_update_to_the_means_of_all_points():
+    """After a fit on a capped sample, a Lloyd pass moves each centroid to the float64 mean of all
+    the points nearest it, and passes do not raise the objective."""
+    rng = np.random.default_rng(4)
+    x, _ = _blobs(rng, 6 * rng.standard_normal((8, 6)), 300, 1.5)
+    kw = dict(spherical=False, niter=5, max_points_per_centroid=10, seed=0, assign_dtype="float32")
+    fitted = kmeans(x, 8, **kw)
+    one = kmeans(x, 8, lloyd_passes=1, **kw)
+    for j in range(8):
+        members = x[fitted.labels == j].astype(np.float64)
+        assert np.allclose(one.centroids[j], members.mean(0), atol=1e-5)
+    assert kmeans(x, 8, lloyd_passes=3, **kw).objective <= one.objective <= fitted.objective
+
+
 def test_fit_on_capped_sample_and_bad_k():
     x = np.random.default_rng(3).standard_normal((2000, 4)).astype(np.float32)
     assert kmeans_fit(x, 10, max_points_per_centroid=20).shape == (10, 4)
@@ -234,17 +248,20 @@ def _labels_of(result):
 
 
 @pytest.mark.parametrize(
-    "assign_dtype,steps,cap,force_histograms",
+    "assign_dtype,steps,cap,force_histograms,passes",
     [
-        ("bfloat16", 0, 256, False),
-        ("bfloat16", 2, 256, False),
-        ("bfloat16", 3, 20, True),
-        ("float32", 2, 30, True),
+        ("bfloat16", 0, 256, False, 0),
+        ("bfloat16", 2, 256, False, 0),
+        ("bfloat16", 3, 20, True, 2),
+        ("float32", 2, 30, True, 0),
     ],
 )
-def test_kmeans_over_parts_equals_kmeans(tmp_path, monkeypatch, assign_dtype, steps, cap, force_histograms):
-    """Several parts, a fit sample capped below n, resampling steps (the r nearest found by histogram
-    passes when forced): the same centroids, labels and distances as the whole-table k-means."""
+def test_kmeans_over_parts_equals_kmeans(
+    tmp_path, monkeypatch, assign_dtype, steps, cap, force_histograms, passes
+):
+    """Several parts, a fit sample capped below n, full-data Lloyd passes, resampling steps (the r
+    nearest found by histogram passes when forced): the same centroids, labels and distances as the
+    whole-table k-means."""
     histograms = []
     if force_histograms:
         monkeypatch.setattr(selection, "COLLECT_MIN", 50)
@@ -265,6 +282,7 @@ def test_kmeans_over_parts_equals_kmeans(tmp_path, monkeypatch, assign_dtype, st
         max_points_per_centroid=cap,
         seed=3,
         assign_dtype=assign_dtype,
+        lloyd_passes=passes,
     )
     fanout = LocalFanout()
     parts, counts = kept_pool_parts(paths, "retrieval", None, fanout=fanout)
@@ -278,6 +296,7 @@ def test_kmeans_over_parts_equals_kmeans(tmp_path, monkeypatch, assign_dtype, st
         seed=3,
         assign_dtype=assign_dtype,
         fanout=fanout,
+        lloyd_passes=passes,
     )
     got_ids, labels, dist = _labels_of(got)
     assert np.array_equal(got_ids, ref_ids) and got.images == len(ids)

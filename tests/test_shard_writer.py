@@ -544,3 +544,40 @@ def test_collect_with_progress_counts_tasks(spark, caplog):
     failing = spark.sparkContext.parallelize([1], 1).map(lambda x: x // 0)
     with pytest.raises(Exception, match="ZeroDivisionError"):
         collect_with_progress(spark, failing, Progress("failing", 1, "tasks"))
+
+
+def test_tar_bytes_equal_tarfiles(tmp_path):
+    """The batched tar writer writes exactly what tarfile writes in PAX format for the same members:
+    short names through the header template, long and non-ASCII names through PAX headers, empty
+    and block-sized data, and a member count that ends on and off a 10 KiB record."""
+    import tarfile
+
+    from lvd.jobs.shard_writer import _tar_info, write_tar
+
+    rng = np.random.default_rng(3)
+    members = [(f"000000_{i:06d}_{i}_0.jpg", rng.bytes(int(rng.integers(0, 3000)))) for i in range(40)]
+    members += [("a" * 150 + ".json", b"{}"), ("caf\u00e9.png", bytes(512)), ("empty.jpg", b"")]
+    for count in (1, 7, len(members)):
+        reference = io.BytesIO()
+        with tarfile.open(fileobj=reference, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in members[:count]:
+                tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+        path = tmp_path / f"t{count}.tar"
+        size, sha = write_tar(path, members[:count])
+        assert path.read_bytes() == reference.getvalue()
+        assert (size, sha) == (len(reference.getvalue()), hashlib.sha256(reference.getvalue()).hexdigest())
+    assert not [p for p in tmp_path.iterdir() if layout.is_temp(p.name)]
+
+
+def test_parquet_rows_come_from_the_file_as_it_is_now(tmp_path):
+    """Row groups kept for later shards are read again once the file changes (same path)."""
+    import os
+
+    from lvd.jobs.shard_writer import read_parquet_rows
+
+    path = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"image": [b"a0", b"a1", b"a2"]}), path, row_group_size=2)
+    assert read_parquet_rows(str(path), "image", [0, 2]) == {0: b"a0", 2: b"a2"}
+    pq.write_table(pa.table({"image": [b"b0", b"b1", b"b2"]}), path, row_group_size=2)
+    os.utime(path, ns=(0, 12345))  # even a rewrite within the mtime's resolution changes the key
+    assert read_parquet_rows(str(path), "image", [1, 2]) == {1: b"b1", 2: b"b2"}

@@ -139,6 +139,7 @@ def fit_hierarchy(ctx: StageContext, parts: list, scratch: Path, n: int):
         max_points_per_centroid=cfg.max_points_per_centroid,
         seed=cfg.seed,
         assign_dtype=cfg.assign_dtype,
+        lloyd_passes=cfg.lloyd_passes,
     )
 
 

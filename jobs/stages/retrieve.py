@@ -196,6 +196,7 @@ class _Pool:
                     max_points_per_centroid=cfg.max_points_per_centroid,
                     seed=cfg.seed,
                     assign_dtype=cfg.assign_dtype,
+                    lloyd_passes=cfg.lloyd_passes,
                 )
                 self._clusterings[num_clusters] = (res.label_parts, label_rows, res.centroids)
         return self._clusterings[num_clusters]
