@@ -68,6 +68,10 @@ def output_dir_problem(output_dir: str, name: str = "output_dir") -> str | None:
         return None
     if not existing.is_dir():
         return f"{name}: cannot create {path}: {existing} is a file, not a folder"
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return (
+            f"{name}: cannot write in {existing}: Read-only file system: remount it or choose another {name}"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{name}: cannot write in {existing} (permission denied): choose another {name}"
     return None

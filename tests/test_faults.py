@@ -295,8 +295,8 @@ def _error_line(done: subprocess.CompletedProcess) -> str:
 
 def test_full_then_read_only_disk_fail_in_one_line_and_the_run_resumes(demo, tmp_path):
     """The output on a small tmpfs holding the first three stages' output and a few free pages: the
-    run meets a full disk, then a read-only one; each time one line names the path. With room again
-    the run resumes from what was there and ends with the uninterrupted run's result."""
+    run meets a full disk (one line names the path), then a read-only one (refused before any work,
+    naming the path and the read-only file system). With room again the run resumes from what was there and ends with the uninterrupted run's result."""
     with tmpfs(tmp_path / "disk", "32m") as disk:
         out = disk / "output"
         out.mkdir()
@@ -327,9 +327,10 @@ def test_full_then_read_only_disk_fail_in_one_line_and_the_run_resumes(demo, tmp
             read_only = _run("run", str(job), "--until", "sample")
         finally:
             subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
-        assert read_only.returncode == 1
-        line = _error_line(read_only)
-        assert "Read-only file system" in line and str(out) in line, line
+        # Checked before any work (the output folder is not writable): a usage error, exit 2.
+        assert read_only.returncode == 2, read_only.stdout[-4000:]
+        assert "Read-only file system" in read_only.stdout and str(out) in read_only.stdout, read_only.stdout
+        assert "Traceback" not in read_only.stdout and "stage ingest: running" not in read_only.stdout
 
         filler.unlink()
         resumed = _run("run", str(job), "--until", "sample")  # the shards stage is the kill test's
