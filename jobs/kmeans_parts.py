@@ -278,6 +278,20 @@ def kept_pool_parts(
     return parts, [c for c, _ in results]
 
 
+def fit_options(clustering) -> dict:
+    """The fit settings of a job spec's `clustering` section, as the keyword arguments of
+    `kmeans_over_parts` and `hierarchical_kmeans_over_parts` (the cluster and retrieve stages fit
+    with the same settings)."""
+    return {
+        "niter": clustering.niter,
+        "spherical": clustering.spherical,
+        "max_points_per_centroid": clustering.max_points_per_centroid,
+        "seed": clustering.seed,
+        "assign_dtype": clustering.assign_dtype,
+        "lloyd_passes": clustering.lloyd_passes,
+    }
+
+
 def kmeans_over_parts(
     parts: list[VectorPart],
     k: int,

@@ -20,7 +20,12 @@ import pyarrow.parquet as pq
 
 from lvd.curation.kmeans import level_labels
 from lvd.curation.vector_parts import read_labels
-from lvd.jobs.kmeans_parts import assign_to_hierarchy, hierarchical_kmeans_over_parts, kept_pool_parts
+from lvd.jobs.kmeans_parts import (
+    assign_to_hierarchy,
+    fit_options,
+    hierarchical_kmeans_over_parts,
+    kept_pool_parts,
+)
 from lvd.jobs.stage import Resources, Stage, StageContext, StageSummary
 from lvd.jobs.workers import run_tasks
 from lvd.schemas import layout
@@ -134,12 +139,7 @@ def fit_hierarchy(ctx: StageContext, parts: list, scratch: Path, n: int):
         [(lv.k, lv.resampling_steps) for lv in cfg.levels],
         scratch,
         n=n,
-        niter=cfg.niter,
-        spherical=cfg.spherical,
-        max_points_per_centroid=cfg.max_points_per_centroid,
-        seed=cfg.seed,
-        assign_dtype=cfg.assign_dtype,
-        lloyd_passes=cfg.lloyd_passes,
+        **fit_options(cfg),
     )
 
 

@@ -36,6 +36,7 @@ from lvd.curation.retrieval import count_collisions, rank_cluster_members, retri
 from lvd.jobs.kmeans_parts import (
     cluster_ranges,
     clusters_rows,
+    fit_options,
     kept_pool_parts,
     kmeans_over_parts,
     label_rows,
@@ -191,12 +192,7 @@ class _Pool:
                     k,
                     ctx.scratch_dir(f"kmeans_{num_clusters}"),
                     n=n,
-                    niter=cfg.niter,
-                    spherical=cfg.spherical,
-                    max_points_per_centroid=cfg.max_points_per_centroid,
-                    seed=cfg.seed,
-                    assign_dtype=cfg.assign_dtype,
-                    lloyd_passes=cfg.lloyd_passes,
+                    **fit_options(cfg),
                 )
                 self._clusterings[num_clusters] = (res.label_parts, label_rows, res.centroids)
         return self._clusterings[num_clusters]
