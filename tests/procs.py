@@ -74,7 +74,12 @@ def readable_address(hex_address: str) -> str:
 
 def kill_session(proc: subprocess.Popen) -> None:
     """SIGKILL a child started with start_new_session=True and every process of its session (its
-    Ray and Spark processes included), then reap it."""
+    Ray and Spark processes included), then reap it.
+
+    The child goes first: killed after its Ray processes, it could see them die and exit on its own
+    (Ray's core worker ends a driver whose raylet is gone with exit 1), which is not a kill."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
     for _ in range(3):  # a process forked while the others die is caught by the next pass
         pids = session(proc.pid) | descendants(proc.pid)
         if not pids:
