@@ -27,6 +27,7 @@ from torch import nn
 
 from lvd.embeddings.layers import swiglu_hidden_features
 from lvd.embeddings.vit import ARCHS, DinoVisionTransformer, build_vit
+from lvd.schemas.tables import file_sha256
 
 LVD_FORMAT = "lvd-backbone"
 FORMATS = ("auto", "dinov2", "hf", "lvd", "torchscript")
@@ -41,14 +42,6 @@ class CheckpointError(ValueError):
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LVD_CACHE") or Path.home() / ".cache" / "lvd")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_sha256(path: Path, expected: str, uri: str) -> None:

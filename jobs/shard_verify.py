@@ -22,17 +22,10 @@ from PIL import Image
 
 from lvd.curation.image_io import SHARD_IMAGE_EXTENSIONS
 from lvd.schemas import layout
+from lvd.schemas.tables import file_sha256
 
 IMAGE_EXTENSIONS = set(SHARD_IMAGE_EXTENSIONS)
 MAX_KEY = 128
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_sample(shard: str, key: str, files: dict[str, bytes]) -> list[str]:
@@ -172,7 +165,7 @@ def verify_shards(directory: str | Path) -> list[str]:
         size = path.stat().st_size
         if size != row["bytes"]:
             problems.append(f"{name}: {size} bytes, index says {row['bytes']}")
-        if _sha256_file(path) != row["sha256"]:
+        if file_sha256(path) != row["sha256"]:
             problems.append(f"{name}: sha256 differs from the index")
         tar_problems, keys = verify_tar(path, seen_keys)
         problems.extend(tar_problems)

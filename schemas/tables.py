@@ -7,6 +7,7 @@ place, so a killed job never leaves a half file that looks whole.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -232,3 +233,12 @@ def read_parts(
         return empty.select(columns) if columns else empty
     tables = [pq.read_table(p, columns=columns) for p in parts]
     return pa.concat_tables(tables, promote_options="default")
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

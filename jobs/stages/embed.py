@@ -99,7 +99,7 @@ def model_fingerprint(models: dict[str, ModelSpec]) -> str:
     file named by its content (sha256) rather than its path, so a moved job keeps its embeddings."""
     import hashlib
 
-    from lvd.embeddings.checkpoints import file_sha256
+    from lvd.schemas.tables import file_sha256
 
     data = {}
     for name, m in models.items():
