@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lvd.embeddings.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from lvd.schemas.job_spec import detector_dedup_thresholds
 
-# The cosine above which two descriptors are copies: measured on the real-image corpus
-# (benchmarks/dedup_quality.py); the job spec's dedup.threshold is set to it where this detector runs.
-THRESHOLD = 0.84
+# The cosine above which two descriptors are copies, chosen on the real-image corpus
+# (benchmarks/dedup_quality.py): the job spec's default dedup.threshold when this detector runs.
+THRESHOLD = detector_dedup_thresholds("copy_descriptor")[0]
 # The input the descriptor is measured with: the whole image resized to SIZE x SIZE.
 SIZE = 128
 GRID = 48  # the content box is resampled to GRID x GRID before the blocks are computed

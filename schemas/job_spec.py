@@ -151,11 +151,35 @@ class SearchSpec(_Strict):
     )
 
 
+# Default (dedup.threshold, dedup.eval_threshold) per copy detector (embedding.copy_detection.arch),
+# for a job spec that sets none: a cosine means something different to each detector. copy_descriptor's
+# were chosen on the real-image corpus (benchmarks/dedup_quality.py); every other detector (an SSCD
+# TorchScript, or the retrieval model's vectors when there is no copy_detection) gets the paper's.
+DEFAULT_DEDUP_THRESHOLDS = (0.6, 0.45)
+DETECTOR_DEDUP_THRESHOLDS = {"copy_descriptor": (0.84, 0.84)}
+
+
+def detector_dedup_thresholds(arch: str | None) -> tuple[float, float]:
+    """(threshold, eval_threshold) a job spec's dedup section defaults to for copy detector `arch`
+    (None: no copy_detection model, dedup compares retrieval vectors)."""
+    return DETECTOR_DEDUP_THRESHOLDS.get(arch or "", DEFAULT_DEDUP_THRESHOLDS)
+
+
 class DedupSpec(SearchSpec):
     k: int = Field(64, ge=1, description="Nearest neighbours per image in the copy-detection graph.")
-    threshold: float = Field(0.6, gt=-1, le=1, description="Cosine above which two images are copies.")
+    threshold: float = Field(
+        DEFAULT_DEDUP_THRESHOLDS[0],
+        gt=-1,
+        le=1,
+        description="Cosine above which two images are copies. Unset in a job spec: the copy detector's "
+        "default (0.84 for copy_descriptor, 0.6 for SSCD or the retrieval model's vectors).",
+    )
     eval_threshold: float = Field(
-        0.45, gt=-1, le=1, description="Cosine above which a pool image matches an eval image."
+        DEFAULT_DEDUP_THRESHOLDS[1],
+        gt=-1,
+        le=1,
+        description="Cosine above which a pool image matches an eval image. Unset in a job spec: the "
+        "copy detector's default (0.84 for copy_descriptor, 0.45 otherwise).",
     )
     keep_rule: Literal["largest_then_smallest_id", "smallest_id"] = "largest_then_smallest_id"
     grouping: Literal["components", "leader"] = Field(
@@ -312,6 +336,20 @@ class JobSpec(_Strict):
                     f"embedding.{name}.weights is required: a checkpoint path or URL, or "
                     f"{RANDOM_WEIGHTS!r} to embed with random weights (testing only)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _detector_thresholds(self) -> JobSpec:
+        """dedup thresholds the spec leaves unset take the copy detector's defaults; set ones stay."""
+        model = self.embedding.copy_detection
+        threshold, eval_threshold = detector_dedup_thresholds(model.arch if model is not None else None)
+        unset = {
+            name: value
+            for name, value in (("threshold", threshold), ("eval_threshold", eval_threshold))
+            if name not in self.dedup.model_fields_set
+        }
+        if unset:
+            self.dedup = self.dedup.model_copy(update=unset)
         return self
 
     @model_validator(mode="after")

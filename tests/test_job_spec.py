@@ -182,3 +182,28 @@ def test_run_validates_inputs_first(tmp_path):
     result = CliRunner().invoke(app, ["run", _job_yaml(tmp_path)])
     assert result.exit_code == 2 and "no such file or folder" in result.output
     assert not (tmp_path / "out").exists()  # nothing started: no output folder
+
+
+@pytest.mark.parametrize(
+    "copy_detection, dedup, expected",
+    [
+        (None, {}, (0.6, 0.45)),  # no copy detector: the retrieval vectors, the paper's values
+        ({"arch": "torchscript", "weights": "sscd.pt"}, {}, (0.6, 0.45)),
+        ({"arch": "copy_descriptor", "image_size": 128, "resize_size": 128}, {}, (0.84, 0.84)),
+        ({"arch": "copy_descriptor", "image_size": 128, "resize_size": 128}, {"threshold": 0.9}, (0.9, 0.84)),
+        ({"arch": "torchscript", "weights": "sscd.pt"}, {"eval_threshold": 0.5}, (0.6, 0.5)),
+    ],
+)
+def test_unset_dedup_thresholds_follow_the_copy_detector(copy_detection, dedup, expected):
+    embedding = {"retrieval": {"weights": "random"}, "copy_detection": copy_detection}
+    spec = parse_job_spec(_with(embedding=embedding, dedup=dedup))
+    assert (spec.dedup.threshold, spec.dedup.eval_threshold) == expected
+    # The resolved values survive a round trip, so a stage's fingerprint does not move on a rerun.
+    again = parse_job_spec(spec.model_dump(mode="json"))
+    assert again.fingerprint("dedup") == spec.fingerprint("dedup")
+
+
+def test_bad_threshold_is_named_with_a_copy_descriptor():
+    embedding = {"retrieval": {"weights": "random"}, "copy_detection": {"arch": "copy_descriptor"}}
+    with pytest.raises(JobSpecError, match="dedup.eval_threshold"):
+        parse_job_spec(_with(embedding=embedding, dedup={"eval_threshold": -2}))
