@@ -511,3 +511,92 @@ def write_dedup_part(item: tuple[int, Path], *, decisions: Decisions, out_dir: P
     )
     write_parquet_atomic(table, layout.part_path(out_dir, index), DEDUP)
     return int(ids.size), int(keep.sum())
+
+
+# ---------------------------------------------------------------- incremental (a source added)
+#
+# A later run on a grown pool searches only what a full run of the union would find differently:
+#   seen:  images the earlier run searched (not exact copies then) and this run searches too;
+#   fresh: images this run searches that the earlier one did not (new parts, or no longer exact copies).
+# The earlier run's copy edges of a seen query stay, and the query's k nearest fresh images are
+# added (search "seen -> fresh"). That is the union's list whenever both lists together hold fewer
+# than k images above the threshold: the earlier list then held every earlier image above it, and
+# all of them fit in the k + 1 slots with the image itself, whatever its own rank. Any other seen
+# query (a full list) is searched again against the whole union, as every fresh one is. The edge set,
+# and so every decision, equals a full run's with exact search.
+
+SEEN, FRESH = "seen", "fresh"
+IDS = pa.schema([pa.field("image_id", pa.int64(), nullable=False)])
+
+
+def split_seen(
+    item: tuple[int, Path, Path, Path | None],
+    *,
+    out_dir: Path,
+    excluded: np.ndarray,
+    eval_datasets: Sequence[str],
+    nodes: np.ndarray,
+) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+    """Incremental dedup, one part: item = (part index, its rows file, its ingest part, the earlier
+    run's DEDUP part of the same content or None). Writes the part's `seen` and `fresh` image_ids
+    (of those not in `excluded`, the sorted exact copies) into `out_dir/seen|fresh`. Returns (seen,
+    fresh, ok eval images of the part, the `nodes` (sorted) that are seen here, the `nodes` that are
+    pool rows of an unchanged part)."""
+    index, rows_file, ingest_part, earlier = item
+    ids = pq.read_table(rows_file, columns=["image_id"])["image_id"].to_numpy()
+    searched = ids[~in_sorted(ids, excluded)]
+    if earlier is not None:
+        old = pq.read_table(earlier, columns=["image_id", "reason"])
+        old_ids = old["image_id"].to_numpy()
+        was_searched = np.sort(old_ids[pc.fill_null(pc.not_equal(old["reason"], EXACT), True).to_numpy()])
+        seen_mask = in_sorted(searched, was_searched)
+    else:
+        seen_mask = np.zeros(searched.size, dtype=bool)
+    seen, fresh = searched[seen_mask], searched[~seen_mask]
+    for name, values in ((SEEN, seen), (FRESH, fresh)):
+        write_parquet_atomic(
+            pa.table({"image_id": values}, schema=IDS), layout.part_path(out_dir / name, index), IDS
+        )
+    evals = 0
+    if eval_datasets:
+        flt = ds.field("dataset").isin(list(eval_datasets)) & (ds.field("status") == "ok")
+        evals = ds.dataset(ingest_part, format="parquet").count_rows(filter=flt)
+    present = ids[in_sorted(ids, nodes)] if earlier is not None else np.zeros(0, np.int64)
+    return int(seen.size), int(fresh.size), int(evals), seen[in_sorted(seen, nodes)], present
+
+
+def count_per(ids: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """How many times each of `of` occurs in `ids`."""
+    values, counts = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)
+    out = np.zeros(np.asarray(of).size, dtype=np.int64)
+    if values.size:
+        pos = np.minimum(np.searchsorted(values, of), values.size - 1)
+        hit = values[pos] == of
+        out[hit] = counts[pos[hit]]
+    return out
+
+
+def carried_copy_edges(
+    earlier: pa.Table, alive: np.ndarray, seen_to_fresh: pa.Table, k: int
+) -> tuple[pa.Table, np.ndarray]:
+    """The copy edges of seen queries that a full run of the union finds too, without searching them
+    against it: (edges (src, dst, sim), the seen queries to search against the whole union).
+
+    earlier: the earlier run's copy edges (its k + 1 nearest, thresholded, without self pairs);
+    alive: sorted ids among their endpoints that are seen now; seen_to_fresh: the edges of seen
+    queries to their k + 1 nearest fresh images. A seen query whose two lists hold k images or more
+    is searched again (its earlier list may have been cut at k); every other keeps both lists,
+    less the earlier neighbours that are gone (removed, or now exact copies)."""
+    src, dst = earlier["src"].to_numpy(), earlier["dst"].to_numpy()
+    queries = np.unique(np.concatenate([src[in_sorted(src, alive)], seen_to_fresh["src"].to_numpy()]))
+    full = count_per(src, queries) + count_per(seen_to_fresh["src"].to_numpy(), queries) >= k
+    again = queries[full]
+    keep_old = in_sorted(src, alive) & in_sorted(dst, alive) & ~in_sorted(src, again)
+    keep_new = ~in_sorted(seen_to_fresh["src"].to_numpy(), again)
+    edges = pa.concat_tables(
+        [
+            earlier.filter(pa.array(keep_old)),
+            seen_to_fresh.select(earlier.column_names).filter(pa.array(keep_new)),
+        ]
+    )
+    return edges, again

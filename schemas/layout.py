@@ -112,6 +112,8 @@ def scratch_dir(stage_folder: str | Path, name: str) -> Path:
 INGEST_PLAN = "_plan.json"  # ingest: fingerprint of the work units its parts were written for
 EMBED_INPUTS = "_inputs.json"  # embed: the models' fingerprint and the digest of each images part embedded
 PREVIOUS = "_previous"
+# dedup: what a later run adds images to (settings, part digests, copy edges, eval matches), beside its parts.
+DEDUP_INCREMENT = "_increment"
 
 
 def previous_stage_dir(out_dir: str | Path, stage: str) -> Path:
