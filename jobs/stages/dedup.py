@@ -115,11 +115,10 @@ def read_earlier(previous: Path | None, settings: str) -> tuple[Earlier | None, 
     """The previous run's state when an incremental run can use it, else (None, why not)."""
     if previous is None:
         return None, "no earlier run"
-    folder = previous / layout.DEDUP_INCREMENT
     try:
-        state = json.loads((folder / "state.json").read_text())
-        edges = pq.read_table(folder / "copy_edges.parquet", schema=EDGES)
-        matched = pq.read_table(folder / "eval_matched.parquet", schema=IDS)["image_id"].to_numpy()
+        state = json.loads((previous / layout.DEDUP_STATE).read_text())
+        edges = pq.read_table(previous / layout.DEDUP_EDGES, schema=EDGES)
+        matched = pq.read_table(previous / layout.DEDUP_EVAL_MATCHED, schema=IDS)["image_id"].to_numpy()
     except (OSError, ValueError, KeyError) as e:
         return None, f"the earlier run left no state ({type(e).__name__})"
     if state.get("settings") != settings:
@@ -377,13 +376,12 @@ def _write_increment_state(
 ) -> None:
     """What a later run on a grown pool reuses (`read_earlier`): thresholded edges and eval matches,
     which the driver holds anyway, and per-part digests."""
-    folder = out_dir / layout.DEDUP_INCREMENT
-    write_parquet_atomic(copy_edges.select(EDGES.names), folder / "copy_edges.parquet", EDGES)
+    write_parquet_atomic(copy_edges.select(EDGES.names), out_dir / layout.DEDUP_EDGES, EDGES)
     write_parquet_atomic(
-        pa.table({"image_id": eval_matched}, schema=IDS), folder / "eval_matched.parquet", IDS
+        pa.table({"image_id": eval_matched}, schema=IDS), out_dir / layout.DEDUP_EVAL_MATCHED, IDS
     )
     write_json_atomic(
-        folder / "state.json",
+        out_dir / layout.DEDUP_STATE,
         {
             "settings": settings,
             "exact": bool(exact),
