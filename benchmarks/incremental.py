@@ -76,6 +76,11 @@ def main() -> None:
     inc_spec = load_job_spec(_spec_with(job_yaml, new_source, grown_out, "job-grown.yaml"))
     full_spec = load_job_spec(_spec_with(job_yaml, new_source, work / "full-output", "job-full.yaml"))
 
+    def curated(out) -> dict[int, int]:
+        t = layout.read_table(out, layout.CURATED, columns=["image_id", "repeats"])
+        return dict(zip(t["image_id"].to_pylist(), t["repeats"].to_pylist(), strict=True))
+
+    picks_before = curated(grown_out)
     print(f"incremental run: +{n_new} files in a new source ({_load()})", flush=True)
     t_inc, inc = _timed(inc_spec)
     print(f"full rerun of the union ({_load()})", flush=True)
@@ -105,6 +110,14 @@ def main() -> None:
     print(f"first run {t_first:.1f} s; incremental {t_inc:.1f} s; full rerun of the union {t_full:.1f} s")
     print(f"incremental / full = {t_inc / t_full:.2f}  (target <= 0.25)")
     print(f"dedup decisions equal to the full rerun's: {same}")
+    picks_after = curated(inc_spec.output_dir)
+    stable = sum(1 for i, r in picks_before.items() if picks_after.get(i) == r)
+    shards = inc["shards"].summary
+    print(
+        f"curated images with the same repeats as the first run: {stable} of {len(picks_after)} "
+        f"({len(picks_before)} before); shards kept unchanged: {shards.unchanged} of "
+        f"{shards.unchanged + shards.new}"
+    )
     print(_load())
 
 
