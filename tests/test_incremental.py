@@ -112,9 +112,10 @@ def _edges(
 
 
 def test_carried_copy_edges_equal_a_full_search_of_the_union():
-    """Earlier edges + earlier-to-new edges + a search of the new and full-list queries give exactly a
-    full search's edges, with groups of copies larger than k (full lists) and earlier images gone."""
-    from lvd.curation.dedup import carried_copy_edges
+    """The incremental dedup's edges (the new images searched against the union, their edges turned
+    around for the earlier images, the earlier edges carried, full lists searched again) are exactly a
+    full search's, with groups of copies larger than k (full lists) and earlier images gone."""
+    from lvd.curation.dedup import carried_copy_edges, fresh_edges_reversed, unique_edges
     from lvd.curation.knn import normalize
 
     k, threshold = 4, 0.9
@@ -129,18 +130,21 @@ def test_carried_copy_edges_equal_a_full_search_of_the_union():
 
     full = _edges(union, union, vectors, k, threshold)
     earlier = _edges(earlier_ids, earlier_ids, vectors, k, threshold)
+    fresh = _edges(new_ids, union, vectors, k, threshold)
+    turned, full_lists = fresh_edges_reversed(fresh, k)
+    to_full_lists = _edges(seen, full_lists, vectors, k, threshold)
     ends = np.unique(np.concatenate([earlier["src"].to_numpy(), earlier["dst"].to_numpy()]))
     alive = ends[np.isin(ends, seen)]
-    carried, again = carried_copy_edges(earlier, alive, _edges(seen, new_ids, vectors, k, threshold), k)
-    searched = _edges(np.concatenate([new_ids, again]), union, vectors, k, threshold)
-    got = pa.concat_tables([carried, searched])
-
-    def pairs(t: pa.Table) -> set[tuple[int, int]]:
-        return set(zip(t["src"].to_pylist(), t["dst"].to_pylist(), strict=True))
-
+    seen_to_fresh = unique_edges(pa.concat_tables([turned, to_full_lists]))
+    carried, again = carried_copy_edges(earlier, alive, seen_to_fresh, k)
+    got = unique_edges(pa.concat_tables([carried, fresh, _edges(again, union, vectors, k, threshold)]))
     assert pairs(got) == pairs(full) and got.num_rows == full.num_rows
-    assert 0 < again.size < seen.size / 2  # some lists were full, most were carried
-    assert carried.num_rows > 0
+    assert 0 < again.size < seen.size / 2 and 0 < full_lists.size < new_ids.size  # both cases met
+    assert carried.num_rows > 0 and turned.num_rows > 0
+
+
+def pairs(t: pa.Table) -> set[tuple[int, int]]:
+    return set(zip(t["src"].to_pylist(), t["dst"].to_pylist(), strict=True))
 
 
 def test_incremental_dedup_decisions_equal_a_full_rerun(grown):

@@ -40,8 +40,10 @@ from lvd.curation.dedup import (
     component_decisions,
     component_size_stats,
     exact_edges_of_bucket,
+    fresh_edges_reversed,
     graph_nodes,
     split_seen,
+    unique_edges,
     write_dedup_part,
 )
 from lvd.curation.knn_ray import search_parts
@@ -61,7 +63,7 @@ log = logging.getLogger("lvd")
 MAX_HASH_BUCKETS = 256
 MAX_MAP_TASKS = 1024
 
-SCRATCH = ("pool_rows", "exact", "copy_edges", "eval_edges", "split", "copy_seen")
+SCRATCH = ("pool_rows", "exact", "copy_edges", "eval_edges", "split", "copy_seen", "copy_again")
 
 
 @dataclass
@@ -238,39 +240,59 @@ def dedup_parts(
         copy_edges = read_results(copy_writer)
         queries_against_pool = copy.queries
     else:
-        # 3'. the earlier run's edges, its queries' nearest new images, and a search of the new images
-        # (and of the earlier queries whose lists were full) against the whole pool.
+        # 3'. the new images searched against the whole pool; their edges to earlier images turned
+        # around; the earlier run's edges carried; the earlier images whose lists reach k searched again.
         seen = {i: r[0] for i, r in split.items()}
         fresh = {i: r[1] for i, r in split.items()}
         alive = np.unique(np.concatenate([np.zeros(0, np.int64), *(r[3] for r in split.values())]))
-        seen_writer = EdgeWriter(scratch("copy_seen"), dedup.threshold)
-        if any(seen.values()) and any(fresh.values()):
-            search_parts(
-                _id_parts(split_dir / SEEN, seen, embed_of),
-                _id_parts(split_dir / FRESH, fresh, embed_of),
+
+        def against_pool(queries: list[VectorPart], name: str, what: str):
+            writer = EdgeWriter(scratch(name), dedup.threshold)
+            result = search_parts(
+                queries,
+                pool,
                 dedup.k + 1,
                 dedup,
-                write=seen_writer,
-                check_recall=False,
-                name="dedup: copy detection, earlier images against new ones",
+                write=writer,
+                exclude_ids=excluded,
+                recall_threshold=dedup.threshold,
+                name=f"dedup: copy detection, {what} against the pool",
             )
-        carried, again = carried_copy_edges(earlier.edges, alive, read_results(seen_writer), dedup.k)
-        queries = _id_parts(split_dir / FRESH, fresh, embed_of)
-        if again.size:
-            queries += _id_parts(split_dir / SEEN, seen, embed_of, where=pc.field("image_id").isin(again))
-        copy_writer = EdgeWriter(scratch("copy_edges"), dedup.threshold)
-        copy = search_parts(
-            queries,
-            pool,
-            dedup.k + 1,
-            dedup,
-            write=copy_writer,
-            exclude_ids=excluded,
-            recall_threshold=dedup.threshold,
-            name="dedup: copy detection, new images against the pool",
+            return result, read_results(writer)
+
+        copy, fresh_edges = against_pool(
+            _id_parts(split_dir / FRESH, fresh, embed_of), "copy_edges", "new images"
         )
-        copy_edges = pa.concat_tables([carried, read_results(copy_writer)])
+        turned, full_lists = fresh_edges_reversed(fresh_edges, dedup.k)
+        seen_to_fresh = [turned]
+        if full_lists.size and any(seen.values()):
+            # New images with full lists: the earlier images that have them above the threshold.
+            writer = EdgeWriter(scratch("copy_seen"), dedup.threshold)
+            search_parts(
+                _id_parts(split_dir / SEEN, seen, embed_of),
+                _id_parts(split_dir / FRESH, fresh, embed_of, where=pc.field("image_id").isin(full_lists)),
+                dedup.k + 1,
+                dedup,
+                write=writer,
+                check_recall=False,
+                name="dedup: copy detection, earlier images against new ones with full lists",
+            )
+            seen_to_fresh.append(read_results(writer))
+        carried, again = carried_copy_edges(
+            earlier.edges, alive, unique_edges(pa.concat_tables(seen_to_fresh)), dedup.k
+        )
+        searched = [carried, fresh_edges]
         queries_against_pool = copy.queries
+        if again.size:
+            where = pc.field("image_id").isin(again)
+            result, edges = against_pool(
+                _id_parts(split_dir / SEEN, seen, embed_of, where),
+                "copy_again",
+                "earlier images with full lists",
+            )
+            searched.append(edges)
+            queries_against_pool += result.queries
+        copy_edges = unique_edges(pa.concat_tables(searched))
     copy_src, copy_dst = copy_edges["src"].to_numpy(), copy_edges["dst"].to_numpy()
 
     # Eval overlap: the nearest eval image of every pool image (exact copies included).
@@ -358,7 +380,8 @@ def dedup_parts(
     if earlier is not None:
         summary.incremental = (
             f"{sum(seen.values())} images seen by the earlier run keep its edges; "
-            f"{sum(fresh.values())} new and {again.size} with full lists searched against the pool"
+            f"{sum(fresh.values())} new and {again.size} earlier ones with full lists searched against the "
+            f"pool; {full_lists.size} new ones with full lists searched by the earlier images"
         )
         log.info("dedup: incremental: %s", summary.incremental)
     _record_components(summary, decisions, dedup.max_component_share)
