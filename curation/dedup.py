@@ -534,14 +534,15 @@ IDS = pa.schema([pa.field("image_id", pa.int64(), nullable=False)])
 def split_seen(
     item: tuple[int, Path, Path, Path | None],
     *,
-    out_dir: Path,
+    out_dir: Path | None,
     excluded: np.ndarray,
     eval_datasets: Sequence[str],
     nodes: np.ndarray,
 ) -> tuple[int, int, int, np.ndarray, np.ndarray]:
     """Incremental dedup, one part: item = (part index, its rows file, its ingest part, the earlier
     run's DEDUP part of the same content or None). Writes the part's `seen` and `fresh` image_ids
-    (of those not in `excluded`, the sorted exact copies) into `out_dir/seen|fresh`. Returns (seen,
+    (of those not in `excluded`, the sorted exact copies) into `out_dir/seen|fresh` (None: a full
+    run, which only counts). Returns (seen,
     fresh, ok eval images of the part, the `nodes` (sorted) that are seen here, the `nodes` that are
     pool rows of an unchanged part)."""
     index, rows_file, ingest_part, earlier = item
@@ -555,7 +556,7 @@ def split_seen(
     else:
         seen_mask = np.zeros(searched.size, dtype=bool)
     seen, fresh = searched[seen_mask], searched[~seen_mask]
-    for name, values in ((SEEN, seen), (FRESH, fresh)):
+    for name, values in ((SEEN, seen), (FRESH, fresh)) if out_dir is not None else ():
         write_parquet_atomic(
             pa.table({"image_id": values}, schema=IDS), layout.part_path(out_dir / name, index), IDS
         )

@@ -208,7 +208,7 @@ def dedup_parts(
                     split_seen,
                     [(i, rows_file[i], ingest, old_part.get(i)) for i, ingest, _ in parts],
                     name="dedup: images seen before",
-                    out_dir=split_dir,
+                    out_dir=split_dir if earlier is not None else None,
                     excluded=excluded,
                     eval_datasets=list(eval_datasets),
                     nodes=nodes,
