@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lvd.curation.knn import build_index, recall_against_exact, search, search_chunks
-from lvd.curation.knn_sharded import in_sorted
+from lvd.curation.knn_sharded import EDGES, in_sorted
 from lvd.curation.union_find import connected_components
 from lvd.schemas import layout
 from lvd.schemas.job_spec import DedupSpec
@@ -511,3 +511,129 @@ def write_dedup_part(item: tuple[int, Path], *, decisions: Decisions, out_dir: P
     )
     write_parquet_atomic(table, layout.part_path(out_dir, index), DEDUP)
     return int(ids.size), int(keep.sum())
+
+
+# ---------------------------------------------------------------- incremental (a source added)
+#
+# A later run on a grown pool searches only what a full run of the union could find differently:
+#   seen:  images the earlier run searched (not exact copies then) and this run searches too;
+#   fresh: images this run searches that the earlier one did not (new parts, or no longer exact copies).
+# Every fresh image is searched against the whole pool (its k + 1 nearest, as a full run does). A seen
+# image keeps the earlier run's edges and gains the fresh images that have it above the threshold:
+# the fresh lists turned around (`fresh_edges_reversed`), plus a search of the seen images against
+# the few fresh ones whose lists are full. That is the union's list whenever both together hold
+# fewer than k images: the earlier list then held every earlier image above the threshold, and all
+# of them fit in the k + 1 slots with the image itself, whatever its own rank. Any other seen image
+# (a full list) is searched again against the whole pool (`carried_copy_edges`). The edge set, and
+# so every decision, equals a full run's with exact search.
+
+SEEN, FRESH = "seen", "fresh"
+IDS = pa.schema([pa.field("image_id", pa.int64(), nullable=False)])
+
+
+def split_seen(
+    item: tuple[int, Path, Path, Path | None],
+    *,
+    out_dir: Path | None,
+    excluded: np.ndarray,
+    eval_datasets: Sequence[str],
+    nodes: np.ndarray,
+) -> tuple[int, int, int, np.ndarray, np.ndarray]:
+    """Incremental dedup, one part: item = (part index, its rows file, its ingest part, the earlier
+    run's DEDUP part of the same content or None). Writes the part's `seen` and `fresh` image_ids
+    (of those not in `excluded`, the sorted exact copies) into `out_dir/seen|fresh` (None: a full
+    run, which only counts). Returns (seen,
+    fresh, ok eval images of the part, the `nodes` (sorted) that are seen here, the `nodes` that are
+    pool rows of an unchanged part)."""
+    index, rows_file, ingest_part, earlier = item
+    ids = pq.read_table(rows_file, columns=["image_id"])["image_id"].to_numpy()
+    searched = ids[~in_sorted(ids, excluded)]
+    if earlier is not None:
+        old = pq.read_table(earlier, columns=["image_id", "reason"])
+        old_ids = old["image_id"].to_numpy()
+        was_searched = np.sort(old_ids[pc.fill_null(pc.not_equal(old["reason"], EXACT), True).to_numpy()])
+        seen_mask = in_sorted(searched, was_searched)
+    else:
+        seen_mask = np.zeros(searched.size, dtype=bool)
+    seen, fresh = searched[seen_mask], searched[~seen_mask]
+    for name, values in ((SEEN, seen), (FRESH, fresh)) if out_dir is not None else ():
+        write_parquet_atomic(
+            pa.table({"image_id": values}, schema=IDS), layout.part_path(out_dir / name, index), IDS
+        )
+    evals = 0
+    if eval_datasets:
+        flt = ds.field("dataset").isin(list(eval_datasets)) & (ds.field("status") == "ok")
+        evals = ds.dataset(ingest_part, format="parquet").count_rows(filter=flt)
+    present = ids[in_sorted(ids, nodes)] if earlier is not None else np.zeros(0, np.int64)
+    return int(seen.size), int(fresh.size), int(evals), seen[in_sorted(seen, nodes)], present
+
+
+def count_per(ids: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """How many times each of `of` occurs in `ids`."""
+    values, counts = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)
+    out = np.zeros(np.asarray(of).size, dtype=np.int64)
+    if values.size:
+        pos = np.minimum(np.searchsorted(values, of), values.size - 1)
+        hit = values[pos] == of
+        out[hit] = counts[pos[hit]]
+    return out
+
+
+def carried_copy_edges(
+    earlier: pa.Table, alive: np.ndarray, seen_to_fresh: pa.Table, k: int
+) -> tuple[pa.Table, np.ndarray]:
+    """The copy edges of seen queries that a full run of the union finds too, without searching them
+    against it: (edges (src, dst, sim), the seen queries to search against the whole union).
+
+    earlier: the earlier run's copy edges (its k + 1 nearest, thresholded, without self pairs);
+    alive: sorted ids among their endpoints that are seen now; seen_to_fresh: edges of seen queries
+    to every fresh image above the threshold, or to their k + 1 nearest among some. A seen query
+    whose two lists hold k images or more is searched again (its earlier list may have been cut at
+    k); every other keeps both lists, less the earlier neighbours that are gone (removed, or now
+    exact copies)."""
+    src, dst = earlier["src"].to_numpy(), earlier["dst"].to_numpy()
+    queries = np.unique(np.concatenate([src[in_sorted(src, alive)], seen_to_fresh["src"].to_numpy()]))
+    full = count_per(src, queries) + count_per(seen_to_fresh["src"].to_numpy(), queries) >= k
+    again = queries[full]
+    keep_old = in_sorted(src, alive) & in_sorted(dst, alive) & ~in_sorted(src, again)
+    keep_new = ~in_sorted(seen_to_fresh["src"].to_numpy(), again)
+    edges = pa.concat_tables(
+        [
+            earlier.filter(pa.array(keep_old)),
+            seen_to_fresh.select(earlier.column_names).filter(pa.array(keep_new)),
+        ]
+    )
+    return edges, again
+
+
+def fresh_edges_reversed(fresh_edges: pa.Table, k: int) -> tuple[pa.Table, np.ndarray]:
+    """From the edges of the fresh images searched against the whole pool (their k + 1 nearest,
+    thresholded): (each edge to an earlier image turned around, as that image's edge to the fresh one;
+    the fresh images whose lists hold k images or more, sorted).
+
+    A fresh image whose list holds fewer than k has every image above the threshold in it, so every
+    earlier image that has it above the threshold gets it here, without searching the earlier images.
+    Only the full lists' images need that search (`seen -> full`). A neighbour is an earlier image
+    when it searched nothing: a fresh image above the threshold of another has an edge of its own."""
+    src, dst = fresh_edges["src"].to_numpy(), fresh_edges["dst"].to_numpy()
+    queries, counts = np.unique(src, return_counts=True)
+    to_seen = ~in_sorted(dst, queries)
+    turned = pa.table(
+        {
+            "src": pa.array(dst[to_seen], pa.int64()),
+            "dst": pa.array(src[to_seen], pa.int64()),
+            "sim": fresh_edges["sim"].filter(pa.array(to_seen)).combine_chunks().cast(pa.float32()),
+        },
+        schema=EDGES,
+    )
+    return turned, queries[counts >= k]
+
+
+def unique_edges(edges: pa.Table) -> pa.Table:
+    """One row per (src, dst), the first, in (src, dst) order."""
+    if edges.num_rows == 0:
+        return edges
+    src, dst = edges["src"].to_numpy(), edges["dst"].to_numpy()
+    order = np.lexsort((dst, src))
+    first = np.r_[True, (src[order][1:] != src[order][:-1]) | (dst[order][1:] != dst[order][:-1])]
+    return edges.take(pa.array(order[first]))

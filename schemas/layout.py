@@ -112,6 +112,11 @@ def scratch_dir(stage_folder: str | Path, name: str) -> Path:
 INGEST_PLAN = "_plan.json"  # ingest: fingerprint of the work units its parts were written for
 EMBED_INPUTS = "_inputs.json"  # embed: the models' fingerprint and the digest of each images part embedded
 PREVIOUS = "_previous"
+# dedup: what a later run on a grown pool starts from, beside its parts: settings and part digests,
+# the copy edges, the pool images that matched an eval image.
+DEDUP_STATE = "_increment.json"
+DEDUP_EDGES = "_increment-edges.parquet"
+DEDUP_EVAL_MATCHED = "_increment-eval.parquet"
 
 
 def previous_stage_dir(out_dir: str | Path, stage: str) -> Path:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import yaml
 from conftest import make_image_bytes
@@ -96,8 +98,60 @@ def test_incremental_run_reuses_the_work_on_images_seen_before(grown):
     assert not layout.previous_stage_dir(out, "embed").exists()  # removed once the stage finished
 
 
+def _edges(
+    queries: np.ndarray, database: np.ndarray, vectors: np.ndarray, k: int, threshold: float
+) -> pa.Table:
+    """The copy edges of a sharded dedup search: each query's k + 1 nearest in the database, thresholded
+    (ids are row numbers of `vectors`)."""
+    from lvd.curation.knn_sharded import EdgeWriter, Shard
+
+    shard = Shard.from_vectors(database, vectors[database])
+    shard.build(None, 1)
+    sims, ids = shard.search(vectors[queries], k + 1)
+    return EdgeWriter(".", threshold).rows(queries, sims, ids)
+
+
+def test_carried_copy_edges_equal_a_full_search_of_the_union():
+    """The incremental dedup's edges (the new images searched against the union, their edges turned
+    around for the earlier images, the earlier edges carried, full lists searched again) are exactly a
+    full search's, with groups of copies larger than k (full lists) and earlier images gone."""
+    from lvd.curation.dedup import carried_copy_edges, fresh_edges_reversed, unique_edges
+    from lvd.curation.knn import normalize
+
+    k, threshold = 4, 0.9
+    rng = np.random.default_rng(0)
+    centres = normalize(rng.standard_normal((60, 16)).astype(np.float32))
+    group = rng.integers(0, 60, 600)  # groups of about 10 copies: many lists are full at k
+    vectors = normalize(centres[group] + 0.12 * rng.standard_normal((600, 16)).astype(np.float32))
+    earlier_ids, new_ids = np.arange(540), np.arange(540, 600)
+    gone = rng.choice(earlier_ids, 20, replace=False)  # e.g. now exact copies of a new image
+    seen = np.setdiff1d(earlier_ids, gone)
+    union = np.concatenate([seen, new_ids])
+
+    full = _edges(union, union, vectors, k, threshold)
+    earlier = _edges(earlier_ids, earlier_ids, vectors, k, threshold)
+    fresh = _edges(new_ids, union, vectors, k, threshold)
+    turned, full_lists = fresh_edges_reversed(fresh, k)
+    to_full_lists = _edges(seen, full_lists, vectors, k, threshold)
+    ends = np.unique(np.concatenate([earlier["src"].to_numpy(), earlier["dst"].to_numpy()]))
+    alive = ends[np.isin(ends, seen)]
+    seen_to_fresh = unique_edges(pa.concat_tables([turned, to_full_lists]))
+    carried, again = carried_copy_edges(earlier, alive, seen_to_fresh, k)
+    got = unique_edges(pa.concat_tables([carried, fresh, _edges(again, union, vectors, k, threshold)]))
+    assert pairs(got) == pairs(full) and got.num_rows == full.num_rows
+    assert 0 < again.size < seen.size / 2 and 0 < full_lists.size < new_ids.size  # both cases met
+    assert carried.num_rows > 0 and turned.num_rows > 0
+
+
+def pairs(t: pa.Table) -> set[tuple[int, int]]:
+    return set(zip(t["src"].to_pylist(), t["dst"].to_pylist(), strict=True))
+
+
 def test_incremental_dedup_decisions_equal_a_full_rerun(grown):
-    out, full_out, _, _, _ = grown
+    out, full_out, incremental, full, _ = grown
+    dedup = incremental["dedup"].summary
+    assert dedup.incremental  # the earlier images' edges were carried over
+    assert 0 < dedup.queries_against_pool < full["dedup"].summary.queries_against_pool
     cols = ["image_id", "component_id", "keep", "reason", "duplicate_of"]
 
     def decisions(folder: Path) -> pd.DataFrame:
