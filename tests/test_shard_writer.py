@@ -581,3 +581,13 @@ def test_parquet_rows_come_from_the_file_as_it_is_now(tmp_path):
     pq.write_table(pa.table({"image": [b"b0", b"b1", b"b2"]}), path, row_group_size=2)
     os.utime(path, ns=(0, 12345))  # even a rewrite within the mtime's resolution changes the key
     assert read_parquet_rows(str(path), "image", [1, 2]) == {1: b"b1", 2: b"b2"}
+
+
+def test_shard_tasks_group_shards_and_keep_every_core_busy():
+    from lvd.jobs.stages.shards import MAX_SHARDS_PER_TASK, TASKS_PER_CORE, shard_tasks
+
+    assert shard_tasks(0, 2) == 1 and shard_tasks(3, 2) == 3  # never more tasks than shards
+    assert shard_tasks(24, 2) == 2 * TASKS_PER_CORE  # several shards per task
+    many = 100 * MAX_SHARDS_PER_TASK
+    assert -(-many // shard_tasks(many, 2)) <= MAX_SHARDS_PER_TASK  # capped shards per task
+    assert shard_tasks(24, 64) == 24
