@@ -93,6 +93,7 @@ def run_job(
     out_dir = Path(spec.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / layout.JOB_FILE, spec.model_dump(mode="json"))
+    _warm_spark_if_needed(spec, out_dir, force, until)
     reports = []
     for stage in STAGES:
         stage_dir = layout.stage_dir(out_dir, stage.name)
@@ -150,6 +151,21 @@ def run_job(
     if until is None:
         write_json_atomic(out_dir / layout.REPORT_FILE, job_report(out_dir))
     return reports
+
+
+def _warm_spark_if_needed(spec: JobSpec, out_dir: Path, force: set[str], until: str | None) -> None:
+    """Start Spark in the background when a Spark stage of this run will do work after other stages
+    do theirs: the JVM and its Python workers then start while the Ray stages run, not after them."""
+    stages = STAGES[: STAGE_NAMES.index(until) + 1] if until is not None else STAGES
+    pending = [s for s in stages if s.name in force or not stage_is_done(spec, s, out_dir)]
+    if (
+        pending
+        and pending[0].resources.engine != "spark"
+        and any(s.resources.engine == "spark" for s in pending)
+    ):
+        from lvd.jobs.engines import start_spark_in_background
+
+        start_spark_in_background(spec)
 
 
 def stage_summaries(out_dir: Path) -> dict[str, tuple[StageSummary | None, float | None]]:
