@@ -93,7 +93,7 @@ def run_job(
     out_dir = Path(spec.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / layout.JOB_FILE, spec.model_dump(mode="json"))
-    _warm_spark_if_needed(spec, out_dir, force, until)
+    warm_spark = _spark_waits_behind_other_stages(spec, out_dir, force, until)
     reports = []
     for stage in STAGES:
         stage_dir = layout.stage_dir(out_dir, stage.name)
@@ -143,6 +143,13 @@ def run_job(
                 },
             )
             report = StageReport(stage.name, False, seconds, summary)
+            if warm_spark:
+                # After the first stage that ran (it starts Ray, which is slow to start beside a JVM):
+                # the JVM and its Python workers start while the next Ray stages run.
+                from lvd.jobs.engines import start_spark_in_background
+
+                start_spark_in_background(spec)
+                warm_spark = False
         reports.append(report)
         if on_stage:
             on_stage(report)
@@ -153,19 +160,18 @@ def run_job(
     return reports
 
 
-def _warm_spark_if_needed(spec: JobSpec, out_dir: Path, force: set[str], until: str | None) -> None:
-    """Start Spark in the background when a Spark stage of this run will do work after other stages
-    do theirs: the JVM and its Python workers then start while the Ray stages run, not after them."""
+def _spark_waits_behind_other_stages(
+    spec: JobSpec, out_dir: Path, force: set[str], until: str | None
+) -> bool:
+    """Whether a Spark stage of this run will do work after other stages do theirs: then Spark is
+    started in the background while they run (`run_job`), not when its stage starts."""
     stages = STAGES[: STAGE_NAMES.index(until) + 1] if until is not None else STAGES
     pending = [s for s in stages if s.name in force or not stage_is_done(spec, s, out_dir)]
-    if (
-        pending
+    return (
+        bool(pending)
         and pending[0].resources.engine != "spark"
         and any(s.resources.engine == "spark" for s in pending)
-    ):
-        from lvd.jobs.engines import start_spark_in_background
-
-        start_spark_in_background(spec)
+    )
 
 
 def stage_summaries(out_dir: Path) -> dict[str, tuple[StageSummary | None, float | None]]:
