@@ -74,16 +74,25 @@ def _assign_bf16(
     weights = c if spherical else torch.cat([c, -0.5 * (c * c).sum(1, keepdim=True)], 1)
     weights = weights.bfloat16().T.contiguous()
     chunk_size = min(chunk_size, BF16_CHUNK)
+    d = c.shape[1]
+    # Buffers reused by every chunk (allocating and concatenating per chunk cost as much as the
+    # matmul): the rows in bf16 with the constant column of the L2 bias, and the float32 products.
+    rows_bf16 = torch.ones((min(chunk_size, x.shape[0]), weights.shape[0]), dtype=torch.bfloat16)
+    work = torch.empty((rows_bf16.shape[0], d), dtype=torch.float32)
     for start in range(0, x.shape[0], chunk_size):
         xc = torch.from_numpy(np.ascontiguousarray(x[start : start + chunk_size], dtype=np.float32))
-        xb = xc.bfloat16()
-        if not spherical:
-            xb = torch.cat([xb, torch.ones(xb.shape[0], 1, dtype=torch.bfloat16)], 1)
-        best = (xb @ weights).max(1).indices
-        chosen = c[best]
-        d = 1.0 - (xc * chosen).sum(1) if spherical else ((xc - chosen) ** 2).sum(1)
-        labels[start : start + xc.shape[0]] = best.numpy()
-        dist[start : start + xc.shape[0]] = d.numpy()
+        m = xc.shape[0]
+        rows_bf16[:m, :d].copy_(xc)
+        best = torch.argmax(rows_bf16[:m] @ weights, 1)
+        chosen = torch.index_select(c, 0, best)
+        if spherical:
+            torch.mul(xc, chosen, out=work[:m])
+            out = 1.0 - work[:m].sum(1)
+        else:
+            torch.sub(xc, chosen, out=work[:m])
+            out = torch.linalg.vector_norm(work[:m], dim=1).square_()
+        labels[start : start + m] = best.numpy()
+        dist[start : start + m] = out.numpy()
 
 
 def kmeans_assign(

@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from lvd.schemas.job_spec import JobSpec
@@ -130,10 +131,18 @@ def shutdown_ray() -> None:
 
 
 _spark = None
+# Held while the session starts: the warm-up thread (`start_spark_in_background`) and a stage may ask
+# for it at the same time.
+_spark_lock = threading.RLock()
 
 
 def get_spark(spec: JobSpec):
     """One SparkSession per process, configured from spec.spark."""
+    with _spark_lock:
+        return _get_spark(spec)
+
+
+def _get_spark(spec: JobSpec):
     global _spark
     if _spark is not None:
         return _spark
@@ -182,7 +191,6 @@ def _launch_spark_jvm(conf: dict[str, str]) -> None:
     """Start this process's Spark JVM (once) with its stderr read by a thread that copies it to ours
     without the `_JVM_NOISE` lines. Spark's Python workers, children of the JVM, write there too."""
     import subprocess
-    import threading
 
     from pyspark import SparkConf, SparkContext
     from pyspark.java_gateway import launch_gateway
@@ -209,6 +217,32 @@ def _copy_jvm_stderr(stream) -> None:
             pass
 
 
+def start_spark_in_background(spec: JobSpec) -> threading.Thread:
+    """Start this process's Spark session, and its Python workers, in a thread: a job whose Spark
+    stages come after Ray stages finds Spark warm instead of waiting for the JVM then. A failure is
+    only logged here; the stage's own `get_spark` then meets it again and reports it."""
+
+    def warm() -> None:
+        try:
+            spark = get_spark(spec)
+            cores = spark.sparkContext.defaultParallelism
+            # One small task per core: the Python workers start (Spark reuses them) and import the
+            # shard writer now rather than in the stage.
+            spark.sparkContext.parallelize(range(cores), cores).map(_import_worker_modules).collect()
+        except Exception as err:  # the stage that needs Spark reports it
+            log.debug("spark warm-up: %s", err)
+
+    thread = threading.Thread(target=warm, name="spark-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def _import_worker_modules(_: int) -> int:
+    import lvd.jobs.shard_writer  # noqa: F401
+
+    return 0
+
+
 def local_master_with_retries(master: str, attempts: int = LOCAL_TASK_ATTEMPTS) -> str:
     """`local`, `local[N]` and `local[*]` as `local[N,attempts]`: in local mode Spark runs each task
     once unless the master names a number of attempts, so one dead Python worker would fail the
@@ -219,9 +253,10 @@ def local_master_with_retries(master: str, attempts: int = LOCAL_TASK_ATTEMPTS) 
 
 def stop_spark() -> None:
     global _spark
-    if _spark is not None:
-        _spark.stop()
-        _spark = None
+    with _spark_lock:
+        if _spark is not None:
+            _spark.stop()
+            _spark = None
 
 
 def collect_with_progress(spark, rdd, progress) -> list:

@@ -93,6 +93,7 @@ def run_job(
     out_dir = Path(spec.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / layout.JOB_FILE, spec.model_dump(mode="json"))
+    warm_spark = _spark_waits_behind_other_stages(spec, out_dir, force, until)
     reports = []
     for stage in STAGES:
         stage_dir = layout.stage_dir(out_dir, stage.name)
@@ -142,6 +143,13 @@ def run_job(
                 },
             )
             report = StageReport(stage.name, False, seconds, summary)
+            if warm_spark:
+                # After the first stage that ran (it starts Ray, which is slow to start beside a JVM):
+                # the JVM and its Python workers start while the next Ray stages run.
+                from lvd.jobs.engines import start_spark_in_background
+
+                start_spark_in_background(spec)
+                warm_spark = False
         reports.append(report)
         if on_stage:
             on_stage(report)
@@ -150,6 +158,20 @@ def run_job(
     if until is None:
         write_json_atomic(out_dir / layout.REPORT_FILE, job_report(out_dir))
     return reports
+
+
+def _spark_waits_behind_other_stages(
+    spec: JobSpec, out_dir: Path, force: set[str], until: str | None
+) -> bool:
+    """Whether a Spark stage of this run will do work after other stages do theirs: then Spark is
+    started in the background while they run (`run_job`), not when its stage starts."""
+    stages = STAGES[: STAGE_NAMES.index(until) + 1] if until is not None else STAGES
+    pending = [s for s in stages if s.name in force or not stage_is_done(spec, s, out_dir)]
+    return (
+        bool(pending)
+        and pending[0].resources.engine != "spark"
+        and any(s.resources.engine == "spark" for s in pending)
+    )
 
 
 def stage_summaries(out_dir: Path) -> dict[str, tuple[StageSummary | None, float | None]]:

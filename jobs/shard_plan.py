@@ -12,6 +12,10 @@ on executors, each a Spark job:
 5. shard = g mod n, its deal rank g div n; executors group the samples by plan file (a run of
    consecutive shards), place each shard's members (`place_in_shards`) and write that file with a
    row group per shard, so a shard's task reads a small footer and its own rows only.
+
+A small output (at most SMALL_PLAN_ROWS curated images) is planned by one executor task instead:
+`plan_shards` on the whole tables, written as the same plan files. Each of the steps above is a
+Spark job that costs seconds whatever its size, which is most of a small job's shard stage.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from lvd.jobs.shard_writer import (
     ShardPlanError,
     image_order_key,
     place_in_shards,
+    plan_shards,
     read_plan_rows,
     shards_needed,
     write_plan_file,
@@ -46,6 +51,9 @@ PLAN_FILE_ROWS = 1 << 17
 # Samples per partition of the global sort: its partition count follows the data, not the session's
 # shuffle setting (a sort partition is sorted by one task and written as one file).
 SORT_PARTITION_ROWS = 1 << 21
+# Curated images up to which one executor task plans every shard (`plan_shards` in memory): a few
+# tens of MB in one task, where the steps on Spark would each cost a job's fixed time.
+SMALL_PLAN_ROWS = 1 << 16
 # Columns of a sample that the plan carries (PLAN without what placing adds).
 SAMPLE_COLUMNS = [n for n in PLAN.names if n not in ("shard", "position", "key")]
 # Columns of the images table a sample takes (where its bytes are and what its sidecar names).
@@ -292,6 +300,19 @@ def plan_shards_spark(
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    if keep is None:
+        small = plan_in_one_task(
+            spark,
+            curated_parts,
+            images_parts,
+            clusters_parts,
+            folder,
+            samples_per_shard,
+            max_shard_bytes,
+            seed,
+        )
+        if small is not None:
+            return small
     curated = _read(spark, curated_parts, CURATED, CURATED.names)
     images = _read(spark, images_parts, IMAGES, ["image_id", "status", *IMAGE_COLUMNS])
     clusters = _read(spark, clusters_parts, CLUSTERS, ["image_id", "cluster_ids"])
@@ -361,6 +382,77 @@ def plan_shards_spark(
     log.info("shards: planned %d samples into %d shards (%d sort partitions, %d plan files)",
              n_samples, n_shards, len(parts), -(-n_shards // per_file))  # fmt: skip
     return ShardPlan(str(folder), n_shards, n_samples, per_file, len(parts), first)
+
+
+def plan_in_one_task(
+    spark,
+    curated_parts: list[Path],
+    images_parts: list[Path],
+    clusters_parts: list[Path],
+    folder: Path,
+    samples_per_shard: int,
+    max_shard_bytes: int | None,
+    seed: int,
+    max_rows: int | None = None,
+) -> ShardPlan | None:
+    """`plan_shards_spark`'s plan made by one executor task with `plan_shards`, when the curated
+    table has at most `max_rows` rows (default SMALL_PLAN_ROWS); None, having read only the curated
+    parts' footers, when it has more."""
+    limit = SMALL_PLAN_ROWS if max_rows is None else max_rows
+    file_rows = PLAN_FILE_ROWS  # read here: the task's process has its own module
+    args = ([str(p) for p in curated_parts], [str(p) for p in images_parts], [str(p) for p in clusters_parts])
+    task = spark.sparkContext.parallelize([args], 1).map(
+        lambda a: _plan_small(*a, str(folder), samples_per_shard, max_shard_bytes, seed, limit, file_rows)
+    )
+    result = task.collect()[0]
+    if result is None:
+        return None
+    if isinstance(result, str):  # a ShardPlanError in the task, raised here as in the Spark steps
+        raise ShardPlanError(result)
+    n_shards, n_samples, per_file = result
+    log.info("shards: planned %d samples into %d shards in one task", n_samples, n_shards)
+    return ShardPlan(str(folder), n_shards, n_samples, per_file)
+
+
+def _plan_small(
+    curated_parts: list[str],
+    images_parts: list[str],
+    clusters_parts: list[str],
+    folder: str,
+    samples_per_shard: int,
+    max_shard_bytes: int | None,
+    seed: int,
+    max_rows: int,
+    file_rows: int,
+) -> tuple[int, int, int] | str | None:
+    """The executor's side of `plan_in_one_task`: (shards, samples, shards per file), the message
+    of a ShardPlanError, or None when the curated table has over `max_rows` rows."""
+    import pyarrow.parquet as pq
+
+    from lvd.schemas.tables import read_parts
+
+    if sum(pq.read_metadata(p).num_rows for p in curated_parts) > max_rows:
+        return None
+    tables = (
+        read_parts(curated_parts, CURATED),
+        read_parts(images_parts, IMAGES, ["image_id", "status", *IMAGE_COLUMNS]),
+        read_parts(clusters_parts, CLUSTERS, ["image_id", "cluster_ids"]),
+    )
+    try:
+        plan = plan_shards(*tables, samples_per_shard, max_shard_bytes, seed)
+    except ShardPlanError as err:
+        return str(err)
+    if plan.num_rows == 0:
+        return 0, 0, 1
+    shard = plan["shard"].to_numpy()
+    n_shards, n_samples = int(shard[-1]) + 1, plan.num_rows
+    per_file = max(1, file_rows // -(-n_samples // n_shards))
+    bounds = np.searchsorted(
+        shard, np.arange(0, n_shards + per_file, per_file)[: -(-n_shards // per_file) + 1]
+    )
+    for file, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        write_plan_file(plan.slice(start, end - start), layout.shard_plan_file(folder, file))
+    return n_shards, n_samples, per_file
 
 
 def _plan_file_writer(folder: str, per_file: int, seed: int, first: int = 0):

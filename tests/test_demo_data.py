@@ -87,7 +87,7 @@ def test_job_spec_validates_and_points_at_the_data(demo):
     assert {s.strategy for s in spec.seeds} == {"sample", "cluster", "as_is"}
     assert spec.embedding.copy_detection.arch == "copy_descriptor"
     assert spec.dedup.threshold == copy_descriptor.THRESHOLD
-    assert spec.embedding.retrieval.random_init and spec.embedding.retrieval.image_size == 112
+    assert spec.embedding.retrieval.random_init and spec.embedding.retrieval.image_size == 70
     assert [lv.k for lv in spec.clustering.levels] == [24, 6]
     assert spec.ray.num_cpus == 2 and spec.spark.master == "local[2]"
 

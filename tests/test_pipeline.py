@@ -180,3 +180,23 @@ def test_funnel_and_report_come_from_the_stage_summaries(tmp_path, fake_stages):
     assert pipeline.funnel(tmp_path / "out") == [("a", "rows", 3), ("b", "rows", 3), ("c", "rows", 3)]
     report = pipeline.job_report(tmp_path / "out")
     assert report["stages"]["b"]["summary"] == {"rows": 3}
+
+
+def test_spark_starts_in_the_background_only_when_a_spark_stage_waits_behind_others(
+    tmp_path, fake_stages, monkeypatch
+):
+    from lvd.jobs import engines
+
+    stages = (*fake_stages[:2], dataclasses.replace(fake_stages[2], resources=Resources(engine="spark")))
+    monkeypatch.setattr(pipeline, "STAGES", stages)
+    warmed = []
+    monkeypatch.setattr(engines, "start_spark_in_background", lambda spec: warmed.append(spec.name))
+    spec = _spec(tmp_path)
+    pipeline.run_job(spec, until="b")  # the Spark stage is not part of this run
+    assert warmed == []
+    pipeline.run_job(spec)  # c (Spark) waits behind nothing else to do: it starts Spark itself
+    assert warmed == []
+    pipeline.run_job(spec, force=["a"])  # c is done and stays done
+    assert warmed == []
+    pipeline.run_job(_spec(tmp_path, shards={"seed": 1}), force=["b"])  # b first, then c
+    assert warmed == ["t"]

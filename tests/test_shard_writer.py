@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -431,14 +432,15 @@ def synthetic_parts(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("samples_per_shard", "max_shard_bytes", "seed", "file_rows", "sort_rows"),
-    [(50, None, 0, 1 << 17, 1 << 21), (10_000, 600_000, 5, 64, 90), (1, None, 2, 100, 200)],
-)
+    ("samples_per_shard", "max_shard_bytes", "seed", "file_rows", "sort_rows", "one_task"),
+    [(50, None, 0, 1 << 17, 1 << 21, False), (10_000, 600_000, 5, 64, 90, False), (1, None, 2, 100, 200, False),
+     (10_000, 600_000, 5, 64, 90, True)],
+)  # fmt: skip
 def test_spark_plan_equals_reference(spark, synthetic_parts, monkeypatch, samples_per_shard, max_shard_bytes,
-                                     seed, file_rows, sort_rows):  # fmt: skip
+                                     seed, file_rows, sort_rows, one_task):  # fmt: skip
     """Row for row the plan of `plan_shards`, with repeats, as_is images, a byte target (whose
     loop runs more than once), inputs in several parts, the sort in one or several partitions and
-    the plan in one or several files."""
+    the plan in one or several files; planned by Spark's steps or, for a small output, in one task."""
     from lvd.jobs import shard_plan
 
     out, tables, parts = synthetic_parts
@@ -447,9 +449,10 @@ def test_spark_plan_equals_reference(spark, synthetic_parts, monkeypatch, sample
         assert expected["shard"][-1].as_py() + 1 > -(-sum(tables[1]["size"].to_pylist()) // max_shard_bytes)
     monkeypatch.setattr(shard_plan, "PLAN_FILE_ROWS", file_rows)
     monkeypatch.setattr(shard_plan, "SORT_PARTITION_ROWS", sort_rows)
+    monkeypatch.setattr(shard_plan, "SMALL_PLAN_ROWS", tables[0].num_rows if one_task else 0)
     plan = shard_plan.plan_shards_spark(spark, *parts, out / "plan", samples_per_shard, max_shard_bytes, seed)
     assert (plan.n_samples, plan.n_shards) == (expected.num_rows, expected["shard"][-1].as_py() + 1)
-    assert (plan.sort_partitions > 1) == (plan.n_samples > sort_rows)
+    assert (plan.sort_partitions > 1) == (plan.n_samples > sort_rows and not one_task)
     assert plan.table().equals(expected)
     files = sorted((out / "plan").glob("plan-*.parquet"))
     assert len(files) == -(-plan.n_shards // plan.shards_per_file) and len(files) > (file_rows < 1000)
@@ -458,8 +461,10 @@ def test_spark_plan_equals_reference(spark, synthetic_parts, monkeypatch, sample
     assert not (out / "plan" / "ordered").exists()
 
 
-def test_spark_plan_rejects_what_expand_samples_rejects(spark, tmp_path):
-    """Same errors, same order of checks, same messages (the ids named are the smallest)."""
+def test_spark_plan_rejects_what_expand_samples_rejects(spark, tmp_path, monkeypatch):
+    """Same errors, same order of checks, same messages (the ids named are the smallest), by
+    Spark's steps and by the one-task plan of a small output."""
+    from lvd.jobs import shard_plan
     from lvd.jobs.shard_plan import plan_shards_spark
     from lvd.jobs.shard_writer import ShardPlanError
 
@@ -482,10 +487,15 @@ def test_spark_plan_rejects_what_expand_samples_rejects(spark, tmp_path):
         out = tmp_path / str(n)
         parts = [write_parts(out, cur, layout.CURATED, 2, n), write_parts(out, img, layout.IMAGES, 2, n),
                  write_parts(out, clusters, layout.CLUSTERS, 1, n)]  # fmt: skip
+        monkeypatch.setattr(shard_plan, "SMALL_PLAN_ROWS", 0)  # Spark's steps
         with pytest.raises(ShardPlanError) as err:
             plan_shards_spark(spark, *parts, out / "plan", 10)
         messages[name] = str(err.value)
         assert str(err.value) == str(reference.value), name
+        if name == "missing":
+            monkeypatch.setattr(shard_plan, "SMALL_PLAN_ROWS", 1 << 16)  # one task
+            with pytest.raises(ShardPlanError, match=re.escape(str(reference.value))):
+                plan_shards_spark(spark, *parts, out / "plan", 10)
     assert "e.g. [-3, 5]" in messages["missing"] and "failed ingest" in messages["failed"]
     # Nothing curated: no shards, as in `plan_shards`.
     out = tmp_path / "empty"
@@ -581,3 +591,13 @@ def test_parquet_rows_come_from_the_file_as_it_is_now(tmp_path):
     pq.write_table(pa.table({"image": [b"b0", b"b1", b"b2"]}), path, row_group_size=2)
     os.utime(path, ns=(0, 12345))  # even a rewrite within the mtime's resolution changes the key
     assert read_parquet_rows(str(path), "image", [1, 2]) == {1: b"b1", 2: b"b2"}
+
+
+def test_shard_tasks_group_shards_and_keep_every_core_busy():
+    from lvd.jobs.stages.shards import MAX_SHARDS_PER_TASK, TASKS_PER_CORE, shard_tasks
+
+    assert shard_tasks(0, 2) == 1 and shard_tasks(3, 2) == 3  # never more tasks than shards
+    assert shard_tasks(24, 2) == 2 * TASKS_PER_CORE  # several shards per task
+    many = 100 * MAX_SHARDS_PER_TASK
+    assert -(-many // shard_tasks(many, 2)) <= MAX_SHARDS_PER_TASK  # capped shards per task
+    assert shard_tasks(24, 64) == 24

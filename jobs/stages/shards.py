@@ -1,10 +1,10 @@
-"""Stage "shards": curated ⋈ images -> WebDataset tars, one Spark task per shard.
+"""Stage "shards": curated ⋈ images -> WebDataset tars, a Spark task per run of a few shards.
 
 Spark plans on its executors (`jobs.shard_plan`: join, deal order, shard count, positions; the
-plan lands in scratch as files of a few whole shards each). Then one Spark task per shard reads its
-shard's rows and writes the shard (`jobs.shard_writer.write_shard`), unless a shard finished by an
-earlier run of the same rows is there: that one is kept. The index is written last. The driver
-holds per-shard results only.
+plan lands in scratch as files of a few whole shards each). Then each Spark task takes a run of
+consecutive shards and, for each, reads its rows and writes the shard
+(`jobs.shard_writer.write_shard`), unless a shard finished by an earlier run of the same rows is
+there: that one is kept. The index is written last. The driver holds per-shard results only.
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ from lvd.schemas.tables import SHARD_INDEX, write_json_atomic, write_parquet_ato
 
 log = logging.getLogger("lvd")
 
+# Spark tasks per core of the session: a task per shard costs Spark's per-task overhead for every
+# shard, which is a large share when a shard takes a second; a few tasks per core keep the cores
+# busy to the end when one task runs slower than the others.
+TASKS_PER_CORE = 3
+# At most this many shards per task, so that progress (counted per task) moves on large outputs and a
+# retried task redoes little.
+MAX_SHARDS_PER_TASK = 16
+
 
 @dataclass
 class ShardsSummary(StageSummary):
@@ -63,11 +71,15 @@ def _shard_writer(out_dir: str, plan: ShardPlan):
     return write
 
 
-def write_shards_spark(spark, plan: ShardPlan, out_dir: str | Path) -> list[dict[str, Any]]:
+def write_shards_spark(
+    spark, plan: ShardPlan, out_dir: str | Path, n_tasks: int | None = None
+) -> list[dict[str, Any]]:
     """Write every shard of `plan` not already finished; returns one result per shard, in order.
+    `n_tasks`: Spark tasks to spread the shards over (default: `shard_tasks`).
 
-    One Spark task per shard: the driver distributes only shard ids and each task reads its own
-    rows from the plan (on a cluster, the output folder must be on storage the executors see).
+    Each Spark task writes a run of consecutive shards (`shard_tasks`): the driver distributes only
+    shard ids and each task reads its shards' rows from the plan, whose files hold runs of
+    consecutive shards (on a cluster, the output folder must be on storage the executors see).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,17 +89,27 @@ def write_shards_spark(spark, plan: ShardPlan, out_dir: str | Path) -> list[dict
         _remove_stale_after(out_dir, plan.first + plan.n_shards)
     if plan.n_shards == 0:
         return []
-    tasks = spark.sparkContext.parallelize(plan.shards, numSlices=plan.n_shards)
+    if n_tasks is None:
+        n_tasks = shard_tasks(plan.n_shards, spark.sparkContext.defaultParallelism)
+    n_tasks = max(1, min(n_tasks, plan.n_shards))
+    tasks = spark.sparkContext.parallelize(plan.shards, numSlices=n_tasks)
     outcomes = collect_with_progress(
         spark,
         tasks.mapPartitions(_shard_writer(str(out_dir), plan)),
-        Progress("shards", plan.n_shards, "shards"),
+        Progress("shards", n_tasks, "tasks"),
     )
     remove_temps(out_dir)
     kept = sum(k for k, _ in outcomes)
     log.info("shards: %d written, %d kept from an earlier run", len(outcomes) - kept, kept)
     results = {layout.shard_number(meta["shard"]): meta for _, meta in outcomes}
     return [results[s] for s in plan.shards]
+
+
+def shard_tasks(n_shards: int, cores: int, per_core: int = TASKS_PER_CORE) -> int:
+    """How many Spark tasks write `n_shards` shards on `cores` cores: `per_core` tasks per core, or
+    more when a task would get over MAX_SHARDS_PER_TASK shards; never more than one per shard."""
+    wanted = max(per_core * max(1, cores), -(-n_shards // MAX_SHARDS_PER_TASK))
+    return max(1, min(n_shards, wanted))
 
 
 def _remove_stale_after(out_dir: Path, end: int) -> None:
