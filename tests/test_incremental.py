@@ -6,6 +6,7 @@ Chained on the moved demo (conftest.moved_demo_job) so no extra full run is paid
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,14 @@ def _shard_files(folder: Path) -> dict[str, tuple[int, int, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def grown(moved_demo_job):
-    """The moved demo job run again with a new pool source (incremental), and the same spec run
-    from nothing in another output folder up to dedup (full)."""
-    _, (root, out), _ = moved_demo_job
+def grown(moved_demo_job, tmp_path_factory):
+    """A copy of the moved demo job run again with a new pool source (incremental), and the same
+    spec run from nothing in another output folder up to dedup (full). A copy: the moved job stays
+    as test_ids reads it, whichever test runs first."""
+    _, (moved, _), _ = moved_demo_job
+    root = tmp_path_factory.mktemp("grown") / "demo"
+    shutil.copytree(moved, root, symlinks=True)
+    out = Path(load_job_spec(root / "job.yaml").output_dir)
     images = layout.read_table(out, layout.IMAGES, columns=["uri", "dataset", "status", "kind"])
     dedup = layout.read_table(out, layout.DEDUP, columns=["image_id", "keep"])
     kept = set(dedup.filter(dedup["keep"])["image_id"].to_pylist())
