@@ -6,7 +6,9 @@ the cosine of two vectors says how likely one image is an edited copy of the oth
 edits each serves:
   1. uniform borders (padding, the transparent margin of an icon composited on white by the
      decoder) are trimmed, twice, and the content box is resampled to GRID x GRID: padding,
-     rescaling, icons drawn at several sizes;
+     rescaling, icons drawn at several sizes; a large flat backdrop inside it (an app icon's plate)
+     is made flat up to the content's edges and weighs little in the colour histogram, so drawings
+     are compared by what is drawn on the plate, not by the plate;
   2. blocks computed on the content, in opponent colours: a zero-mean grey thumbnail (layout),
      cell means of the three channels relative to the image's mean (colour layout), gradient
      orientation histograms over a grid of cells (shapes and edges), a global orientation histogram
@@ -65,6 +67,10 @@ class CopyDescriptor(nn.Module):
         thumb_size: int = 8,
         cells: int = 4,
         texture_weight: float = 0.5,
+        backdrop_tolerance: float = 0.05,
+        backdrop_min_share: float = 0.3,
+        backdrop_hist_weight: float = 0.1,
+        inner_ring_inset: int = 2,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -79,16 +85,36 @@ class CopyDescriptor(nn.Module):
         self.hist_bins = hist_bins
         self.thumb_size = thumb_size
         self.cells = cells
+        self.backdrop_tolerance = backdrop_tolerance
+        self.backdrop_min_share = backdrop_min_share
+        self.backdrop_hist_weight = backdrop_hist_weight
+        self.inner_ring_inset = inner_ring_inset
 
     # -------------------------------------------------------------- step 1: trim and resample
 
-    def content_boxes(self, rgb: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def border_colour(rgb: torch.Tensor, inset: int = 0) -> torch.Tensor:
+        """(B, 3) median colour of the ring of pixels `inset` pixels in from the edge."""
+        a, z = inset, rgb.shape[-1] - 1 - inset
+        ring = [
+            rgb[:, :, a, a : z + 1],
+            rgb[:, :, z, a : z + 1],
+            rgb[:, :, a : z + 1, a],
+            rgb[:, :, a : z + 1, z],
+        ]
+        return torch.cat(ring, dim=2).median(dim=2).values
+
+    def content_boxes(self, rgb: torch.Tensor, inset: int = 0) -> torch.Tensor:
         """(B, 4) boxes (x0, y0, x1, y1) in [-1, 1] of what is left after trimming uniform borders:
-        rows/columns at the edge whose pixels all lie close to the border colour."""
+        rows/columns at the edge whose pixels all lie close to the border colour. The border colour is
+        taken `inset` pixels in, and the outermost `inset` rows and columns are trimmed whatever they
+        hold: after a first trim and resampling, they are a blend of the cut-off border and the content."""
         b, _, h, w = rgb.shape
-        ring = torch.cat([rgb[:, :, 0, :], rgb[:, :, -1, :], rgb[:, :, :, 0], rgb[:, :, :, -1]], dim=2)
-        border = ring.median(dim=2).values.view(b, 3, 1, 1)
+        border = self.border_colour(rgb, inset).view(b, 3, 1, 1)
         far = (rgb - border).abs().amax(dim=1) > self.trim_tolerance  # (B, H, W)
+        if inset:
+            far[:, :inset] = far[:, -inset:] = False
+            far[:, :, :inset] = far[:, :, -inset:] = False
         rows = far.float().mean(dim=2) > 0.01  # (B, H) a row with content
         cols = far.float().mean(dim=1) > 0.01
         idx_h = torch.arange(h, device=rgb.device).float()
@@ -142,9 +168,30 @@ class CopyDescriptor(nn.Module):
         dist = torch.remainder(ang - bins + 4, 8) - 4  # circular distance to each bin centre
         return torch.clamp(1 - dist.abs(), min=0) * mag
 
-    def blocks(self, opp: torch.Tensor) -> list[torch.Tensor]:
-        """Unnormalised blocks of (B, 3, GRID, GRID) opponent-colour images."""
+    def flatten_backdrop(self, opp: torch.Tensor, outer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, G, G) opponent-colour content with its backdrop made flat, and (B, 1, G, G) pixel
+        weights for the colour histogram. The backdrop is the colour of a ring a few pixels inside the
+        content box, when at least `backdrop_min_share` of the pixels lie within `backdrop_tolerance`
+        of it (an app icon's rounded plate, a flat page): distinct drawings on plates of one colour
+        would otherwise match on the plate. Its pixels, and those of the colour trimmed away around
+        the content (`outer`, (B, 3): the corners left outside a rounded plate), are set to the
+        backdrop colour, so the plate's outline adds no edges, and weigh little in the histogram."""
+        g = opp.shape[-1]
+        a, z = 3, g - 4
+        ring = [opp[:, :, a, a:z], opp[:, :, z, a:z], opp[:, :, a:z, a], opp[:, :, a:z, z]]
+        backdrop = torch.cat(ring, dim=2).median(dim=2).values.view(-1, 3, 1, 1)
+        close = (opp - backdrop).abs().amax(dim=1, keepdim=True) < self.backdrop_tolerance
+        active = close.float().mean(dim=(2, 3), keepdim=True) > self.backdrop_min_share
+        near_outer = (opp - outer.view(-1, 3, 1, 1)).abs().amax(dim=1, keepdim=True) < self.backdrop_tolerance
+        flat = torch.where((close | near_outer) & active, backdrop, opp)
+        weight = torch.where(close & active, self.backdrop_hist_weight, 1.0)
+        return flat, weight
+
+    def blocks(self, opp: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+        """Unnormalised blocks of (B, 3, GRID, GRID) opponent-colour images; `weight` (B, 1, GRID,
+        GRID) weighs each pixel in the colour histogram."""
         b = opp.shape[0]
+
         grey = opp[:, :1]
         thumb = F.adaptive_avg_pool2d(grey, self.thumb_size).flatten(1)
         thumb = thumb - thumb.mean(dim=1, keepdim=True)
@@ -169,7 +216,10 @@ class CopyDescriptor(nn.Module):
             torch.clamp(opp[:, 2] + 0.5, 0.0, 1.0) * (n - 1),
         ]
         soft = [torch.clamp(1 - (a.unsqueeze(1) - centres).abs(), min=0).flatten(2) for a in axes]
-        joint = torch.einsum("bip,bjp,bkp->bijk", soft[0], soft[1], soft[2]) / soft[0].shape[-1]
+        wf = weight.flatten(1).unsqueeze(1)
+        joint = torch.einsum("bip,bjp,bkp->bijk", soft[0] * wf, soft[1], soft[2]) / wf.sum(dim=2).view(
+            b, 1, 1, 1
+        )
         hist = torch.sqrt(joint.reshape(b, -1))
         hist = hist - hist.mean(dim=1, keepdim=True)
         return [thumb, colour, hog, hist, texture]
@@ -179,11 +229,18 @@ class CopyDescriptor(nn.Module):
         # Twice: a padded copy loses its padding in the first pass and then, like the original, any
         # uniform margin of its own picture in the second.
         first = self.content_boxes(rgb)
-        inner = self.content_boxes(self.resample(rgb, first, rgb.shape[-1]))
+        once = self.resample(rgb, first, rgb.shape[-1])
+        inner = self.content_boxes(once, self.inner_ring_inset)
         content = self.resample(rgb, compose_boxes(first, inner), GRID)
+        # The colour trimmed away last: the second pass's border if it trimmed, else the first's.
+        trimmed_twice = (inner.abs() < 0.999).any(dim=1, keepdim=True)
+        outer = torch.where(
+            trimmed_twice, self.border_colour(once, self.inner_ring_inset), self.border_colour(rgb)
+        )
         opp = torch.einsum("oc,bchw->bohw", self.opponent, content)
-        straight = self.blocks(opp)
-        mirrored = self.blocks(torch.flip(opp, dims=[3]))
+        opp, weight = self.flatten_backdrop(opp, torch.einsum("oc,bc->bo", self.opponent, outer))
+        straight = self.blocks(opp, weight)
+        mirrored = self.blocks(torch.flip(opp, dims=[3]), torch.flip(weight, dims=[3]))
         parts: list[torch.Tensor] = []
         for i in range(len(straight)):
             block = straight[i] + mirrored[i]
