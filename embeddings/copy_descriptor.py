@@ -230,7 +230,11 @@ class CopyDescriptor(nn.Module):
         # uniform margin of its own picture in the second.
         first = self.content_boxes(rgb)
         once = self.resample(rgb, first, rgb.shape[-1])
-        inner = self.content_boxes(once, self.inner_ring_inset)
+        # Only a first trim leaves a blended outer band to look past; an untrimmed image has none.
+        trimmed_once = (first.abs() < 0.999).any(dim=1, keepdim=True)
+        inner = torch.where(
+            trimmed_once, self.content_boxes(once, self.inner_ring_inset), self.content_boxes(once)
+        )
         content = self.resample(rgb, compose_boxes(first, inner), GRID)
         # The colour trimmed away last: the second pass's border if it trimmed, else the first's.
         trimmed_twice = (inner.abs() < 0.999).any(dim=1, keepdim=True)
