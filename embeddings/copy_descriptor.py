@@ -5,10 +5,9 @@ the embed stage's `PreprocessConfig.whole`, set for this arch), (B, DIM) L2-norm
 the cosine of two vectors says how likely one image is an edited copy of the other. Steps, and the
 edits each serves:
   1. uniform borders (padding, the transparent margin of an icon composited on white by the
-     decoder) are trimmed, twice, and the content box is resampled to GRID x GRID: padding,
-     rescaling, icons drawn at several sizes; a large flat backdrop inside it (an app icon's plate)
-     is made flat up to the content's edges and weighs little in the colour histogram, so drawings
-     are compared by what is drawn on the plate, not by the plate;
+     decoder) are trimmed, twice (the second pass, after a first trim, reads the border colour a
+     few pixels in, past the band resampling blends with the cut-off padding), and the content box
+     is resampled to GRID x GRID: padding, rescaling, icons drawn at several sizes;
   2. blocks computed on the content, in opponent colours: a zero-mean grey thumbnail (layout),
      cell means of the three channels relative to the image's mean (colour layout), gradient
      orientation histograms over a grid of cells (shapes and edges), a global orientation histogram
@@ -67,9 +66,6 @@ class CopyDescriptor(nn.Module):
         thumb_size: int = 8,
         cells: int = 4,
         texture_weight: float = 0.5,
-        backdrop_tolerance: float = 0.05,
-        backdrop_min_share: float = 0.3,
-        backdrop_hist_weight: float = 0.1,
         inner_ring_inset: int = 2,
     ) -> None:
         super().__init__()
@@ -85,9 +81,6 @@ class CopyDescriptor(nn.Module):
         self.hist_bins = hist_bins
         self.thumb_size = thumb_size
         self.cells = cells
-        self.backdrop_tolerance = backdrop_tolerance
-        self.backdrop_min_share = backdrop_min_share
-        self.backdrop_hist_weight = backdrop_hist_weight
         self.inner_ring_inset = inner_ring_inset
 
     # -------------------------------------------------------------- step 1: trim and resample
@@ -168,30 +161,9 @@ class CopyDescriptor(nn.Module):
         dist = torch.remainder(ang - bins + 4, 8) - 4  # circular distance to each bin centre
         return torch.clamp(1 - dist.abs(), min=0) * mag
 
-    def flatten_backdrop(self, opp: torch.Tensor, outer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, G, G) opponent-colour content with its backdrop made flat, and (B, 1, G, G) pixel
-        weights for the colour histogram. The backdrop is the colour of a ring a few pixels inside the
-        content box, when at least `backdrop_min_share` of the pixels lie within `backdrop_tolerance`
-        of it (an app icon's rounded plate, a flat page): distinct drawings on plates of one colour
-        would otherwise match on the plate. Its pixels, and those of the colour trimmed away around
-        the content (`outer`, (B, 3): the corners left outside a rounded plate), are set to the
-        backdrop colour, so the plate's outline adds no edges, and weigh little in the histogram."""
-        g = opp.shape[-1]
-        a, z = 3, g - 4
-        ring = [opp[:, :, a, a:z], opp[:, :, z, a:z], opp[:, :, a:z, a], opp[:, :, a:z, z]]
-        backdrop = torch.cat(ring, dim=2).median(dim=2).values.view(-1, 3, 1, 1)
-        close = (opp - backdrop).abs().amax(dim=1, keepdim=True) < self.backdrop_tolerance
-        active = close.float().mean(dim=(2, 3), keepdim=True) > self.backdrop_min_share
-        near_outer = (opp - outer.view(-1, 3, 1, 1)).abs().amax(dim=1, keepdim=True) < self.backdrop_tolerance
-        flat = torch.where((close | near_outer) & active, backdrop, opp)
-        weight = torch.where(close & active, self.backdrop_hist_weight, 1.0)
-        return flat, weight
-
-    def blocks(self, opp: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
-        """Unnormalised blocks of (B, 3, GRID, GRID) opponent-colour images; `weight` (B, 1, GRID,
-        GRID) weighs each pixel in the colour histogram."""
+    def blocks(self, opp: torch.Tensor) -> list[torch.Tensor]:
+        """Unnormalised blocks of (B, 3, GRID, GRID) opponent-colour images."""
         b = opp.shape[0]
-
         grey = opp[:, :1]
         thumb = F.adaptive_avg_pool2d(grey, self.thumb_size).flatten(1)
         thumb = thumb - thumb.mean(dim=1, keepdim=True)
@@ -216,10 +188,7 @@ class CopyDescriptor(nn.Module):
             torch.clamp(opp[:, 2] + 0.5, 0.0, 1.0) * (n - 1),
         ]
         soft = [torch.clamp(1 - (a.unsqueeze(1) - centres).abs(), min=0).flatten(2) for a in axes]
-        wf = weight.flatten(1).unsqueeze(1)
-        joint = torch.einsum("bip,bjp,bkp->bijk", soft[0] * wf, soft[1], soft[2]) / wf.sum(dim=2).view(
-            b, 1, 1, 1
-        )
+        joint = torch.einsum("bip,bjp,bkp->bijk", soft[0], soft[1], soft[2]) / soft[0].shape[-1]
         hist = torch.sqrt(joint.reshape(b, -1))
         hist = hist - hist.mean(dim=1, keepdim=True)
         return [thumb, colour, hog, hist, texture]
@@ -236,15 +205,9 @@ class CopyDescriptor(nn.Module):
             trimmed_once, self.content_boxes(once, self.inner_ring_inset), self.content_boxes(once)
         )
         content = self.resample(rgb, compose_boxes(first, inner), GRID)
-        # The colour trimmed away last: the second pass's border if it trimmed, else the first's.
-        trimmed_twice = (inner.abs() < 0.999).any(dim=1, keepdim=True)
-        outer = torch.where(
-            trimmed_twice, self.border_colour(once, self.inner_ring_inset), self.border_colour(rgb)
-        )
         opp = torch.einsum("oc,bchw->bohw", self.opponent, content)
-        opp, weight = self.flatten_backdrop(opp, torch.einsum("oc,bc->bo", self.opponent, outer))
-        straight = self.blocks(opp, weight)
-        mirrored = self.blocks(torch.flip(opp, dims=[3]), torch.flip(weight, dims=[3]))
+        straight = self.blocks(opp)
+        mirrored = self.blocks(torch.flip(opp, dims=[3]))
         parts: list[torch.Tensor] = []
         for i in range(len(straight)):
             block = straight[i] + mirrored[i]
