@@ -5,8 +5,9 @@ the embed stage's `PreprocessConfig.whole`, set for this arch), (B, DIM) L2-norm
 the cosine of two vectors says how likely one image is an edited copy of the other. Steps, and the
 edits each serves:
   1. uniform borders (padding, the transparent margin of an icon composited on white by the
-     decoder) are trimmed, twice, and the content box is resampled to GRID x GRID: padding,
-     rescaling, icons drawn at several sizes;
+     decoder) are trimmed, twice (the second pass, after a first trim, reads the border colour a
+     few pixels in, past the band resampling blends with the cut-off padding), and the content box
+     is resampled to GRID x GRID: padding, rescaling, icons drawn at several sizes;
   2. blocks computed on the content, in opponent colours: a zero-mean grey thumbnail (layout),
      cell means of the three channels relative to the image's mean (colour layout), gradient
      orientation histograms over a grid of cells (shapes and edges), a global orientation histogram
@@ -65,6 +66,7 @@ class CopyDescriptor(nn.Module):
         thumb_size: int = 8,
         cells: int = 4,
         texture_weight: float = 0.5,
+        inner_ring_inset: int = 2,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -79,16 +81,33 @@ class CopyDescriptor(nn.Module):
         self.hist_bins = hist_bins
         self.thumb_size = thumb_size
         self.cells = cells
+        self.inner_ring_inset = inner_ring_inset
 
     # -------------------------------------------------------------- step 1: trim and resample
 
-    def content_boxes(self, rgb: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def border_colour(rgb: torch.Tensor, inset: int = 0) -> torch.Tensor:
+        """(B, 3) median colour of the ring of pixels `inset` pixels in from the edge."""
+        a, z = inset, rgb.shape[-1] - 1 - inset
+        ring = [
+            rgb[:, :, a, a : z + 1],
+            rgb[:, :, z, a : z + 1],
+            rgb[:, :, a : z + 1, a],
+            rgb[:, :, a : z + 1, z],
+        ]
+        return torch.cat(ring, dim=2).median(dim=2).values
+
+    def content_boxes(self, rgb: torch.Tensor, inset: int = 0) -> torch.Tensor:
         """(B, 4) boxes (x0, y0, x1, y1) in [-1, 1] of what is left after trimming uniform borders:
-        rows/columns at the edge whose pixels all lie close to the border colour."""
+        rows/columns at the edge whose pixels all lie close to the border colour. The border colour is
+        taken `inset` pixels in, and the outermost `inset` rows and columns are trimmed whatever they
+        hold: after a first trim and resampling, they are a blend of the cut-off border and the content."""
         b, _, h, w = rgb.shape
-        ring = torch.cat([rgb[:, :, 0, :], rgb[:, :, -1, :], rgb[:, :, :, 0], rgb[:, :, :, -1]], dim=2)
-        border = ring.median(dim=2).values.view(b, 3, 1, 1)
+        border = self.border_colour(rgb, inset).view(b, 3, 1, 1)
         far = (rgb - border).abs().amax(dim=1) > self.trim_tolerance  # (B, H, W)
+        if inset:
+            far[:, :inset] = far[:, -inset:] = False
+            far[:, :, :inset] = far[:, :, -inset:] = False
         rows = far.float().mean(dim=2) > 0.01  # (B, H) a row with content
         cols = far.float().mean(dim=1) > 0.01
         idx_h = torch.arange(h, device=rgb.device).float()
@@ -179,7 +198,12 @@ class CopyDescriptor(nn.Module):
         # Twice: a padded copy loses its padding in the first pass and then, like the original, any
         # uniform margin of its own picture in the second.
         first = self.content_boxes(rgb)
-        inner = self.content_boxes(self.resample(rgb, first, rgb.shape[-1]))
+        once = self.resample(rgb, first, rgb.shape[-1])
+        # Only a first trim leaves a blended outer band to look past; an untrimmed image has none.
+        trimmed_once = (first.abs() < 0.999).any(dim=1, keepdim=True)
+        inner = torch.where(
+            trimmed_once, self.content_boxes(once, self.inner_ring_inset), self.content_boxes(once)
+        )
         content = self.resample(rgb, compose_boxes(first, inner), GRID)
         opp = torch.einsum("oc,bchw->bohw", self.opponent, content)
         straight = self.blocks(opp)
