@@ -8,6 +8,10 @@ The training pool and the labelled set come from the demo's class generators. By
 only the patterns tell the classes apart: with each class in its own hues (--colours class) an untrained
 network already scores ~0.98 by colour and the comparison shows nothing.
 
+The trainer runs with the OpenMP wait policy `lvd pretrain` uses (embeddings/cpu_threads.py; set
+OMP_WAIT_POLICY in the environment to compare another). FLOPs per step count every matmul and
+convolution of the teacher forward and the student forward and backward, attention included.
+
 All figures come from this run on this machine; ratios are printed last.
 """
 
@@ -20,18 +24,22 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import webdataset as wds
+from lvd.embeddings.cpu_threads import wait_passively
 
-from lvd.jobs.demo import CLASS_NAMES, COLOURS, build_labelled_folder, generate_image
-from lvd.schemas import layout
-from lvd.training.augment import MultiCrop, MultiCropConfig, augment_batch
-from lvd.training.config import load_config
-from lvd.training.knn_eval import knn_val_scores, load_eval_backbone, paired_test
-from lvd.training.masking import BlockMaskGenerator, sample_masks
-from lvd.training.meta_arch import SSLMetaArch
-from lvd.training.train import pretrain
+OMP_POLICY = wait_passively()  # before torch loads, as `lvd pretrain` does
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+
+from lvd.jobs.demo import CLASS_NAMES, COLOURS, build_labelled_folder, generate_image  # noqa: E402
+from lvd.schemas import layout  # noqa: E402
+from lvd.training.augment import MultiCrop, MultiCropConfig, augment_batch  # noqa: E402
+from lvd.training.config import load_config  # noqa: E402
+from lvd.training.knn_eval import knn_val_scores, load_eval_backbone, paired_test  # noqa: E402
+from lvd.training.masking import BlockMaskGenerator, sample_masks  # noqa: E402
+from lvd.training.meta_arch import SSLMetaArch  # noqa: E402
+from lvd.training.train import pretrain  # noqa: E402
 
 
 def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int, colours: str) -> str:
@@ -62,7 +70,9 @@ def matmul_flops(n: int = 2048, trials: int = 5, dtype: torch.dtype = torch.floa
 
 
 def flops_per_step(cfg, images) -> float:
-    """Matmul/conv FLOPs of one training step (teacher forward + student forward and backward)."""
+    """Matmul/conv FLOPs of one training step (teacher forward + student forward and backward),
+    attention through SDPA's math path so the counter sees its matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     model = SSLMetaArch(cfg).train()
@@ -84,7 +94,7 @@ def flops_per_step(cfg, images) -> float:
         np.random.default_rng(0),
     )
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, sdpa_kernel(SDPBackend.MATH):
         model.forward_backward(crops, masks, 0.04)
     return float(counter.get_total_flops())
 
@@ -142,7 +152,7 @@ def main() -> None:
         overrides.setdefault(section, {}).update(values)
     cfg = load_config("tiny", overrides)
     print(
-        f"torch threads: {torch.get_num_threads()}, config tiny: {cfg.model.arch}, global {cfg.crops.global_crops_size}px, "
+        f"torch threads: {torch.get_num_threads()} (OpenMP wait policy {OMP_POLICY}), config tiny: {cfg.model.arch}, global {cfg.crops.global_crops_size}px, "
         f"{cfg.crops.local_crops_number} x local {cfg.crops.local_crops_size}px, batch {args.batch}, {args.steps} steps"
     )
 
