@@ -47,11 +47,13 @@ def test_sdpa_attention_equals_the_softmax_formula():
     attn = Attention(48, 6)
     x = torch.randn(3, 17, 48)
     torch.testing.assert_close(attn(x), attention_reference(x, attn), atol=1e-5, rtol=1e-5)
-    # Training on CPU takes the explicit-matmul path: same values, and gradients flow.
+    # bf16 training on CPU takes the explicit-matmul path: the same values to bf16 rounding, and
+    # gradients flow.
     xg = x.clone().requires_grad_()
-    out = attn(xg)
-    torch.testing.assert_close(out, attention_reference(x, attn), atol=1e-5, rtol=1e-5)
-    out.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(xg)
+    torch.testing.assert_close(out.float(), attention_reference(x, attn), atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
     assert xg.grad is not None and attn.qkv.weight.grad is not None
 
 
