@@ -1,7 +1,7 @@
 """bf16 vs fp32 embeddings: do the dedup and cluster decisions agree, image by image?
 
 Two pools, each embedded twice by the same models, at `precision: float32` and at the default
-`precision: auto` (bf16 autocast on a CPU with native bf16, except for the copy descriptor), through
+`precision: auto` (bf16 on a CPU with native bf16, except for the copy descriptor), through
 the embed stage's decoding and model loading, on the CPU:
 - demo: the images `lvd demo` generates (`jobs.demo`), with the demo job's retrieval and
   copy-detection model specs, dedup threshold and cluster levels;

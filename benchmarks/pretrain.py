@@ -8,6 +8,10 @@ The training pool and the labelled set come from the demo's class generators. By
 only the patterns tell the classes apart: with each class in its own hues (--colours class) an untrained
 network already scores ~0.98 by colour and the comparison shows nothing.
 
+The trainer runs with the OpenMP wait policy `lvd pretrain` uses (embeddings/cpu_threads.py; set
+OMP_WAIT_POLICY in the environment to compare another). FLOPs per step count every matmul and
+convolution of the teacher forward and the student forward and backward, attention included.
+
 All figures come from this run on this machine; ratios are printed last.
 """
 
@@ -20,18 +24,22 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import webdataset as wds
+from lvd.embeddings.cpu_threads import wait_passively
 
-from lvd.jobs.demo import CLASS_NAMES, COLOURS, build_labelled_folder, generate_image
-from lvd.schemas import layout
-from lvd.training.augment import MultiCrop, MultiCropConfig, augment_batch
-from lvd.training.config import load_config
-from lvd.training.knn_eval import knn_val_scores, load_eval_backbone, paired_test
-from lvd.training.masking import BlockMaskGenerator, sample_masks
-from lvd.training.meta_arch import SSLMetaArch
-from lvd.training.train import pretrain
+OMP_POLICY = wait_passively()  # before torch loads, as `lvd pretrain` does
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+
+from lvd.jobs.demo import CLASS_NAMES, COLOURS, build_labelled_folder, generate_image  # noqa: E402
+from lvd.schemas import layout  # noqa: E402
+from lvd.training.augment import MultiCrop, MultiCropConfig, augment_batch  # noqa: E402
+from lvd.training.config import load_config  # noqa: E402
+from lvd.training.knn_eval import knn_val_scores, load_eval_backbone, paired_test  # noqa: E402
+from lvd.training.masking import BlockMaskGenerator, sample_masks  # noqa: E402
+from lvd.training.meta_arch import SSLMetaArch  # noqa: E402
+from lvd.training.train import pretrain  # noqa: E402
 
 
 def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int, colours: str) -> str:
@@ -49,20 +57,23 @@ def write_pool_shards(out: Path, n_images: int, per_shard: int, seed: int, colou
     return str(out / layout.shard_pattern(n_shards))
 
 
-def matmul_flops(n: int = 2048, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """Best of `trials` timings of an n x n matmul (the best is the least disturbed by other load)."""
+def matmul_flops(n: int = 2048, trials: int = 5, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(FLOP/s of the best of `trials` timings of an n x n matmul, the least disturbed by other load;
+    FLOP per CPU-second over all trials, which load barely moves)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm up
-    best = float("inf")
+    best, cpu0 = float("inf"), time.process_time()
     for _ in range(trials):
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * n**3 / best, 2 * n**3 * trials / (time.process_time() - cpu0)
 
 
 def flops_per_step(cfg, images) -> float:
-    """Matmul/conv FLOPs of one training step (teacher forward + student forward and backward)."""
+    """Matmul/conv FLOPs of one training step (teacher forward + student forward and backward),
+    attention through SDPA's math path so the counter sees its matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     model = SSLMetaArch(cfg).train()
@@ -84,7 +95,7 @@ def flops_per_step(cfg, images) -> float:
         np.random.default_rng(0),
     )
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, sdpa_kernel(SDPBackend.MATH):
         model.forward_backward(crops, masks, 0.04)
     return float(counter.get_total_flops())
 
@@ -142,13 +153,15 @@ def main() -> None:
         overrides.setdefault(section, {}).update(values)
     cfg = load_config("tiny", overrides)
     print(
-        f"torch threads: {torch.get_num_threads()}, config tiny: {cfg.model.arch}, global {cfg.crops.global_crops_size}px, "
+        f"torch threads: {torch.get_num_threads()} (OpenMP wait policy {OMP_POLICY}), config tiny: {cfg.model.arch}, global {cfg.crops.global_crops_size}px, "
         f"{cfg.crops.local_crops_number} x local {cfg.crops.local_crops_size}px, batch {args.batch}, {args.steps} steps"
     )
 
     mm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    peak = matmul_flops(dtype=mm_dtype)
-    print(f"matmul 2048^3 {args.precision}: {peak / 1e9:.1f} GFLOP/s")
+    peak, peak_cpu = matmul_flops(dtype=mm_dtype)
+    print(
+        f"matmul 2048^3 {args.precision}: {peak / 1e9:.1f} GFLOP/s, {peak_cpu / 1e9:.1f} GFLOP per CPU-second"
+    )
     rng = np.random.default_rng(3)
     step_flops = flops_per_step(
         cfg, [generate_image(rng, i % len(CLASS_NAMES), args.colours) for i in range(args.batch)]
@@ -161,15 +174,16 @@ def main() -> None:
     print(f"kNN random init: top-1 {knn_random.top1:.4f} on {len(knn_random.labels)} val images")
 
     stamps: list[float] = []
-    result = pretrain(
-        cfg,
-        shards,
-        args.work / "run",
-        resume=False,
-        on_step=lambda s, row: stamps.append(time.perf_counter()),
-    )
+    cpu_stamps: list[float] = []  # this process's CPU time: trainer and augmentation threads
+
+    def on_step(step: int, row: dict) -> None:
+        stamps.append(time.perf_counter())
+        cpu_stamps.append(time.process_time())
+
+    result = pretrain(cfg, shards, args.work / "run", resume=False, on_step=on_step)
     warm = min(3, len(stamps) - 2)
     ips = (len(stamps) - 1 - warm) * args.batch / (stamps[-1] - stamps[warm])
+    cpu_per_step = (cpu_stamps[-1] - cpu_stamps[warm]) / (len(stamps) - 1 - warm)
     losses = [r["total"] for r in result.losses]
     k = max(1, len(losses) // 10)
     print(f"loss: first {k} steps {np.mean(losses[:k]):.3f} -> last {k} steps {np.mean(losses[-k:]):.3f}")
@@ -181,10 +195,14 @@ def main() -> None:
     print(f"training: {ips:.1f} images/s ({ips / args.batch:.2f} steps/s), {result.bad_samples} bad samples")
     achieved = step_flops * ips / args.batch
     print(f"achieved: {achieved / 1e9:.1f} GFLOP/s")
-    peak = max(
-        peak, matmul_flops(dtype=mm_dtype)
-    )  # again after training: the machine may be busier at either time
-    print(f"matmul peak (best before/after training): {peak / 1e9:.1f} GFLOP/s")
+    # Again after training: the machine may be busier at either time.
+    peak_after, peak_cpu_after = matmul_flops(dtype=mm_dtype)
+    peak, peak_cpu = max(peak, peak_after), max(peak_cpu, peak_cpu_after)
+    print(
+        f"matmul peak (best before/after training): {peak / 1e9:.1f} GFLOP/s, {peak_cpu / 1e9:.1f} per CPU-second"
+    )
+    achieved_cpu = step_flops / cpu_per_step
+    print(f"achieved per CPU-second (augmentation included): {achieved_cpu / 1e9:.1f} GFLOP")
 
     knn_trained = knn_val_scores(load_eval_backbone(result.teacher_export), labelled)
     print(f"kNN trained teacher: top-1 {knn_trained.top1:.4f}")
@@ -195,6 +213,7 @@ def main() -> None:
     print(f"achieved FLOP/s / {args.precision} matmul FLOP/s: {achieved / peak:.3f}")
     print("--- ratios ---")
     print(f"achieved FLOP/s / matmul FLOP/s: {achieved / peak:.3f}")
+    print(f"achieved FLOP per CPU-second / matmul FLOP per CPU-second: {achieved_cpu / peak_cpu:.3f}")
     print(
         f"kNN top-1 trained / random init: {knn_trained.top1:.3f} / {knn_random.top1:.3f} = "
         f"{knn_trained.top1 / max(knn_random.top1, 1e-9):.2f} (McNemar z {z:+.2f}; |z| > 2 is beyond noise)"

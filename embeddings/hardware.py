@@ -25,8 +25,8 @@ def cpu_has_native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
-def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for inference at `precision` on `device`; None means plain float32.
+def inference_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The low-precision dtype for inference at `precision` on `device`; None means plain float32.
 
     auto: bf16 on CUDA and on CPUs with native bf16 (elsewhere bf16 is emulated and slower than fp32).
     """

@@ -11,7 +11,7 @@ from torch import nn
 
 from lvd.embeddings.checkpoints import CheckpointError, load_backbone
 from lvd.embeddings.copy_descriptor import CopyDescriptor
-from lvd.embeddings.hardware import autocast_dtype, default_device
+from lvd.embeddings.hardware import default_device, inference_dtype
 from lvd.embeddings.preprocess import PreprocessConfig, normalize
 from lvd.embeddings.vit import DinoVisionTransformer, build_vit
 from lvd.schemas.job_spec import ModelSpec
@@ -28,8 +28,11 @@ class EmbeddingModel:
     dim: int
     preprocess: PreprocessConfig
     device: torch.device
-    autocast_dtype: torch.dtype | None  # None = full fp32
+    compute_dtype: torch.dtype | None  # None = full fp32
     batch_size: int = 32
+    # The module holds its compute_dtype weights itself (a ViT after `cast_branches`); otherwise a
+    # compute_dtype runs under autocast.
+    cast_once: bool = False
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out: Any = self.module(x)
@@ -43,8 +46,8 @@ class EmbeddingModel:
         """float32 [B, 3, S, S] normalised images -> float32 [B, dim], rows of unit length."""
         x = torch.as_tensor(batch).to(self.device, torch.float32, non_blocking=True)
         with torch.inference_mode():
-            if self.autocast_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            if self.compute_dtype is not None and not self.cast_once:
+                with torch.autocast(self.device.type, dtype=self.compute_dtype):
                     out = self._forward(x)
             else:
                 out = self._forward(x)
@@ -103,16 +106,20 @@ def load_embedding_model(spec: ModelSpec, device: torch.device | str | None = No
         # Its hand-made features (colour statistics, content boxes) lose far more to bf16 rounding
         # than a network's, enough to flip copy decisions; it has no large matmul to speed up.
         precision = "float32"
-    autocast = autocast_dtype(precision, device)
-    patch = module.patch_size if isinstance(module, DinoVisionTransformer) else 1
+    compute_dtype = inference_dtype(precision, device)
+    is_vit = isinstance(module, DinoVisionTransformer)
+    if is_vit and compute_dtype is not None:
+        # Weights cast once rather than at every call as autocast does; norms and residuals stay fp32.
+        module.cast_branches(compute_dtype)
+    patch = module.patch_size if is_vit else 1
     pre = PreprocessConfig(
         resize_size=spec.resize_size,
         image_size=spec.image_size,
         patch_size=patch,
         whole=spec.arch == "copy_descriptor",
     )
-    model = EmbeddingModel(module, 0, pre, device, autocast, spec.batch_size)
-    if isinstance(module, DinoVisionTransformer):
+    model = EmbeddingModel(module, 0, pre, device, compute_dtype, spec.batch_size, cast_once=is_vit)
+    if is_vit:
         model.dim = module.embed_dim
     else:  # TorchScript: the output width is only known by running it
         probe = torch.zeros(1, 3, pre.crop_size, pre.crop_size)

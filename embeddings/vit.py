@@ -191,6 +191,18 @@ class DinoVisionTransformer(nn.Module):
                 out.append(x)
         return [(self.norm(o) if norm else o)[:, 1 + self.num_register_tokens :] for o in out]
 
+    def cast_branches(self, dtype: torch.dtype) -> DinoVisionTransformer:
+        """Inference in `dtype` (bf16) without autocast: every block's attention and MLP weights are
+        cast once, and their inputs at each call, so the matmuls and attention run in `dtype`. The
+        patch embedding, LayerNorms, LayerScale and the residual stream stay float32: the sums of
+        12-40 blocks and the normalisation statistics keep full precision, as under autocast (which
+        recasts the weights at every call). Returns self."""
+        for blk in self.blocks:
+            blk.attn.to(dtype)
+            blk.mlp.to(dtype)
+            blk.branch_dtype = dtype
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         """The normalised CLS token [B, D]."""
         return self.forward_features(x)["x_norm_clstoken"]

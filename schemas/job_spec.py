@@ -104,9 +104,11 @@ class ModelSpec(_Strict):
     # benchmarks/bf16_agreement.py the decisions.
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Inference precision. auto: bf16 autocast on CUDA and on CPUs with native bf16 "
+        description="Inference precision. auto: bf16 on CUDA and on CPUs with native bf16 "
         "(AVX512-BF16, AMX), float32 elsewhere and for copy_descriptor (bf16 rounding moves its "
-        "hand-made features enough to change copy decisions).",
+        "hand-made features enough to change copy decisions). A DINOv2 ViT in bf16 holds its "
+        "attention and MLP weights in bf16 and keeps norms and residuals in float32; other models "
+        "run under bf16 autocast.",
     )
 
     @model_validator(mode="after")

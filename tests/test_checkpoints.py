@@ -277,10 +277,14 @@ def test_auto_precision_is_bf16_where_the_cpu_has_it(tmp_path, vit_tiny_regs):
     auto = load_embedding_model(ModelSpec(**base), "cpu")
     fp32 = load_embedding_model(ModelSpec(**base, precision="float32"), "cpu")
     bf16 = load_embedding_model(ModelSpec(**base, precision="bfloat16"), "cpu")
-    assert auto.autocast_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
-    assert fp32.autocast_dtype is None and bf16.autocast_dtype == torch.bfloat16
+    assert auto.compute_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert fp32.compute_dtype is None and bf16.compute_dtype == torch.bfloat16
+    # bf16: the blocks' matmul weights are cast once; norms stay float32 for their statistics.
+    assert bf16.module.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert bf16.module.blocks[0].norm1.weight.dtype == torch.float32
+    assert fp32.module.blocks[0].mlp.fc1.weight.dtype == torch.float32
     # The copy descriptor's hand-made features stay float32 under auto (bf16 flips copy decisions).
-    assert load_embedding_model(ModelSpec(arch="copy_descriptor"), "cpu").autocast_dtype is None
+    assert load_embedding_model(ModelSpec(arch="copy_descriptor"), "cpu").compute_dtype is None
     x = torch.randn(4, 3, 42, 42)
     v32, v16 = fp32(x), bf16(x)
     assert not np.array_equal(v32, v16)  # bf16 really ran

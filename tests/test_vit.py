@@ -47,6 +47,29 @@ def test_sdpa_attention_equals_the_softmax_formula():
     attn = Attention(48, 6)
     x = torch.randn(3, 17, 48)
     torch.testing.assert_close(attn(x), attention_reference(x, attn), atol=1e-5, rtol=1e-5)
+    # bf16 training on CPU takes the explicit-matmul path: the same values to bf16 rounding, and
+    # gradients flow.
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(xg)
+    torch.testing.assert_close(out.float(), attention_reference(x, attn), atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert xg.grad is not None and attn.qkv.weight.grad is not None
+
+
+def test_bf16_branches_keep_norms_and_residuals_in_float32():
+    torch.manual_seed(0)
+    model = build_vit("vit_tiny_d4", img_size=28, layerscale_init=1.0).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.inference_mode():
+        ref = model(x)
+        model.cast_branches(torch.bfloat16)
+        out = model(x)
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert model.blocks[0].norm1.weight.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
+    assert out.dtype == torch.float32 and not torch.equal(out, ref)
+    cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
+    assert cos.min() > 0.999
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,9 @@ def pretrain(
     gpu: bool = typer.Option(False, "--gpu", help="Ray Train workers get one GPU each."),
 ) -> None:
     """Pretrain DINOv2 on curated shards (one process; torchrun sets up DDP/FSDP; or Ray Train workers)."""
+    from lvd.embeddings.cpu_threads import wait_passively
+
+    wait_passively()  # before torch loads: the augmentation threads share the cores with torch's
     _setup_logging()
     if (shards is None) == (from_job is None):
         raise typer.BadParameter("give exactly one of --shards and --from-job")

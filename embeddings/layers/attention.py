@@ -20,8 +20,14 @@ class Attention(nn.Module):
         b, n, c = x.shape
         # [B, N, 3, H, hd] -> 3 x [B, H, N, hd]
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        # SDPA picks flash / memory-efficient kernels on GPU and a fused math path on CPU.
-        x = F.scaled_dot_product_attention(q, k, v)
+        if x.device.type == "cpu" and x.requires_grad and torch.is_autocast_enabled("cpu"):
+            # bf16 training on CPU: the fused CPU kernel's bf16 backward is several times slower
+            # than autograd through two batched bf16 matmuls at ViT sequence lengths.
+            w = torch.softmax((q * (c // self.num_heads) ** -0.5) @ k.transpose(-2, -1), dim=-1)
+            x = w @ v
+        else:
+            # SDPA picks flash / memory-efficient kernels on GPU and a fused kernel on CPU.
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 

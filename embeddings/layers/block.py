@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lvd.embeddings.layers.attention import Attention
@@ -28,7 +29,14 @@ class Block(nn.Module):
         self.mlp = mlp
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # None: attention and MLP run in the input's dtype. Else their weights are in this dtype and
+        # their inputs are cast to it, while the norms, LayerScale and the residual stream keep the
+        # input's dtype (see DinoVisionTransformer.cast_branches).
+        self.branch_dtype: torch.dtype | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        dtype = self.branch_dtype
+        h = self.norm1(x)
+        x = x + self.drop_path1(self.ls1(self.attn(h if dtype is None else h.to(dtype))))
+        h = self.norm2(x)
+        return x + self.drop_path2(self.ls2(self.mlp(h if dtype is None else h.to(dtype))))
