@@ -26,7 +26,7 @@ app.add_typer(dedup_app, name="dedup")
 _ENGINE_LOGGERS = ("ray", "ray.data", "py4j")
 # faiss logs, at info, each CPU build it tries and fails to load before the one it loads: noise that
 # reads like an error. Shown with -v.
-_NOISY_LOGGERS = ("faiss.loader",)
+_NOISY_LOGGERS = ("faiss.loader", "py4j")  # py4j: a line per gateway connection closed
 _RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 

@@ -88,3 +88,23 @@ def test_spark_jvm_stderr_is_copied_without_its_start_up_warning(capfd):
             assert err == (jvm_says.decode() if debug else "worker line 7\nlast, unended")
     finally:
         lvd_log.setLevel(level)
+
+
+def test_py4j_connection_lines_show_only_with_verbose():
+    """py4j logs a line at INFO for every gateway connection it closes; lvd's log at INFO (the
+    default) leaves them out, -v shows them."""
+    import logging
+
+    from lvd.jobs.cli import _setup_logging
+
+    py4j = logging.getLogger("py4j.clientserver")
+    levels = {name: logging.getLogger(name).level for name in ("", "lvd", "py4j", "faiss.loader")}
+    try:
+        for verbose in (False, True):
+            logging.getLogger("py4j").setLevel(logging.NOTSET)  # as in a new process
+            _setup_logging(verbose=verbose)
+            assert logging.getLogger("lvd").isEnabledFor(logging.INFO)
+            assert py4j.isEnabledFor(logging.INFO) == verbose
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
