@@ -447,7 +447,7 @@ def _write_vector_parts(folder: Path, x: np.ndarray, ids: np.ndarray, parts: int
 
 
 def _leaf_pick_rows(label_part: Path):
-    from lvd.curation.vector_parts import read_labels
+    from lvd.curation.cluster_labels import read_labels
 
     ids, leaf, _ = read_labels(label_part)
     return leaf, leaf_pick_keys(ids, 0), ids
@@ -455,9 +455,9 @@ def _leaf_pick_rows(label_part: Path):
 
 def bench_parts(x, args) -> dict:
     """Hierarchical k-means and the balanced sample over parts against the whole-table functions."""
+    from lvd.curation.cluster_labels import read_labels
     from lvd.curation.kmeans import level_labels
     from lvd.curation.stage_io import load_vectors
-    from lvd.curation.vector_parts import read_labels
     from lvd.jobs.kmeans_parts import hierarchical_kmeans_over_parts, kept_pool_parts
     from lvd.jobs.selection import select_smallest
     from lvd.jobs.workers import LocalFanout, RayFanout
@@ -487,7 +487,7 @@ def bench_parts(x, args) -> dict:
         whole_s = time.perf_counter() - t0
         del ref_x
         t0 = time.perf_counter()
-        parts, counts = kept_pool_parts(paths, "retrieval", None, fanout=fanout)
+        parts, counts = kept_pool_parts(paths, None, fanout=fanout)
         hier = hierarchical_kmeans_over_parts(
             parts,
             levels,

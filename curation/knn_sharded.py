@@ -41,13 +41,13 @@ QUERIES_KEY = b"lvd.queries"
 class VectorPart:
     """The vectors of one embed part, optionally only those of some of its images.
 
-    `rows`: a parquet file with an image_id column (an ingest part, a dedup part, a scratch list);
-    only its image_ids are used, after filtering it by `where` (e.g. `pc.field("keep")`, or a
-    dataset and status). None: every image of the part that has a vector.
+    `rows`: parquet files with an image_id column (an ingest part, a dedup part or several, a
+    scratch list); only their image_ids are used, after filtering them by `where` (e.g.
+    `pc.field("keep")`, or a dataset and status). None: every image of the part that has a vector.
     """
 
     vectors: Path
-    rows: Path | None = None
+    rows: Path | tuple[Path, ...] | None = None
     where: pc.Expression | None = None
 
 
@@ -59,16 +59,27 @@ def in_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     return sorted_ids[pos] == values
 
 
+def _with_vector(part: VectorPart) -> pc.Expression:
+    """The filter of the part's images that have a vector and are in its `rows`."""
+    flt = ds.field("vector").is_valid()
+    if part.rows is None:
+        return flt
+    rows = [str(p) for p in part.rows] if isinstance(part.rows, tuple) else str(part.rows)
+    wanted = ds.dataset(rows, format="parquet").to_table(columns=["image_id"], filter=part.where)
+    return flt & ds.field("image_id").isin(wanted["image_id"].combine_chunks())
+
+
+def count_vector_part(part: VectorPart) -> int:
+    """The number of the part's images that have a vector and are in its `rows`."""
+    return ds.dataset(part.vectors, format="parquet").count_rows(filter=_with_vector(part))
+
+
 def read_vector_part(part: VectorPart, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image_ids sorted, L2-normalised float32 vectors) of a part: images with a vector, limited to
     the part's `rows`, without the images in `exclude` (sorted image_ids)."""
-    flt = ds.field("vector").is_valid()
-    if part.rows is not None:
-        wanted = ds.dataset(part.rows, format="parquet").to_table(columns=["image_id"], filter=part.where)
-        flt = flt & ds.field("image_id").isin(wanted["image_id"].combine_chunks())
     data = ds.dataset(part.vectors, format="parquet")
     dim = data.schema.field("vector").type.list_size
-    table = data.to_table(columns=["image_id", "vector"], filter=flt).sort_by("image_id")
+    table = data.to_table(columns=["image_id", "vector"], filter=_with_vector(part)).sort_by("image_id")
     ids = table["image_id"].to_numpy()
     if exclude is not None and exclude.size:
         keep = ~in_sorted(ids, exclude)

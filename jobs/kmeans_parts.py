@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lvd.curation.cluster_labels import read_labels, write_labels
 from lvd.curation.kmeans import (
     AssignDtype,
     ClusterStats,
@@ -52,20 +53,11 @@ from lvd.curation.kmeans import (
     resolve_assign_dtype,
     update_from_sums,
 )
+from lvd.curation.knn_sharded import VectorPart, count_vector_part, read_vector_part
 from lvd.curation.selection import Cutoffs
-from lvd.curation.vector_parts import (
-    VectorPart,
-    check_kept_alignment,
-    count_part_vectors,
-    plan_vector_parts,
-    read_labels,
-    read_part_vectors,
-    unaligned,
-    write_labels,
-)
 from lvd.jobs.selection import select_smallest
 from lvd.jobs.workers import Fanout, RayFanout
-from lvd.schemas.layout import part_path
+from lvd.schemas.layout import part_index, part_path
 
 log = logging.getLogger("lvd")
 
@@ -108,18 +100,29 @@ class PartsHierarchy:
 # ---------------------------------------------------------------- tasks (one part, or a few)
 
 
+def _lines_up(part: VectorPart) -> bool:
+    """For a part that reads one dedup part (the one of its own number): True when that dedup part
+    holds only images of this embed part, so the dedup rows of its images can be nowhere else when
+    that holds for every part. Parts that read every dedup part need no check."""
+    if not isinstance(part.rows, Path):
+        return True
+    embedded = pq.read_table(part.vectors, columns=["image_id"])["image_id"].to_numpy()
+    deduped = pq.read_table(part.rows, columns=["image_id"])["image_id"].to_numpy()
+    return bool(np.isin(deduped, embedded).all())
+
+
 def _count_task(part: VectorPart) -> tuple[int, bool]:
-    return count_part_vectors(part), check_kept_alignment(part)
+    return count_vector_part(part), _lines_up(part)
 
 
 def _subset(part: VectorPart, label_path: Path, cutoffs: Cutoffs | None):
     """The part's points (ids, vectors), restricted to those at or under their cluster's cutoff."""
-    ids, x = read_part_vectors(part)
+    ids, x = read_vector_part(part)
     if cutoffs is None:
         return ids, x
     label_ids, labels, dist = read_labels(label_path)
     if not np.array_equal(label_ids, ids):
-        raise RuntimeError(f"label part {label_path} does not match vector part {part.path}")
+        raise RuntimeError(f"label part {label_path} does not match vector part {part.vectors}")
     keep = cutoffs.members(labels, dist, ids)
     return ids[keep], x[keep]
 
@@ -142,7 +145,7 @@ def _assign_task(
     item: tuple[VectorPart, Path], *, centroids: np.ndarray, spherical: bool, assign_dtype: AssignDtype
 ) -> ClusterStats:
     part, label_path = item
-    ids, x = read_part_vectors(part)
+    ids, x = read_vector_part(part)
     k = centroids.shape[0]
     if ids.size == 0:
         labels, dist = np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -263,19 +266,29 @@ def _assign_all(fanout, items, centroids, *, spherical, assign_dtype, name) -> C
 
 
 def kept_pool_parts(
-    embed_parts: list[Path], model: str, dedup_parts: list[Path] | None, *, fanout: Fanout | None = None
+    embed_parts: list[Path], dedup_parts: list[Path] | None, *, fanout: Fanout | None = None
 ) -> tuple[list[VectorPart], list[int]]:
-    """The vector parts of the kept pool (`vector_parts.plan_vector_parts`) and each one's number of
-    kept points with a vector, counted by the workers. When a dedup part turns out not to line up
-    with the embed part of its number, every worker reads every dedup part instead."""
+    """The vector parts of the kept pool and each one's number of kept points with a vector, counted
+    by the workers. Embed and dedup write one part per ingest part, so each embed part's kept images
+    are listed in the dedup part of its number. When the numbers differ, or a dedup part turns out
+    not to line up with the embed part of its number, every worker reads every dedup part instead:
+    correct, but that grows with the number of parts. Embed parts are per model, so `embed_parts`
+    (one model's) says which vectors these are."""
     fanout = fanout or RayFanout()
-    parts = plan_vector_parts(embed_parts, model, dedup_parts)
-    results = fanout.map(_count_task, parts, name="count points")
-    if not all(ok for _, ok in results):
-        log.warning("dedup parts do not line up with the embed parts; each worker reads all of them")
-        parts = unaligned(parts, dedup_parts)
+    if dedup_parts is None:
+        parts = [VectorPart(p) for p in embed_parts]
+        return parts, fanout.map(count_vector_part, parts, name="count points")
+    keep = pc.field("keep")
+    by_index = {part_index(p): p for p in dedup_parts}
+    if set(by_index) == {part_index(p) for p in embed_parts}:
+        parts = [VectorPart(p, rows=by_index[part_index(p)], where=keep) for p in embed_parts]
         results = fanout.map(_count_task, parts, name="count points")
-    return parts, [c for c, _ in results]
+        if all(ok for _, ok in results):
+            return parts, [c for c, _ in results]
+        log.warning("dedup parts do not line up with the embed parts; each worker reads all of them")
+    every = tuple(dedup_parts)
+    parts = [VectorPart(p, rows=every, where=keep) for p in embed_parts]
+    return parts, fanout.map(count_vector_part, parts, name="count points")
 
 
 def fit_options(clustering) -> dict:
@@ -320,7 +333,7 @@ def kmeans_over_parts(
     if assign_dtype == "auto" and fanout.gpu_task_options():
         assign_dtype = "float32"
     assign_dtype = resolve_assign_dtype(assign_dtype)
-    items = [(p, part_path(label_dir, p.index)) for p in parts]
+    items = [(p, part_path(label_dir, part_index(p.vectors))) for p in parts]
     mppc = max_points_per_centroid
     sample = _gather_sample(
         fanout,
@@ -486,7 +499,7 @@ def assign_to_hierarchy(
     if assign_dtype == "auto" and fanout.gpu_task_options():
         assign_dtype = "float32"
     assign_dtype = resolve_assign_dtype(assign_dtype)
-    items = [(p, part_path(label_dir, p.index)) for p in parts]
+    items = [(p, part_path(label_dir, part_index(p.vectors))) for p in parts]
     stats = _assign_all(
         fanout,
         items,

@@ -1,4 +1,5 @@
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -6,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lvd.curation import selection
+from lvd.curation.cluster_labels import read_labels
 from lvd.curation.kmeans import (
     hierarchical_kmeans,
     kmeans,
@@ -15,8 +17,8 @@ from lvd.curation.kmeans import (
     mean_by_label,
 )
 from lvd.curation.knn import normalize
+from lvd.curation.knn_sharded import read_vector_part
 from lvd.curation.stage_io import load_vectors
-from lvd.curation.vector_parts import read_labels, read_part_vectors
 from lvd.jobs.kmeans_parts import hierarchical_kmeans_over_parts, kept_pool_parts, kmeans_over_parts
 from lvd.jobs.workers import LocalFanout
 from lvd.schemas import layout
@@ -285,7 +287,7 @@ def test_kmeans_over_parts_equals_kmeans(
         lloyd_passes=passes,
     )
     fanout = LocalFanout()
-    parts, counts = kept_pool_parts(paths, "retrieval", None, fanout=fanout)
+    parts, counts = kept_pool_parts(paths, None, fanout=fanout)
     got = kmeans_over_parts(
         parts,
         10,
@@ -321,7 +323,7 @@ def test_hierarchical_over_parts_equals_hierarchical(tmp_path):
         ref_x, levels, seed=5, assign_dtype="bfloat16", ids=ref_ids, max_points_per_centroid=40
     )
     fanout = LocalFanout()
-    parts, counts = kept_pool_parts(paths, "retrieval", None, fanout=fanout)
+    parts, counts = kept_pool_parts(paths, None, fanout=fanout)
     got = hierarchical_kmeans_over_parts(
         parts,
         levels,
@@ -359,11 +361,11 @@ def test_kept_pool_from_aligned_and_unaligned_dedup_parts(tmp_path, caplog):
     for name, dedup in cases.items():
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="lvd"):
-            parts, counts = kept_pool_parts(paths, "retrieval", dedup, fanout=fanout)
-        got = np.sort(np.concatenate([read_part_vectors(p)[0] for p in parts]))
+            parts, counts = kept_pool_parts(paths, dedup, fanout=fanout)
+        got = np.sort(np.concatenate([read_vector_part(p)[0] for p in parts]))
         assert np.array_equal(got, want) and sum(counts) == want.size, name
         assert ("do not line up" in caplog.text) == (name == "shuffled"), name
-        assert all(p.by_number for p in parts) == (name == "aligned"), name
+        assert all(isinstance(p.rows, Path) for p in parts) == (name == "aligned"), name
 
 
 def _write_one_dedup(folder, embed_paths, kept):
@@ -389,7 +391,7 @@ def test_kmeans_over_parts_on_ray_equals_in_process(ray_local, tmp_path):
     paths = _write_embed_parts(tmp_path / "embed", ids, x, 3, rng)
     results = []
     for name, fanout in (("local", LocalFanout()), ("ray", None)):
-        parts, counts = kept_pool_parts(paths, "retrieval", None, fanout=fanout)
+        parts, counts = kept_pool_parts(paths, None, fanout=fanout)
         res = kmeans_over_parts(
             parts,
             8,

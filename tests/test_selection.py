@@ -5,11 +5,11 @@ import pyarrow as pa
 import pytest
 
 from lvd.curation import selection
+from lvd.curation.cluster_labels import write_labels
 from lvd.curation.kmeans import kmeans_assign
 from lvd.curation.knn import normalize
 from lvd.curation.retrieval import retrieve_by_cluster
 from lvd.curation.selection import Selection, boundary_rows, group_histogram, smallest_per_group
-from lvd.curation.vector_parts import write_labels
 from lvd.jobs.kmeans_parts import cluster_ranges, clusters_rows, label_rows
 from lvd.jobs.selection import select_smallest
 from lvd.jobs.workers import LocalFanout

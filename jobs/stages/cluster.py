@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
+from lvd.curation.cluster_labels import read_labels
 from lvd.curation.kmeans import level_labels
-from lvd.curation.vector_parts import read_labels
 from lvd.jobs.kmeans_parts import (
     assign_to_hierarchy,
     fit_options,
@@ -68,9 +68,7 @@ def run(ctx: StageContext) -> ClusterSummary:
     cfg = ctx.spec.clustering
     requested = [lv.k for lv in cfg.levels]
     ctx.ray()
-    parts, counts = kept_pool_parts(
-        ctx.parts(layout.EMBEDDINGS, RETRIEVAL), RETRIEVAL, ctx.parts(layout.DEDUP)
-    )
+    parts, counts = kept_pool_parts(ctx.parts(layout.EMBEDDINGS, RETRIEVAL), ctx.parts(layout.DEDUP))
     parts = [p for p, c in zip(parts, counts, strict=True) if c]
     out_dir = ctx.output_dir(layout.CLUSTERS)
     written: list[Path] = []

@@ -178,7 +178,7 @@ class _Pool:
                 self._clusterings[None] = (ctx.parts(layout.CLUSTERS), clusters_rows, centroids)
             else:
                 parts, counts = kept_pool_parts(
-                    ctx.parts(layout.EMBEDDINGS, RETRIEVAL), RETRIEVAL, ctx.parts(layout.DEDUP)
+                    ctx.parts(layout.EMBEDDINGS, RETRIEVAL), ctx.parts(layout.DEDUP)
                 )
                 parts = [p for p, c in zip(parts, counts, strict=True) if c]
                 n = int(sum(counts))
