@@ -555,8 +555,8 @@ FLIPS_AGAINST = b"lvd.against"
 
 
 def parts_fingerprint(digests: Iterable[str]) -> str:
-    """One digest of a run's images parts (their content digests, in any order)."""
-    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:16]
+    """One digest of a set of images parts (their content digests, in any order)."""
+    return hashlib.sha256("\n".join(sorted(set(digests))).encode()).hexdigest()[:16]
 
 
 def split_seen(

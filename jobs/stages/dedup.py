@@ -355,7 +355,8 @@ def dedup_parts(
     if earlier is not None:
         flips = pa.table({"image_id": _concat([w[2] for w in written]),
                           "keep": np.concatenate([np.zeros(0, bool), *(w[3] for w in written)])})  # fmt: skip
-        against = {FLIPS_AGAINST: parts_fingerprint(earlier.part_of)}
+        # The digests of the earlier parts compared: a later retrieve checks they are all of them.
+        against = {FLIPS_AGAINST: parts_fingerprint(digests[i] for i in old_part)}
         write_parquet_atomic(flips, out_dir / layout.DEDUP_KEEP_FLIPS, KEEP_FLIPS.with_metadata(against))
     for stale in layout.list_parts(out_dir):
         if layout.part_index(stale) not in rows_file:
