@@ -9,8 +9,9 @@ loses its kept image too, as "eval-overlap" (so the whole component is gone).
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -488,8 +489,13 @@ def component_decisions(
     return Decisions(nodes, nodes[labels], keep, reason, duplicate_of)
 
 
-def write_dedup_part(item: tuple[int, Path], *, decisions: Decisions, out_dir: Path) -> tuple[int, int]:
-    """One DEDUP part: the rows file's images (part `index`) with their decisions. Returns (rows, kept)."""
+def write_dedup_part(
+    item: tuple[int, Path], *, decisions: Decisions, out_dir: Path, earlier: dict[int, Path] | None = None
+) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """One DEDUP part: the rows file's images (part `index`) with their decisions. `earlier`: the
+    earlier run's DEDUP part of each part index whose images are unchanged. Returns (rows, kept, the
+    image_ids whose keep differs from the earlier part's, their keep now); the flips are bounded
+    by the duplicates, as the decisions are."""
     index, rows_file = item
     ids = pq.read_table(rows_file, columns=["image_id"])["image_id"].to_numpy()
     component_id, keep = ids.copy(), np.ones(ids.size, dtype=bool)
@@ -510,7 +516,17 @@ def write_dedup_part(item: tuple[int, Path], *, decisions: Decisions, out_dir: P
         }
     )
     write_parquet_atomic(table, layout.part_path(out_dir, index), DEDUP)
-    return int(ids.size), int(keep.sum())
+    flipped = np.zeros(0, np.int64)
+    if earlier is not None and index in earlier:
+        old = pq.read_table(earlier[index], columns=["image_id", "keep"])
+        old_ids = old["image_id"].to_numpy()
+        at = np.searchsorted(old_ids, ids)  # both in image_id order
+        found = at < old_ids.size
+        found[found] = old_ids[at[found]] == ids[found]
+        was = np.zeros(ids.size, dtype=bool)
+        was[found] = old["keep"].to_numpy(zero_copy_only=False)[at[found]]
+        flipped = ids[found & (was != keep)]
+    return int(ids.size), int(keep.sum()), flipped, keep[np.isin(ids, flipped)]
 
 
 # ---------------------------------------------------------------- incremental (a source added)
@@ -529,6 +545,18 @@ def write_dedup_part(item: tuple[int, Path], *, decisions: Decisions, out_dir: P
 
 SEEN, FRESH = "seen", "fresh"
 IDS = pa.schema([pa.field("image_id", pa.int64(), nullable=False)])
+# The earlier run's images whose keep flipped in a run on a grown pool (what retrieve's incremental
+# path needs: the images no longer in the kept pool, and those newly in it), and in the file's
+# metadata the `parts_fingerprint` of the earlier run's parts they are relative to.
+KEEP_FLIPS = pa.schema(
+    [pa.field("image_id", pa.int64(), nullable=False), pa.field("keep", pa.bool_(), nullable=False)]
+)
+FLIPS_AGAINST = b"lvd.against"
+
+
+def parts_fingerprint(digests: Iterable[str]) -> str:
+    """One digest of a set of images parts (their content digests, in any order)."""
+    return hashlib.sha256("\n".join(sorted(set(digests))).encode()).hexdigest()[:16]
 
 
 def split_seen(

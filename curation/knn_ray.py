@@ -37,6 +37,10 @@ log = logging.getLogger("lvd")
 
 KEYED_SEED = 0  # seed of the keyed training and recall samples
 RECALL_SAMPLE = 1000  # queries of the IVF recall check
+# Database vectors (by the parts' row counts) up to which a CPU cluster's search, with the shard
+# count left to lvd, runs in one task that holds the whole flat index: starting shard actors (a new
+# process each, FAISS and lvd imported) costs more than such a search.
+ONE_TASK_ROWS = 1 << 16
 
 
 @dataclass
@@ -46,7 +50,7 @@ class SearchResult:
     queries: int  # query vectors searched (with those of parts an earlier run wrote)
     rows: int  # result rows written
     database: int  # database vectors
-    shards: int  # shard actors (0: every part was written by an earlier run)
+    shards: int  # database shards (one task or shard actors; 0: every part was written by an earlier run)
     exact: bool  # flat index (else `index`)
     index: str  # the factory string that ran ("Flat" when exact)
     device: str  # where the shards searched: "gpu" or "cpu"
@@ -195,6 +199,39 @@ def _search_query_part(
     )
 
 
+def _one_task_search(
+    items: list[tuple[int, VectorPart]],
+    *,
+    database_parts: Sequence[VectorPart],
+    k: int,
+    chunk_size: int,
+    write: PartWriter,
+    exclude_ids: np.ndarray | None,
+) -> tuple[int, list[tuple[int, int]]]:
+    """A small search in one task: the whole database in one flat shard, every query part searched
+    and written as its own task would. Returns (database vectors, (queries, rows) per query part)."""
+    shard = Shard(database_parts, exclude_ids)
+    n, _ = shard.shape()
+    shard.build(None, 1)
+    counts = [
+        search_vector_part(i, part, lambda xq: shard.search(xq, k), write, chunk_size, exclude_ids)
+        for i, part in items
+    ]
+    return n, counts
+
+
+def _fits_one_task(database_parts: Sequence[VectorPart], search: SearchSpec) -> bool:
+    """Whether `search_parts` runs in one task: a CPU cluster, shard count left to lvd, and a
+    database (read from the parts' footers) small enough for a flat index."""
+    import pyarrow.parquet as pq
+    import ray
+
+    if search.search_actors or ray.cluster_resources().get("GPU", 0):
+        return False
+    rows = sum(pq.read_metadata(p.vectors).num_rows for p in database_parts)
+    return rows <= ONE_TASK_ROWS and rows < search.exact_below
+
+
 def search_parts(
     query_parts: Sequence[VectorPart],
     database_parts: Sequence[VectorPart],
@@ -235,6 +272,29 @@ def search_parts(
         return SearchResult(0, 0, 0, 0, True, "Flat", "cpu", None, 0)
     state_file = write.folder / layout.SEARCH_STATE
     resumed = sum(1 for i, _ in items if write.output(i).exists())
+    if resumed < len(items) and _fits_one_task(database_parts, search):
+        n, counts = ray.get(
+            ray.remote(_one_task_search).remote(
+                items,
+                database_parts=database_parts,
+                k=k,
+                chunk_size=search.chunk_size,
+                write=write,
+                exclude_ids=exclude_ids,
+            )
+        )
+        log.info("%s: %d database vectors, searched in one task", name, n)
+        return SearchResult(
+            queries=sum(c[0] for c in counts),
+            rows=sum(c[1] for c in counts),
+            database=n,
+            shards=1,
+            exact=True,
+            index="Flat",
+            device="cpu",
+            recall=None,
+            resumed_parts=resumed,
+        )
     actors: list = []
     task_cpus = 1.0
     try:

@@ -153,3 +153,46 @@ def count_collisions(retrieved: pa.Table) -> int:
     pairs = np.unique(np.stack([ids, seed[mask].astype(np.int64)], axis=1), axis=0)
     _, per_image = np.unique(pairs[:, 0], return_counts=True)
     return int((per_image > 1).sum())
+
+
+# ---------------------------------------------------------------- incremental (a source added)
+#
+# A sample-based seed set's lists on a grown pool, from the earlier run's lists. The pool now is the
+# earlier kept pool less the images dedup no longer keeps (`dropped`), plus the images it newly keeps
+# (new images, and earlier ones whose keep flipped). A seed's top k of the union is the top k of its
+# earlier list less the dropped images merged with its top k among the newly kept, whenever the earlier
+# list lost none of its images or held fewer than k (then it held the whole earlier pool). Any other
+# seed (`stale_seeds`) is searched again against the whole pool.
+
+
+def stale_seeds(earlier: pa.Table, dropped: np.ndarray, k: int) -> np.ndarray:
+    """The sorted seed ids of `earlier` (RETRIEVED rows of one seed set) whose list held k images and
+    lost one to `dropped` (sorted ids of images no longer in the pool): its next image is unknown."""
+    seeds = earlier["seed_id"].to_numpy()
+    lost = np.isin(earlier["image_id"].to_numpy(), dropped)
+    values, counts = np.unique(seeds, return_counts=True)
+    full = values[counts >= k]
+    return np.intersect1d(np.unique(seeds[lost]), full)
+
+
+def merge_seed_lists(
+    earlier: pa.Table, newly: pa.Table, dropped: np.ndarray, k: int, seed_set: str
+) -> pa.Table:
+    """RETRIEVED rows of a sample-based seed set on the grown pool: each seed's top k by (score
+    descending, image_id ascending) among its `earlier` rows less the `dropped` images and its rows
+    of `newly` (its top k among the newly kept images, RETRIEVED rows). For seeds not in
+    `stale_seeds` (the caller searches those again); ranks are renumbered, rows in seed order."""
+    earlier = earlier.filter(pa.array(~np.isin(earlier["image_id"].to_numpy(), dropped)))
+    both = pa.concat_tables([earlier.select(RETRIEVED.names), newly.select(RETRIEVED.names).cast(RETRIEVED)])
+    seed = both["seed_id"].to_numpy()
+    image = both["image_id"].to_numpy()
+    score = both["score"].to_numpy().astype(np.float64)
+    order = np.lexsort((image, -score, seed))
+    seed, image = seed[order], image[order]
+    start = np.searchsorted(seed, seed, side="left")
+    rank = np.arange(seed.size) - start
+    take = rank < k
+    return _rows(
+        image[take], seed_set, "sample", seed[take], rank[take].astype(np.int32),
+        both["score"].to_numpy()[order][take],
+    )  # fmt: skip

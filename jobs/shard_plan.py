@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ import pyarrow as pa
 from lvd.jobs.shard_writer import (
     JSON_FIXED_BYTES,
     PLAN,
+    SAME_COLUMNS,
     TAR_BLOCK,
     ShardPlanError,
     image_order_key,
@@ -58,9 +59,6 @@ SMALL_PLAN_ROWS = 1 << 16
 SAMPLE_COLUMNS = [n for n in PLAN.names if n not in ("shard", "position", "key")]
 # Columns of the images table a sample takes (where its bytes are and what its sidecar names).
 IMAGE_COLUMNS = ["dataset", "uri", "kind", "path", "member", "offset", "size", "sha256", "format"]
-# What a sample's tar member and sidecar are made of besides its image id and repeat: a kept shard's
-# samples must all be unchanged in these.
-SAME_COLUMNS = ["uri", "sha256", "format", "sources", "cluster_ids"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +71,7 @@ class ShardPlan:
     shards_per_file: int
     sort_partitions: int = 1
     first: int = 0  # the number of the first shard (after the kept shards of an earlier version)
+    kept: dict[int, int] = field(default_factory=dict)  # earlier shards kept as they are: number -> samples
 
     @property
     def shards(self) -> range:
@@ -103,6 +102,19 @@ class KeptShards:
     tables: tuple[str, ...]  # the kept shards' parquet files (SHARD_SAMPLES)
     samples: int
     first: int
+
+
+@dataclass(frozen=True)
+class EarlierShards:
+    """Every shard of an earlier version (its parquet files, SHARD_SAMPLES) and the number new shards
+    start from (after every shard of every earlier version)."""
+
+    tables: tuple[str, ...]
+    first: int
+
+
+def _table_number(path: str | Path) -> int | None:
+    return layout.shard_number(Path(path).name)
 
 
 def _earlier_samples(spark, tables: list[Path] | tuple[str, ...]):
@@ -289,11 +301,14 @@ def plan_shards_spark(
     max_shard_bytes: int | None = None,
     seed: int = 0,
     keep: KeptShards | None = None,
+    earlier: EarlierShards | None = None,
 ) -> ShardPlan:
     """Plan the shards on executors into `folder` (scratch on storage every executor sees).
 
     Same plan as `plan_shards` on the same tables, row for row. With `keep`, the samples of the kept
-    shards are left out and the rest are dealt into shards numbered from `keep.first`.
+    shards are left out and the rest are dealt into shards numbered from `keep.first`. With
+    `earlier` (an earlier version's shards), the kept shards are those whose samples are all
+    unchanged (`unchanged_shards`), found first; the plan's `kept` names them.
     """
     from pyspark.sql import functions as F
 
@@ -301,6 +316,8 @@ def plan_shards_spark(
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     if keep is None:
+        # A small output: the unchanged shards and the plan in one executor task, where the steps
+        # below (and the unchanged shards' join) would each cost a Spark job.
         small = plan_in_one_task(
             spark,
             curated_parts,
@@ -310,9 +327,19 @@ def plan_shards_spark(
             samples_per_shard,
             max_shard_bytes,
             seed,
+            earlier=earlier,
         )
         if small is not None:
             return small
+        if earlier is not None:
+            kept = unchanged_shards(spark, list(earlier.tables), curated_parts, images_parts, clusters_parts)
+            tables = tuple(t for t in earlier.tables if _table_number(t) in kept)
+            keep = KeptShards(tables, sum(kept.values()), earlier.first)
+            plan = plan_shards_spark(
+                spark, curated_parts, images_parts, clusters_parts, folder, samples_per_shard,
+                max_shard_bytes, seed, keep=keep,
+            )  # fmt: skip
+            return replace(plan, kept=kept)
     curated = _read(spark, curated_parts, CURATED, CURATED.names)
     images = _read(spark, images_parts, IMAGES, ["image_id", "status", *IMAGE_COLUMNS])
     clusters = _read(spark, clusters_parts, CLUSTERS, ["image_id", "cluster_ids"])
@@ -394,24 +421,30 @@ def plan_in_one_task(
     max_shard_bytes: int | None,
     seed: int,
     max_rows: int | None = None,
+    earlier: EarlierShards | None = None,
 ) -> ShardPlan | None:
     """`plan_shards_spark`'s plan made by one executor task with `plan_shards`, when the curated
     table has at most `max_rows` rows (default SMALL_PLAN_ROWS); None, having read only the curated
-    parts' footers, when it has more."""
+    parts' footers, when it has more. With `earlier`, the same task finds the unchanged shards
+    (`unchanged_samples_per_shard`) and plans the other samples into shards from `earlier.first`."""
     limit = SMALL_PLAN_ROWS if max_rows is None else max_rows
     file_rows = PLAN_FILE_ROWS  # read here: the task's process has its own module
     args = ([str(p) for p in curated_parts], [str(p) for p in images_parts], [str(p) for p in clusters_parts])
+    before = (list(earlier.tables), earlier.first) if earlier is not None else None
     task = spark.sparkContext.parallelize([args], 1).map(
-        lambda a: _plan_small(*a, str(folder), samples_per_shard, max_shard_bytes, seed, limit, file_rows)
+        lambda a: _plan_small(
+            *a, str(folder), samples_per_shard, max_shard_bytes, seed, limit, file_rows, before
+        )
     )
     result = task.collect()[0]
     if result is None:
         return None
     if isinstance(result, str):  # a ShardPlanError in the task, raised here as in the Spark steps
         raise ShardPlanError(result)
-    n_shards, n_samples, per_file = result
+    n_shards, n_samples, per_file, kept = result
+    first = earlier.first if earlier is not None else 0
     log.info("shards: planned %d samples into %d shards in one task", n_samples, n_shards)
-    return ShardPlan(str(folder), n_shards, n_samples, per_file)
+    return ShardPlan(str(folder), n_shards, n_samples, per_file, first=first, kept=kept)
 
 
 def _plan_small(
@@ -424,11 +457,13 @@ def _plan_small(
     seed: int,
     max_rows: int,
     file_rows: int,
-) -> tuple[int, int, int] | str | None:
-    """The executor's side of `plan_in_one_task`: (shards, samples, shards per file), the message
-    of a ShardPlanError, or None when the curated table has over `max_rows` rows."""
+    earlier: tuple[list[str], int] | None = None,
+) -> tuple[int, int, int, dict[int, int]] | str | None:
+    """The executor's side of `plan_in_one_task`: (shards, samples, shards per file, kept earlier
+    shards), the message of a ShardPlanError, or None when the curated table has over `max_rows` rows."""
     import pyarrow.parquet as pq
 
+    from lvd.jobs.shard_writer import expand_samples, key_repeat, unchanged_samples_per_shard
     from lvd.schemas.tables import read_parts
 
     if sum(pq.read_metadata(p).num_rows for p in curated_parts) > max_rows:
@@ -438,13 +473,24 @@ def _plan_small(
         read_parts(images_parts, IMAGES, ["image_id", "status", *IMAGE_COLUMNS]),
         read_parts(clusters_parts, CLUSTERS, ["image_id", "cluster_ids"]),
     )
+    kept, first, exclude = {}, 0, None
     try:
-        plan = plan_shards(*tables, samples_per_shard, max_shard_bytes, seed)
+        if earlier is not None:
+            paths, first = earlier
+            before = read_parts(paths, SHARD_SAMPLES)
+            kept = unchanged_samples_per_shard(before, expand_samples(*tables))
+            numbers = np.array([layout.shard_number(n) for n in before["shard"].to_pylist()], np.int64)
+            in_kept = pa.array(np.isin(numbers, np.array(sorted(kept), np.int64)))
+            kept_samples = before.filter(in_kept)
+            exclude = pa.table(
+                {"image_id": kept_samples["image_id"], "repeat": key_repeat(kept_samples["key"])}
+            )
+        plan = plan_shards(*tables, samples_per_shard, max_shard_bytes, seed, exclude=exclude, first=first)
     except ShardPlanError as err:
         return str(err)
     if plan.num_rows == 0:
-        return 0, 0, 1
-    shard = plan["shard"].to_numpy()
+        return 0, 0, 1, kept
+    shard = plan["shard"].to_numpy() - first
     n_shards, n_samples = int(shard[-1]) + 1, plan.num_rows
     per_file = max(1, file_rows // -(-n_samples // n_shards))
     bounds = np.searchsorted(
@@ -452,7 +498,7 @@ def _plan_small(
     )
     for file, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         write_plan_file(plan.slice(start, end - start), layout.shard_plan_file(folder, file))
-    return n_shards, n_samples, per_file
+    return n_shards, n_samples, per_file, kept
 
 
 def _plan_file_writer(folder: str, per_file: int, seed: int, first: int = 0):

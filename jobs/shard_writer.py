@@ -214,15 +214,24 @@ def plan_shards(
     samples_per_shard: int,
     max_shard_bytes: int | None = None,
     seed: int = 0,
+    exclude: pa.Table | None = None,
+    first: int = 0,
 ) -> pa.Table:
-    """The PLAN table: every sample with its shard, position and key, sorted by (shard, position)."""
+    """The PLAN table: every sample with its shard, position and key, sorted by (shard, position).
+
+    `exclude`: (image_id, repeat) rows of samples left out (those of an earlier version's kept
+    shards); the others are dealt into shards numbered from `first`."""
     samples = expand_samples(curated, images, clusters)
+    # Sample sets are grouped by their names as listed (the sample stage lists them sorted), numbered
+    # before any sample is left out, as the Spark plan numbers them over the whole curated table.
+    source = pc.binary_join(samples["sources"], "|").combine_chunks().dictionary_encode().indices
+    if exclude is not None and exclude.num_rows and samples.num_rows:
+        left = ~sample_in(samples["image_id"].to_numpy(), samples["repeat"].to_numpy(), exclude)
+        samples, source = samples.filter(pa.array(left)), source.filter(pa.array(left))
     n_samples = samples.num_rows
     if n_samples == 0:
         return PLAN.empty_table()
     coarse, fine = _cluster_levels(samples["cluster_ids"].combine_chunks())
-    # Sample sets are grouped by their names as listed (the sample stage lists them sorted).
-    source = pc.binary_join(samples["sources"], "|").combine_chunks().dictionary_encode().indices
     image_id = samples["image_id"].to_numpy()
     repeat = samples["repeat"].to_numpy()
     sizes = samples["size"].to_numpy()
@@ -236,14 +245,67 @@ def plan_shards(
     position = np.empty(n_samples, dtype=np.int32)
     for s in range(n_shards):
         members = order[s::n_shards]
-        shard[members] = s
-        position[members] = shard_positions(seed, s, len(members))
+        shard[members] = first + s
+        position[members] = shard_positions(seed, first + s, len(members))
     final = np.lexsort((position, shard))
     plan = samples.take(pa.array(final))
     shard, position = pa.array(shard[final]), pa.array(position[final])
     plan = plan.append_column("shard", shard).append_column("position", position)
     plan = plan.append_column("key", sample_keys(shard, position, plan["image_id"], plan["repeat"]))
     return plan.select(PLAN.names).cast(PLAN)
+
+
+def sample_in(image_id: np.ndarray, repeat: np.ndarray, samples: pa.Table) -> np.ndarray:
+    """Which of the samples (image_id, repeat) are among the (image_id, repeat) rows of `samples`."""
+    pair = pa.schema([("image_id", pa.int64()), ("repeat", pa.int64())])
+    mine = pa.table({"image_id": image_id, "repeat": repeat}).cast(pair)
+    mine = mine.append_column("row", pa.array(np.arange(mine.num_rows, dtype=np.int64)))
+    theirs = samples.select(["image_id", "repeat"]).cast(pair)
+    rows = mine.join(theirs, ["image_id", "repeat"], join_type="left semi")["row"].to_numpy()
+    found = np.zeros(mine.num_rows, dtype=bool)
+    found[rows] = True
+    return found
+
+
+# What a sample's tar member and sidecar are made of besides its image id and repeat: a kept shard's
+# samples must all be unchanged in these.
+SAME_COLUMNS = ["uri", "sha256", "format", "sources", "cluster_ids"]
+
+
+def key_repeat(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The repeat of each sample key (`sample_keys`: its last field)."""
+    return pc.cast(pc.replace_substring_regex(keys, r"^.*_", ""), pa.int64())
+
+
+def _content_text(t: pa.Table) -> pa.Array:
+    """SAME_COLUMNS of each row as one string (lists joined, a null list as its own text)."""
+    sources = pc.binary_join(t["sources"], "|")
+    clusters = pc.binary_join(t["cluster_ids"].cast(pa.list_(pa.string())), ",")
+    parts = [t["uri"], t["sha256"], t["format"], sources, pc.fill_null(clusters, "null")]
+    return pc.binary_join_element_wise(*parts, "\x1f").combine_chunks()
+
+
+def unchanged_samples_per_shard(earlier: pa.Table, samples: pa.Table) -> dict[int, int]:
+    """Which earlier shards would hold exactly the same samples now (`unchanged_shards`'s answer,
+    for tables in memory): `earlier` holds SHARD_SAMPLES rows of earlier shards, `samples` today's
+    samples (`expand_samples`). Returns {shard number: samples} of the shards whose every sample is
+    still a sample (same image, repeat) with the same bytes, uri, format, sources and clusters."""
+    if earlier.num_rows == 0:
+        return {}
+    repeat = key_repeat(earlier["key"])
+    number = np.array([layout.shard_number(n) for n in earlier["shard"].to_pylist()], dtype=np.int64)
+    pair = pa.schema([("image_id", pa.int64()), ("repeat", pa.int64()), ("text", pa.string())])
+    before = pa.table([earlier["image_id"], repeat, _content_text(earlier)], schema=pair)
+    before = before.append_column("row", pa.array(np.arange(before.num_rows, dtype=np.int64)))
+    now = pa.table(
+        [samples["image_id"], samples["repeat"].cast(pa.int64()), _content_text(samples)], schema=pair
+    )
+    same_rows = before.join(now, ["image_id", "repeat", "text"], join_type="left semi")["row"].to_numpy()
+    same = np.zeros(before.num_rows, dtype=bool)
+    same[same_rows] = True
+    shards, total = np.unique(number, return_counts=True)
+    unchanged = np.bincount(np.searchsorted(shards, number[same]), minlength=shards.size)
+    return {int(n): int(c) for n, c, u in zip(shards, total, unchanged, strict=True) if c == u}
 
 
 def shard_positions(seed: int, shard: int, n_members: int) -> np.ndarray:

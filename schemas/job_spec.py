@@ -149,7 +149,10 @@ class SearchSpec(_Strict):
     exact_below: int = Field(1_000_000, ge=0, description="Use exact (flat) search below this many vectors.")
     chunk_size: int = Field(65_536, ge=1, description="Query rows per search call; bounds memory.")
     search_actors: int = Field(
-        0, ge=0, description="kNN shard actors holding the database (0: one per GPU, else one per node)."
+        0,
+        ge=0,
+        description="kNN shard actors holding the database (0: one per GPU, else one per node; on a CPU "
+        "cluster a small flat database is searched in one task instead).",
     )
 
 

@@ -117,6 +117,11 @@ PREVIOUS = "_previous"
 DEDUP_STATE = "_increment.json"
 DEDUP_EDGES = "_increment-edges.parquet"
 DEDUP_EVAL_MATCHED = "_increment-eval.parquet"
+# dedup of a grown pool: the earlier run's images whose keep flipped (image_id, keep now), and the
+# digest of the earlier run's parts they are relative to (in the file's metadata).
+DEDUP_KEEP_FLIPS = "_increment-flips.parquet"
+# retrieve: what a later run on a grown pool starts from: settings and the digest of each part.
+RETRIEVE_STATE = "_increment.json"
 
 
 def previous_stage_dir(out_dir: str | Path, stage: str) -> Path:

@@ -210,3 +210,99 @@ def test_incremental_shards_keep_unchanged_shards_as_a_new_version(grown):
     assert [Path(u).name for u in resolve_shards(str(folder))] == sorted(index["unchanged"] + index["new"])
     v1 = resolve_shards(str(folder / layout.shard_version_manifest(1)))
     assert [Path(u).name for u in v1] == first["new"] and all(Path(u).exists() for u in v1)
+
+
+def test_merged_seed_lists_equal_a_full_search_of_the_grown_pool():
+    """A sample-based seed set's lists on a grown pool, from the earlier lists, a search of the seeds
+    among the newly kept images and a full search of the stale seeds only, are a full search's: with
+    earlier images dropped by dedup (some in full lists), earlier ones newly kept, new images, and a
+    seed that sees fewer than k images."""
+    import faiss
+
+    from lvd.curation.knn import normalize
+    from lvd.curation.retrieval import merge_seed_lists, retrieve_by_sample, stale_seeds
+
+    k, rng = 5, np.random.default_rng(3)
+    vectors = normalize(rng.standard_normal((400, 8)).astype(np.float32))
+    seeds, seed_ids = vectors[:30] + 0.05, np.arange(10_000, 10_030)
+    seeds = normalize(seeds.astype(np.float32))
+    kept_before = np.sort(rng.choice(300, 260, replace=False))
+    new_ids = np.arange(300, 400)
+
+    def search(pool: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> pa.Table:
+        index = faiss.IndexFlatIP(8)
+        index.add(vectors[pool])
+        return retrieve_by_sample(index, pool, queries, ids, "s", k=k)
+
+    earlier = search(kept_before, seeds, seed_ids)
+    # Dropped: some images of the earlier lists (so some full lists lose one) and others.
+    listed = np.unique(earlier["image_id"].to_numpy())
+    dropped = np.sort(np.concatenate([rng.choice(listed, 6, replace=False), kept_before[:4]]))
+    flipped_in = np.setdiff1d(np.arange(300), kept_before)[:8]  # earlier images dedup now keeps
+    newly = np.concatenate([new_ids, flipped_in])
+    now = np.sort(np.concatenate([np.setdiff1d(kept_before, dropped), newly]))
+    full = search(now, seeds, seed_ids)
+
+    stale = stale_seeds(earlier, dropped, k)
+    fresh = ~np.isin(seed_ids, stale)
+    merged = merge_seed_lists(earlier, search(newly, seeds[fresh], seed_ids[fresh]), dropped, k, "s")
+    merged = merged.filter(pa.array(~np.isin(merged["seed_id"].to_numpy(), stale)))
+    again = search(now, seeds[~fresh], seed_ids[~fresh])
+    got = pa.concat_tables([merged, again])
+
+    def rows(t: pa.Table) -> list[tuple]:
+        return sorted(zip(*(t[c].to_pylist() for c in ("seed_id", "rank", "image_id")), strict=True))
+
+    assert rows(got) == rows(full)
+    order = np.lexsort((got["rank"].to_numpy(), got["seed_id"].to_numpy()))
+    want = np.lexsort((full["rank"].to_numpy(), full["seed_id"].to_numpy()))
+    np.testing.assert_allclose(got["score"].to_numpy()[order], full["score"].to_numpy()[want], rtol=1e-6)
+    assert 0 < stale.size < seed_ids.size / 2  # both paths taken
+    assert np.isin(merged["image_id"].to_numpy(), newly).any() and not np.isin(got["image_id"], dropped).any()
+    # A pool smaller than k: the earlier lists were short; a dropped image does not make them stale.
+    small = search(kept_before[:3], seeds[:2], seed_ids[:2])
+    assert stale_seeds(small, kept_before[:1], k).size == 0
+    grown = merge_seed_lists(small, search(new_ids[:1], seeds[:2], seed_ids[:2]), kept_before[:1], k, "s")
+    assert rows(grown) == rows(search(np.r_[kept_before[1:3], new_ids[:1]], seeds[:2], seed_ids[:2]))
+
+
+def test_incremental_retrieve_equals_a_full_search(grown):
+    """The grown run's sample-based seed set started from the earlier lists; its rows are a full
+    search's of the grown kept pool (computed here in memory from the tables)."""
+    import faiss
+    import pyarrow.compute as pc
+
+    from lvd.curation.knn_sharded import VectorPart, read_vector_part
+    from lvd.curation.retrieval import retrieve_by_sample
+    from lvd.schemas.layout import RETRIEVAL, seed_dataset
+
+    out, _, incremental, _, _ = grown
+    assert "merged" in incremental["retrieve"].summary.incremental
+    spec = load_job_spec(out.parent / "job-grown.yaml")
+    seed = next(s for s in spec.seeds if s.strategy == "sample")
+    embed = layout.list_parts(layout.table_dir(out, layout.EMBEDDINGS), RETRIEVAL)
+    dedup = {layout.part_index(p): p for p in layout.list_parts(layout.table_dir(out, layout.DEDUP))}
+    images = {layout.part_index(p): p for p in layout.list_parts(layout.table_dir(out, layout.IMAGES))}
+
+    def vectors(parts: list[VectorPart]) -> tuple[np.ndarray, np.ndarray]:
+        read = [read_vector_part(p) for p in parts]
+        return np.concatenate([r[0] for r in read]), np.concatenate([r[1] for r in read])
+
+    pool_ids, pool = vectors(
+        [
+            VectorPart(p, dedup[layout.part_index(p)], pc.field("keep"))
+            for p in embed
+            if layout.part_index(p) in dedup
+        ]
+    )
+    is_seed = (pc.field("dataset") == seed_dataset(seed.name)) & (pc.field("status") == "ok")
+    seed_ids, seeds = vectors([VectorPart(p, images[layout.part_index(p)], is_seed) for p in embed])
+    index = faiss.IndexFlatIP(pool.shape[1])
+    index.add(pool)
+    want = retrieve_by_sample(index, pool_ids, seeds, seed_ids, seed.name, k=seed.k)
+    got = layout.read_table(out, layout.RETRIEVED).filter(pc.equal(pc.field("seed_set"), seed.name))
+
+    def rows(t: pa.Table) -> list[tuple]:
+        return sorted(zip(*(t[c].to_pylist() for c in ("seed_id", "rank", "image_id")), strict=True))
+
+    assert len(rows(got)) == seed_ids.size * seed.k and rows(got) == rows(want)

@@ -23,7 +23,7 @@ from lvd.jobs.stage import StageContext
 from lvd.jobs.stages import shards as shard_stage
 from lvd.schemas import layout
 from lvd.schemas.job_spec import JobSpec, parse_job_spec
-from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES, write_parquet_atomic
+from lvd.schemas.tables import CLUSTERS, CURATED, IMAGES, SHARD_SAMPLES, write_parquet_atomic
 
 N_IMAGES = 60
 
@@ -459,6 +459,60 @@ def test_spark_plan_equals_reference(spark, synthetic_parts, monkeypatch, sample
     shard = plan.n_shards - 1
     assert plan.rows(shard) == expected.filter(pc.equal(expected["shard"], shard)).to_pylist()
     assert not (out / "plan" / "ordered").exists()
+
+
+@pytest.mark.parametrize("one_task", [False, True])
+def test_spark_plan_keeps_unchanged_earlier_shards(spark, synthetic_parts, tmp_path, monkeypatch, one_task):
+    """A grown output planned against an earlier version: the earlier shards whose samples are all
+    unchanged are kept (not those holding a sample of an image gone or of one whose uri changed), and the
+    other samples are planned as `plan_shards` plans them without the kept ones, numbered after
+    every earlier shard; by Spark's steps and by the one-task plan."""
+    from lvd.jobs import shard_plan
+    from lvd.jobs.shard_writer import key_repeat
+
+    _, (curated, images, clusters), _ = synthetic_parts
+    first_plan = plan_shards(curated, images, clusters, 50, None, 3)
+    earlier_dir = tmp_path / "v1"
+    earlier_dir.mkdir()
+    n_old = first_plan["shard"][-1].as_py() + 1
+    tables = []
+    for n in range(n_old):
+        rows = first_plan.filter(pc.equal(first_plan["shard"], n))
+        rows = rows.set_column(
+            rows.schema.get_field_index("shard"), "shard", pa.array([layout.shard_name(n)] * rows.num_rows)
+        )
+        path = earlier_dir / layout.shard_table_name(n)
+        write_parquet_atomic(rows.select(SHARD_SAMPLES.names).cast(SHARD_SAMPLES), path, SHARD_SAMPLES)
+        tables.append(str(path))
+    # Shard 1 loses an image, shard 2 an image's uri changes; new images join.
+    gone = first_plan.filter(pc.equal(first_plan["shard"], 1))["image_id"][0].as_py()
+    moved = first_plan.filter(pc.equal(first_plan["shard"], 2))["image_id"][0].as_py()
+    more = synthetic_tables(60, seed=9)
+    grown_curated, grown_images, grown_clusters = (
+        pa.concat_tables(t) for t in zip((curated, images, clusters), more, strict=True)
+    )
+    grown_curated = grown_curated.filter(pc.not_equal(grown_curated["image_id"], gone))
+    uri = grown_images.schema.get_field_index("uri")
+    grown_images = grown_images.set_column(uri, "uri", pc.if_else(
+        pc.equal(grown_images["image_id"], moved), "/elsewhere.jpg", grown_images["uri"]))  # fmt: skip
+    assert set(curated["image_id"].to_pylist()) - set(grown_curated["image_id"].to_pylist()) == {gone}
+    out = tmp_path / "grown"
+    parts = [write_parts(out, grown_curated, layout.CURATED, 2, 5), write_parts(out, grown_images, layout.IMAGES, 3, 6),
+             write_parts(out, grown_clusters, layout.CLUSTERS, 2, 7)]  # fmt: skip
+    monkeypatch.setattr(shard_plan, "SMALL_PLAN_ROWS", 1 << 16 if one_task else 0)
+    earlier = shard_plan.EarlierShards(tuple(tables), n_old + 2)  # an older version named two more
+    plan = shard_plan.plan_shards_spark(spark, *parts, out / "plan", 50, None, 3, earlier=earlier)
+    touched = pc.is_in(first_plan["image_id"], pa.array([gone, moved], pa.int64()))
+    changed = set(first_plan.filter(touched)["shard"].to_pylist())  # an image's repeats: other shards
+    assert {1, 2} <= changed and sorted(plan.kept) == sorted(set(range(n_old)) - changed)
+    old = first_plan.filter(pa.array(np.isin(first_plan["shard"].to_numpy(), sorted(plan.kept))))
+    assert plan.kept == {n: int((first_plan["shard"].to_numpy() == n).sum()) for n in plan.kept}
+    exclude = pa.table({"image_id": old["image_id"], "repeat": key_repeat(old["key"])})
+    expected = plan_shards(
+        grown_curated, grown_images, grown_clusters, 50, None, 3, exclude=exclude, first=n_old + 2
+    )
+    assert plan.first == n_old + 2 and plan.table().equals(expected)
+    assert expected["shard"][0].as_py() == n_old + 2 and 60 < expected.num_rows < first_plan.num_rows
 
 
 def test_spark_plan_rejects_what_expand_samples_rejects(spark, tmp_path, monkeypatch):

@@ -31,8 +31,10 @@ from lvd.curation.dedup import (
     COPY,
     EVAL_OVERLAP,
     EXACT,
+    FLIPS_AGAINST,
     FRESH,
     IDS,
+    KEEP_FLIPS,
     SEEN,
     areas_of,
     bucket_pool_rows,
@@ -42,6 +44,7 @@ from lvd.curation.dedup import (
     exact_edges_of_bucket,
     fresh_edges_reversed,
     graph_nodes,
+    parts_fingerprint,
     split_seen,
     unique_edges,
     write_dedup_part,
@@ -347,7 +350,14 @@ def dedup_parts(
         rows=lambda r: r[0],
         decisions=decisions,
         out_dir=out_dir,
+        earlier={i: Path(p) for i, p in old_part.items()} if earlier is not None else None,
     )
+    if earlier is not None:
+        flips = pa.table({"image_id": _concat([w[2] for w in written]),
+                          "keep": np.concatenate([np.zeros(0, bool), *(w[3] for w in written)])})  # fmt: skip
+        # The digests of the earlier parts compared: a later retrieve checks they are all of them.
+        against = {FLIPS_AGAINST: parts_fingerprint(digests[i] for i in old_part)}
+        write_parquet_atomic(flips, out_dir / layout.DEDUP_KEEP_FLIPS, KEEP_FLIPS.with_metadata(against))
     for stale in layout.list_parts(out_dir):
         if layout.part_index(stale) not in rows_file:
             stale.unlink()
@@ -433,7 +443,7 @@ def _record_components(summary: DedupSummary, decisions, max_share: float) -> No
         summary.warnings.append(message)
 
 
-def _embed_digests(ctx: StageContext) -> tuple[dict[int, str] | None, str]:
+def embed_digests(ctx: StageContext) -> tuple[dict[int, str] | None, str]:
     """(content digest of each images part, the models' fingerprint) as the embed stage recorded them
     (what makes a part's vectors the same as an earlier run's); (None, "") when not recorded."""
     try:
@@ -447,7 +457,7 @@ def run(ctx: StageContext) -> DedupSummary:
     spec = ctx.spec
     ctx.ray()
     model = copy_detection_model(spec)
-    digests, models = _embed_digests(ctx)
+    digests, models = embed_digests(ctx)
     summary = dedup_parts(
         ctx.parts(layout.IMAGES),
         ctx.parts(layout.EMBEDDINGS, model),

@@ -18,6 +18,7 @@ The driver holds per-part results and per-cluster counts only (ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -30,9 +31,17 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lvd.curation.curated import bucket_bounds
+from lvd.curation.dedup import FLIPS_AGAINST, KEEP_FLIPS, parts_fingerprint
 from lvd.curation.kmeans import kmeans_assign
 from lvd.curation.knn_sharded import PartWriter, VectorPart, read_vector_part
-from lvd.curation.retrieval import count_collisions, rank_cluster_members, retrieve_as_is, topk_rows
+from lvd.curation.retrieval import (
+    count_collisions,
+    merge_seed_lists,
+    rank_cluster_members,
+    retrieve_as_is,
+    stale_seeds,
+    topk_rows,
+)
 from lvd.jobs.kmeans_parts import (
     cluster_ranges,
     clusters_rows,
@@ -47,7 +56,7 @@ from lvd.jobs.workers import run_tasks
 from lvd.schemas import layout
 from lvd.schemas.job_spec import SeedSet
 from lvd.schemas.layout import RETRIEVAL, part_path, seed_dataset
-from lvd.schemas.tables import RETRIEVED, write_parquet_atomic
+from lvd.schemas.tables import RETRIEVED, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger("lvd")
 
@@ -61,6 +70,8 @@ class RetrieveSummary(StageSummary):
     rows: int = 0
     collisions: int = 0
     per_seed_set: dict[str, int] = field(default_factory=dict)
+    # Incremental run: "" (every seed set searched in full), else what the sample-based seed sets reused.
+    incremental: str = ""
 
 
 def _seed_filter(seed: SeedSet) -> pc.Expression:
@@ -151,6 +162,177 @@ def _id_range_task(path: Path) -> tuple[int, int, int]:
         return 0, 0, 0
     mm = pc.min_max(ids)
     return len(ids), mm["min"].as_py(), mm["max"].as_py()
+
+
+# ---------------------------------------------------------------- incremental (a source added)
+
+
+@dataclass
+class Earlier:
+    """What the stage's previous run left for a run on a grown pool, and how the pool changed since."""
+
+    folder: Path
+    part_of: dict[str, str]  # seed set -> {content digest of a query part's images part: its file name}
+    digests: set[str]  # of every images part of the earlier run
+    dropped: np.ndarray  # sorted ids of images the earlier run's pool held and this one's does not
+    newly_kept: np.ndarray  # sorted ids of earlier images the pool holds now and did not then
+
+
+def read_earlier(
+    ctx: StageContext, settings: str, digests: dict[int, str] | None
+) -> tuple[Earlier | None, str]:
+    """The previous run's lists when a sample-based seed set can start from them, else (None, why not):
+    same settings and models, every earlier images part still here, and dedup's keep flips relative
+    to the same earlier parts."""
+    previous = ctx.previous_dir
+    if previous is None or digests is None:
+        return None, "no earlier run"
+    try:
+        state = json.loads((previous / layout.RETRIEVE_STATE).read_text())
+        flips_file = ctx.input_dir(layout.DEDUP) / layout.DEDUP_KEEP_FLIPS
+        flips = pq.read_table(flips_file, schema=KEEP_FLIPS)
+        against = (pq.read_schema(flips_file).metadata or {}).get(FLIPS_AGAINST, b"").decode()
+    except (OSError, ValueError, KeyError) as e:
+        return None, f"the earlier run or dedup left no state ({type(e).__name__})"
+    if state.get("settings") != settings:
+        return None, "seed sets, retrieval or clustering settings, or the embedding models changed"
+    before = set(state["digests"].values())
+    if not before <= set(digests.values()):
+        return None, "images parts of the earlier run are gone"
+    if against != parts_fingerprint(before):
+        return None, "dedup's keep flips are relative to another earlier run"
+    keep = flips["keep"].to_numpy(zero_copy_only=False)
+    ids = flips["image_id"].to_numpy()
+    return Earlier(previous, state["parts"], before, np.sort(ids[~keep]), np.sort(ids[keep])), ""
+
+
+def _stale_task(path: Path, *, dropped: np.ndarray, k: int) -> np.ndarray:
+    """One earlier RETRIEVED part -> its seeds whose lists lost an image that filled them."""
+    return stale_seeds(pq.read_table(path, schema=RETRIEVED), dropped, k)
+
+
+def _merge_task(
+    item: tuple[Path, Path | None, Path | None, Path | None, np.ndarray],
+    *,
+    dropped: np.ndarray,
+    k: int,
+    seed_set: str,
+) -> int:
+    """One query part's RETRIEVED part on the grown pool: its earlier lists merged with its lists among
+    the newly kept images, and the lists of the seeds searched again in full. item = (output, earlier
+    part, newly kept part, searched again part, the seeds searched again)."""
+    out, earlier, newly, again, stale = item
+
+    def read(path: Path | None) -> pa.Table:
+        return (
+            pq.read_table(path, schema=RETRIEVED)
+            if path is not None and path.exists()
+            else RETRIEVED.empty_table()
+        )
+
+    tables = [read(again)]
+    if earlier is not None:
+        old, new = read(earlier), read(newly)
+        old = old.filter(pa.array(~np.isin(old["seed_id"].to_numpy(), stale)))
+        new = new.filter(pa.array(~np.isin(new["seed_id"].to_numpy(), stale)))
+        tables.append(merge_seed_lists(old, new, dropped, k, seed_set))
+    table = pa.concat_tables(tables).sort_by([("seed_id", "ascending"), ("rank", "ascending")])
+    write_parquet_atomic(table, out, RETRIEVED)
+    return table.num_rows
+
+
+def _retrieve_by_sample_incremental(
+    ctx: StageContext,
+    pool: _Pool,
+    seed: SeedSet,
+    s: int,
+    queries: list[tuple[int, VectorPart]],
+    outputs: list[Path],
+    earlier: Earlier,
+    digests: dict[int, str],
+    embed: dict[int, Path],
+    dedup: dict[int, Path],
+) -> tuple[int, str]:
+    """A sample-based seed set on a grown pool: each seed's earlier list merged with its top k among
+    the newly kept images; the seeds of new parts, and those whose lists lost an image that filled
+    them, searched against the whole pool. The rows equal a full search's. Returns (rows, what it did)."""
+    from lvd.curation.knn_ray import search_parts
+
+    spec, k = ctx.spec, seed.k
+    files = earlier.part_of.get(seed.name, {})
+    earlier_part = {
+        j: earlier.folder / files[digests[i]]
+        for j, (i, _) in enumerate(queries)
+        if digests.get(i) in files and (earlier.folder / files[digests[i]]).exists()
+    }
+    old = sorted(earlier_part)
+    stale_lists = run_tasks(
+        _stale_task, [earlier_part[j] for j in old], name=f"retrieve {seed.name}: lists that lost an image",
+        dropped=earlier.dropped, k=k,
+    )  # fmt: skip
+    stale = dict(zip(old, stale_lists, strict=True))
+    # The newly kept images: those of new parts, and earlier images whose keep flipped to kept.
+    newly = [
+        VectorPart(embed[i], rows=dedup[i], where=pc.field("keep"))
+        for i in sorted(embed)
+        if i in dedup and digests.get(i) not in earlier.digests
+    ]
+    if earlier.newly_kept.size:
+        flipped = pc.field("keep") & pc.field("image_id").isin(earlier.newly_kept)
+        newly += [
+            VectorPart(embed[i], rows=dedup[i], where=flipped)
+            for i in sorted(embed)
+            if i in dedup and digests.get(i) in earlier.digests
+        ]
+    newly_dir = ctx.scratch_dir(f"newly_{s}_rows")
+    if newly and old:
+        writer = RetrievedWriter(ctx.scratch_dir(f"newly_{s}"), newly_dir, seed.name, 0)
+        search_parts(
+            [queries[j][1] for j in old], newly, k, spec.retrieval, write=writer, check_recall=False,
+            name=f"retrieve {seed.name}: seeds against the newly kept images",
+        )  # fmt: skip
+    # Searched in full: every seed of a new part, and the stale seeds of the others.
+    again = [j for j in range(len(queries)) if j not in earlier_part] + [j for j in old if stale[j].size]
+    again_dir = ctx.scratch_dir(f"again_{s}_rows")
+    if again:
+        parts = [
+            queries[j][1]
+            if j not in earlier_part
+            else VectorPart(
+                queries[j][1].vectors,
+                rows=queries[j][1].rows,
+                where=queries[j][1].where & pc.field("image_id").isin(stale[j]),
+            )  # fmt: skip
+            for j in again
+        ]
+        writer = RetrievedWriter(ctx.scratch_dir(f"again_{s}"), again_dir, seed.name, 0)
+        search_parts(
+            parts, pool.parts, k, spec.retrieval, write=writer, check_recall=False,
+            name=f"retrieve {seed.name}: seeds searched in full",
+        )  # fmt: skip
+    again_at = {j: n for n, j in enumerate(again)}
+    old_at = {j: n for n, j in enumerate(old)}
+    items = [
+        (
+            outputs[j],
+            earlier_part.get(j),
+            part_path(newly_dir, old_at[j]) if j in old_at else None,
+            part_path(again_dir, again_at[j]) if j in again_at else None,
+            stale.get(j, np.zeros(0, np.int64)),
+        )
+        for j in range(len(queries))
+    ]
+    rows = sum(
+        run_tasks(_merge_task, items, name=f"retrieve {seed.name}: merge", dropped=earlier.dropped, k=k,
+                  seed_set=seed.name)
+    )  # fmt: skip
+    n_stale = int(sum(v.size for v in stale.values()))
+    did = (
+        f"{seed.name}: {len(old)} query parts merged with their lists among {len(newly)} parts of newly kept "
+        f"images; {len(queries) - len(old)} new query parts and {n_stale} seeds whose lists lost an image "
+        "searched in full"
+    )
+    return int(rows), did
 
 
 # ---------------------------------------------------------------- the driver
@@ -246,6 +428,7 @@ def _retrieve_by_cluster(
 
 def run(ctx: StageContext) -> RetrieveSummary:
     from lvd.curation.knn_ray import search_parts
+    from lvd.jobs.stages.dedup import embed_digests
 
     spec = ctx.spec
     out_dir = ctx.output_dir(layout.RETRIEVED)
@@ -255,25 +438,44 @@ def run(ctx: StageContext) -> RetrieveSummary:
     n_parts = max([*ingest, *embed, -1]) + 1  # part numbers of one seed set's parts
     pool = _Pool(ctx, embed, dedup)
     ctx.ray()
+    digests, models = embed_digests(ctx)
+    settings = f"{spec.fingerprint(*STAGE.spec_sections)}:{models}"
+    earlier, why = read_earlier(ctx, settings, digests)
+    if ctx.previous_dir is not None and earlier is None:
+        log.info("retrieve: sample-based seed sets searched in full, not incremental: %s", why)
     per_seed_set: dict[str, int] = {}
     written: list[Path] = []
+    part_of: dict[str, dict[str, str]] = {}
+    did: list[str] = []
     for s, seed in enumerate(spec.seeds):
         first = s * n_parts
-        queries = [
-            VectorPart(embed[i], rows=ingest[i], where=_seed_filter(seed)) for i in ingest if i in embed
+        indexed = [
+            (i, VectorPart(embed[i], rows=ingest[i], where=_seed_filter(seed))) for i in ingest if i in embed
         ]
+        queries = [q for _, q in indexed]
         if seed.strategy == "as_is":
             items = [(part_path(out_dir, first + i), g) for i, g in ingest.items()]
             rows = sum(run_tasks(_as_is_task, items, name=f"retrieve {seed.name}", seed=seed))
             written += [out for out, _ in items]
         elif seed.strategy == "sample":
-            writer = RetrievedWriter(ctx.scratch_dir(f"search_{s}"), out_dir, seed.name, first)
-            result = search_parts(
-                queries, pool.parts, seed.k, spec.retrieval, write=writer, check_recall=False,
-                name=f"retrieve {seed.name}",
-            )  # fmt: skip
-            rows = result.rows
-            written += [writer.output(j) for j in range(len(queries))]
+            outputs = [part_path(out_dir, first + j) for j in range(len(queries))]
+            if earlier is not None:
+                rows, what = _retrieve_by_sample_incremental(
+                    ctx, pool, seed, s, indexed, outputs, earlier, digests, embed, dedup
+                )
+                did.append(what)
+            else:
+                writer = RetrievedWriter(ctx.scratch_dir(f"search_{s}"), out_dir, seed.name, first)
+                result = search_parts(
+                    queries, pool.parts, seed.k, spec.retrieval, write=writer, check_recall=False,
+                    name=f"retrieve {seed.name}",
+                )  # fmt: skip
+                rows = result.rows
+            written += outputs
+            if digests is not None:
+                part_of[seed.name] = {
+                    digests[i]: outputs[j].name for j, (i, _) in enumerate(indexed) if i in digests
+                }
         else:
             out = part_path(out_dir, first)
             rows = _retrieve_by_cluster(ctx, pool, seed, queries, out)
@@ -285,10 +487,18 @@ def run(ctx: StageContext) -> RetrieveSummary:
     for scratch in out_dir.glob("_*"):
         if scratch.is_dir():
             shutil.rmtree(scratch, ignore_errors=True)
+    if digests is not None:
+        # What a later run on a grown pool starts from (`read_earlier`): per-part digests only.
+        state = {"settings": settings, "digests": {str(i): d for i, d in digests.items()}, "parts": part_of}
+        write_json_atomic(out_dir / layout.RETRIEVE_STATE, state)
     images, collisions = _distinct_and_collisions(sorted(written))
-    return RetrieveSummary(
+    summary = RetrieveSummary(
         images=images, rows=sum(per_seed_set.values()), collisions=collisions, per_seed_set=per_seed_set
     )
+    if did:
+        summary.incremental = "; ".join(did)
+        log.info("retrieve: incremental: %s", summary.incremental)
+    return summary
 
 
 def _distinct_and_collisions(parts: list[Path]) -> tuple[int, int]:
@@ -313,4 +523,5 @@ STAGE = Stage(
     resources=Resources(engine="ray", gpu=True),
     summary=RetrieveSummary,
     run=run,
+    reuses_previous=True,
 )

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from lvd.jobs.engines import collect_with_progress
 from lvd.jobs.progress import Progress
-from lvd.jobs.shard_plan import KeptShards, ShardPlan, plan_shards_spark, unchanged_shards
+from lvd.jobs.shard_plan import EarlierShards, ShardPlan, plan_shards_spark
 from lvd.jobs.shard_writer import (
     finished_shard,
     plan_digest,
@@ -124,18 +124,17 @@ def _remove_stale_after(out_dir: Path, end: int) -> None:
 
 @dataclass(frozen=True)
 class EarlierVersion:
-    """The finished shard folder of an earlier run, kept aside by the runner, and what of it stays."""
+    """The finished shard folder of an earlier run, kept aside by the runner."""
 
     folder: Path
     version: int
     rows: dict[int, dict[str, Any]]  # its index rows by shard number
-    kept: dict[int, int]  # unchanged shards: number -> samples
-    first: int  # after every shard any version names
+    shards: EarlierShards  # its shards' sample tables, and the number new shards start from
 
 
 def earlier_version(ctx: StageContext) -> EarlierVersion | None:
-    """The earlier version to append to (shards.on_new_images: append, same shard settings), with its
-    unchanged shards found by `unchanged_shards`; None to plan every shard anew."""
+    """The earlier version to append to (shards.on_new_images: append, same shard settings); None
+    to plan every shard anew. Which of its shards stay unchanged is the plan's to find."""
     from lvd.jobs.pipeline import read_marker
 
     previous = ctx.previous_dir
@@ -159,15 +158,12 @@ def earlier_version(ctx: StageContext) -> EarlierVersion | None:
         for r in json.loads(v.read_text())["shards"]
     }
 
-    def table(n: int) -> Path:
+    def table(n: int) -> str:
         path = previous / layout.shard_table_name(n)
-        return path if path.exists() else out_dir / layout.shard_table_name(n)
+        return str(path if path.exists() else out_dir / layout.shard_table_name(n))
 
-    tables = [table(n) for n in sorted(rows)]
-    kept = unchanged_shards(
-        ctx.spark(), tables, ctx.parts(layout.CURATED), ctx.parts(layout.IMAGES), ctx.parts(layout.CLUSTERS)
-    )
-    return EarlierVersion(previous, int(index.get("version", 1)), rows, kept, max(named, default=-1) + 1)
+    shards = EarlierShards(tuple(table(n) for n in sorted(rows)), max(named, default=-1) + 1)
+    return EarlierVersion(previous, int(index.get("version", 1)), rows, shards)
 
 
 def adopt_earlier_files(earlier: EarlierVersion, out_dir: Path) -> None:
@@ -217,17 +213,6 @@ def run(ctx: StageContext) -> ShardsSummary:
     out_dir = ctx.output_dir(layout.SHARDS)
     scratch = ctx.scratch_dir(layout.SHARD_PLAN)
     earlier = earlier_version(ctx)
-    keep = None
-    if earlier is not None:
-        tables = tuple(str(earlier.folder / layout.shard_table_name(n)) for n in sorted(earlier.kept))
-        keep = KeptShards(tables, sum(earlier.kept.values()), earlier.first)
-        log.info(
-            "shards: version %d keeps %d of %d shards; the other samples go to new shards from %s",
-            earlier.version + 1,
-            len(earlier.kept),
-            len(earlier.rows),
-            layout.shard_name(earlier.first),
-        )
     plan = plan_shards_spark(
         spark,
         ctx.parts(layout.CURATED),
@@ -237,16 +222,23 @@ def run(ctx: StageContext) -> ShardsSummary:
         spec.samples_per_shard,
         spec.max_shard_bytes,
         spec.seed,
-        keep=keep,
+        earlier=earlier.shards if earlier is not None else None,
     )
     if earlier is not None:
+        log.info(
+            "shards: version %d keeps %d of %d shards; the other samples go to new shards from %s",
+            earlier.version + 1,
+            len(plan.kept),
+            len(earlier.rows),
+            layout.shard_name(earlier.shards.first),
+        )
         adopt_earlier_files(earlier, out_dir)
     results = write_shards_spark(spark, plan, out_dir)
     if earlier is None:
         index = write_index(out_dir, results)
         index = write_version_index(out_dir, 1, [], index["shards"])
     else:
-        unchanged = [earlier.rows[n] for n in sorted(earlier.kept)]
+        unchanged = [earlier.rows[n] for n in sorted(plan.kept)]
         index = write_version_index(out_dir, earlier.version + 1, unchanged, results)
     shutil.rmtree(scratch, ignore_errors=True)
     errors = [e for r in results for e in r.get("errors", [])]
