@@ -152,13 +152,26 @@ def _peaks(surface: np.ndarray, n: int, radius: int) -> list[tuple[float, int, i
     return out
 
 
+def _fft_size(n: int) -> int:
+    """The smallest 2^a * 3^b at least n (a fast FFT length)."""
+    best = 1 << (n - 1).bit_length()
+    p3 = 1
+    while p3 < best:
+        p2 = p3
+        while p2 < n:
+            p2 *= 2
+        best = min(best, p2)
+        p3 *= 3
+    return best
+
+
 def overlap_score(a: VerificationImage, b: VerificationImage) -> float:
     """How surely `b` is a crop/rescale/turn/mirror of the same pixels as `a`: the fine-scale
     correlation at the best alignment less that at the runner-up offsets (about 0: unrelated or a
     repeating pattern; near 1: the same pixels)."""
     ca = a.coarse
-    h = ca.shape[0] + int(np.ceil(b.coarse.shape[0] * SCALES[-1])) + 2
-    w = ca.shape[1] + int(np.ceil(b.coarse.shape[1] * SCALES[-1])) + 2
+    h = _fft_size(ca.shape[0] + int(np.ceil(b.coarse.shape[0] * SCALES[-1])) + 2)
+    w = _fft_size(ca.shape[1] + int(np.ceil(b.coarse.shape[1] * SCALES[-1])) + 2)
     fa = np.fft.rfft2(ca, (h, w))
     best_peak, best = -np.inf, None
     for mirror in (False, True):

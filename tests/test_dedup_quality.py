@@ -216,7 +216,7 @@ def test_job_on_real_images_collapses_copy_groups_without_chaining(corpus_job, c
     assert (kept_per_group[copy_groups] == 1).all()
     dropped = ~keep
     kept_id_group = dict(zip(ids.tolist(), groups.tolist(), strict=True))
-    duplicate_of = dedup["duplicate_of"].to_numpy(zero_copy_only=False)
+    duplicate_of = pc.fill_null(dedup["duplicate_of"], -1).to_numpy()
     assert all(
         kept_id_group[int(d)] == g for d, g in zip(duplicate_of[dropped], groups[dropped], strict=True)
     )
