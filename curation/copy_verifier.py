@@ -180,10 +180,11 @@ def overlap_score(a: VerificationImage, b: VerificationImage) -> float:
                 fb = np.fft.rfft2(np.nan_to_num(_warp(b.coarse, scale, angle, mirror)), (h, w))
                 cross = fa * np.conj(fb)
                 surface = np.fft.irfft2(cross / (np.abs(cross) + 1e-6), (h, w))
-                peaks = _peaks(surface, PEAKS, 4)
-                if peaks[0][0] > best_peak:
-                    best_peak, best = peaks[0][0], (mirror, scale, angle, peaks)
-    mirror, scale, angle, peaks = best
+                top = float(surface.max())
+                if top > best_peak:
+                    best_peak, best = top, (mirror, scale, angle, surface)
+    mirror, scale, angle, surface = best
+    peaks = _peaks(surface, PEAKS, 4)
     min_overlap = MIN_OVERLAP * min(a.fine.size, b.fine.size)
 
     def at(img: np.ndarray, dy: int, dx: int) -> float:
