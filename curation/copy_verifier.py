@@ -10,8 +10,10 @@ original's pixels at some scale, angle and offset; a different picture does not.
   2. `overlap_score`: over a few scales, angles and both mirrorings of one image, phase correlation
      at half resolution finds the best offset; at full resolution the alignment is refined and
      scored by the normalised cross-correlation of the band-passed images in their overlap. A
-     repeating pattern (bricks, tiles) aligns at several offsets: the score is the best
-     correlation less the best at the other strong offsets, so only a unique alignment counts.
+     repeating pattern aligns at several offsets: the score is the best correlation less the best
+     at the other strong offsets, so only a unique alignment counts. A strongly periodic texture
+     (a brick wall) can still pass, which is why verification only adds near misses below the
+     threshold and vetoes nothing above it.
 Plain numpy and PIL; the dedup stage runs `verify_pairs` on Ray workers over candidate pairs.
 """
 
