@@ -302,6 +302,9 @@ def dedup_pool(
     if verify_from is not None:
         from lvd.curation.copy_verifier import verify_pairs
 
+        if read_image is None:
+            raise ValueError("verify_from needs read_image: the verifier compares the images' pixels")
+
         table = pa.table({"src": edges.src, "dst": edges.dst, "sim": edges.sims})
         pairs = band_pairs(edges.src, edges.dst, edges.sims, threshold)
         scores, _ = verify_pairs(
