@@ -15,6 +15,8 @@ round (crops, rescales, aspect changes, flips).
 
 Printed per seed: band pairs per image, verifier score quantiles of copy and distinct pairs in the
 band, precision and recall without and with verification, and seconds per verified pair.
+Superseded by `lvd.curation.copy_verifier` (alignment and scoring at fine scale, runner-up offsets
+subtracted), which `benchmarks/dedup_quality.py` measures.
 Run: .venv/bin/python benchmarks/copy_verification.py [--seeds 0 1 2 3 4 5 6 7] [--band 0.7 0.95]
 """
 

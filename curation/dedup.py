@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,9 +275,14 @@ def dedup_pool(
     keep_rule: str = "largest_then_smallest_id",
     grouping: str = DEDUP_DEFAULTS.grouping,
     seed: int = 0,
+    verify_from: float | None = None,
+    verify_score: float = DEDUP_DEFAULTS.verify_score,
+    read_image: Callable[[int], bytes] | None = None,
 ) -> DedupResult:
     """Exact, copy-detection and eval-overlap dedup of a pool (rows of L2-normalised `vectors`), all
-    in memory: the reference the part-by-part dedup (`jobs/stages/dedup.py`) is tested against."""
+    in memory: the reference the part-by-part dedup (`jobs/stages/dedup.py`) is tested against.
+    `verify_from`: pixel verification of the pairs in (verify_from, threshold], reading row r's
+    encoded image with `read_image(r)` (see `verified_edges`)."""
     image_ids = np.asarray(image_ids, dtype=np.int64)
     n = image_ids.size
     if vectors.shape[0] != n:
@@ -291,9 +296,29 @@ def dedup_pool(
     search_params = dict(index=index, nprobe=nprobe, exact_below=exact_below, chunk_size=chunk_size)
     # Exact copies have the same vector: search only one of each, join the rest by their hash edge.
     searched = vectors if unique_rows.size == n else vectors[unique_rows]  # no copy when all are distinct
+    search_threshold = threshold if verify_from is None else verify_from
     edges = copy_detection_edges(
-        searched, ids=image_ids[unique_rows], k=k, threshold=threshold, seed=seed, **search_params
+        searched, ids=image_ids[unique_rows], k=k, threshold=search_threshold, seed=seed, **search_params
     )
+    if verify_from is not None:
+        from lvd.curation.copy_verifier import verify_pairs
+
+        if read_image is None:
+            raise ValueError("verify_from needs read_image: the verifier compares the images' pixels")
+
+        table = pa.table({"src": edges.src, "dst": edges.dst, "sim": edges.sims})
+        pairs = band_pairs(edges.src, edges.dst, edges.sims, threshold)
+        scores, _ = verify_pairs(
+            [(int(a), int(b)) for a, b in pairs], lambda r: read_image(int(unique_rows[r]))
+        )
+        table = verified_edges(table, threshold, pairs, scores > verify_score)
+        edges = CopyEdges(
+            table["src"].to_numpy(),
+            table["dst"].to_numpy(),
+            table["sim"].to_numpy(),
+            edges.exact_search,
+            edges.recall,
+        )
     src = np.concatenate([rows[is_exact_dup], unique_rows[edges.src]])
     dst = np.concatenate([exact_rep[is_exact_dup], unique_rows[edges.dst]])
     labels = connected_components(n, src, dst)
@@ -527,6 +552,64 @@ def write_dedup_part(
         was[found] = old["keep"].to_numpy(zero_copy_only=False)[at[found]]
         flipped = ids[found & (was != keep)]
     return int(ids.size), int(keep.sum()), flipped, keep[np.isin(ids, flipped)]
+
+
+# ---------------------------------------------------------------- pixel verification of near misses
+#
+# With `dedup.verify_from`, the copy search keeps edges down to verify_from; an edge at or below the
+# threshold stays a copy edge only when `curation.copy_verifier` finds the same pixels in both images.
+# The band's pairs are bounded like the thresholded edges (at most k per image); workers read the
+# images of a batch of pairs themselves, so the driver holds only pair ids and their locations.
+
+LOCATION_COLUMNS = ("image_id", "kind", "path", "member", "offset", "size")
+
+
+def band_pairs(src: np.ndarray, dst: np.ndarray, sims: np.ndarray, threshold: float) -> np.ndarray:
+    """(P, 2) sorted unordered image_id pairs of the edges with cosine <= threshold, each once."""
+    band = np.asarray(sims) <= threshold
+    a, b = np.asarray(src)[band], np.asarray(dst)[band]
+    pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1).astype(np.int64)
+    return np.unique(pairs, axis=0) if pairs.size else pairs.reshape(0, 2)
+
+
+def image_locations(ingest_part: Path, *, ids: np.ndarray) -> pa.Table:
+    """Where the bytes of an ingest part's images among `ids` (sorted) are (`LOCATION_COLUMNS`)."""
+    rows = ds.dataset(ingest_part, format="parquet").to_table(columns=list(LOCATION_COLUMNS))
+    return rows.filter(pa.array(in_sorted(rows["image_id"].to_numpy(), ids)))
+
+
+def verify_pair_batch(pairs: np.ndarray, *, locations: pa.Table) -> tuple[np.ndarray, int]:
+    """`copy_verifier.verify_pairs` of (image_id, image_id) pairs, reading each image's bytes from
+    its location (`image_locations`, sorted by image_id). Returns (scores, images not readable)."""
+    from lvd.curation.copy_verifier import verify_pairs
+    from lvd.curation.image_io import read_image_bytes
+
+    ids = locations["image_id"].to_numpy()
+    columns = {c: locations[c].to_pylist() for c in LOCATION_COLUMNS[1:]}
+
+    def read(image_id: int) -> bytes:
+        r = int(np.searchsorted(ids, image_id))
+        if r == ids.size or ids[r] != image_id:
+            raise KeyError(f"image {image_id} has no location")
+        return read_image_bytes(*(columns[c][r] for c in LOCATION_COLUMNS[1:]))
+
+    return verify_pairs([(int(a), int(b)) for a, b in pairs], read)
+
+
+def verified_edges(edges: pa.Table, threshold: float, pairs: np.ndarray, passed: np.ndarray) -> pa.Table:
+    """The copy edges: those above the threshold, and those at or below it whose unordered pair is
+    among `pairs` (sorted, from `band_pairs`) with `passed` true."""
+    src, dst = edges["src"].to_numpy(), edges["dst"].to_numpy()
+    above = edges["sim"].to_numpy() > threshold
+    ok = np.asarray(pairs)[np.asarray(passed, dtype=bool)]
+    if ok.size:
+        lo, hi = np.minimum(src, dst), np.maximum(src, dst)
+        # one int per pair for the lookup: the rank of lo among the ids, times the id count, plus hi's
+        ids = np.unique(np.concatenate([lo, hi, ok.ravel()]))
+        key = np.searchsorted(ids, lo) * ids.size + np.searchsorted(ids, hi)
+        ok_key = np.sort(np.searchsorted(ids, ok[:, 0]) * ids.size + np.searchsorted(ids, ok[:, 1]))
+        above |= in_sorted(key, ok_key)
+    return edges.filter(pa.array(above))
 
 
 # ---------------------------------------------------------------- incremental (a source added)

@@ -5,7 +5,7 @@ the embed stage's `PreprocessConfig.whole`, set for this arch), (B, DIM) L2-norm
 the cosine of two vectors says how likely one image is an edited copy of the other. Steps, and the
 edits each serves:
   1. uniform borders (padding, the transparent margin of an icon composited on white by the
-     decoder) are trimmed, twice (the second pass, after a first trim, reads the border colour a
+     decoder; a side only when its trimmed band is flat on average, not a sky) are trimmed, twice (the second pass, after a first trim, reads the border colour a
      few pixels in, past the band resampling blends with the cut-off padding), and the content box
      is resampled to GRID x GRID: padding, rescaling, icons drawn at several sizes;
   2. blocks computed on the content, in opponent colours: a zero-mean grey thumbnail (layout),
@@ -67,6 +67,7 @@ class CopyDescriptor(nn.Module):
         cells: int = 4,
         texture_weight: float = 0.5,
         inner_ring_inset: int = 2,
+        flat_border: float | None = 0.02,  # None: trim whatever lies within trim_tolerance
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -82,6 +83,7 @@ class CopyDescriptor(nn.Module):
         self.thumb_size = thumb_size
         self.cells = cells
         self.inner_ring_inset = inner_ring_inset
+        self.flat_border = flat_border
 
     # -------------------------------------------------------------- step 1: trim and resample
 
@@ -117,6 +119,10 @@ class CopyDescriptor(nn.Module):
         y1 = torch.where(rows, idx_h, -1.0).amax(dim=1)
         x0 = torch.where(cols, idx_w, big).amin(dim=1)
         x1 = torch.where(cols, idx_w, -1.0).amax(dim=1)
+        if self.flat_border is not None:  # a side is trimmed only when its band is flat on average
+            dev = (rgb - border).abs().amax(dim=1)  # (B, H, W)
+            y0, y1 = self._flat_bands(dev.mean(dim=2), y0, y1, inset)
+            x0, x1 = self._flat_bands(dev.mean(dim=1), x0, x1, inset)
         # Nothing but border (a blank image) or a tiny box: keep the whole image.
         small = ((y1 - y0) < 0.2 * h) | ((x1 - x0) < 0.2 * w)
         y0 = torch.where(small, 0.0, y0)
@@ -132,6 +138,26 @@ class CopyDescriptor(nn.Module):
             ],
             dim=1,
         )
+
+    def _flat_bands(
+        self, line_dev: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Undo the trim of a side whose trimmed band is not flat: (lo, hi) content rows (or columns)
+        of each image, given each line's mean distance to the border colour (B, n). Padding is flat;
+        a sky or a low-contrast field that stays within the trim tolerance is not, and trimming it
+        would cut a different box from each copy."""
+        n = line_dev.shape[1]
+        csum = torch.cat([torch.zeros_like(line_dev[:, :1]), line_dev.cumsum(dim=1)], dim=1)
+        edge = torch.full_like(lo, float(inset))
+        lo_c = torch.clamp(lo, min=inset, max=n - inset)
+        head = (csum.gather(1, lo_c.long()[:, None])[:, 0] - csum[:, inset]) / torch.clamp(lo_c - edge, min=1)
+        hi_c = torch.clamp(hi + 1, min=inset, max=n - inset)
+        tail = (csum[:, n - inset] - csum.gather(1, hi_c.long()[:, None])[:, 0]) / torch.clamp(
+            n - inset - hi_c, min=1
+        )
+        lo = torch.where(head > self.flat_border, torch.minimum(lo, edge), lo)
+        hi = torch.where(tail > self.flat_border, torch.maximum(hi, n - 1 - edge), hi)
+        return lo, hi
 
     def resample(self, rgb: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
         """Each image's box, low-passed (box filter of the size that maps onto one output pixel),

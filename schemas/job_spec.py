@@ -203,6 +203,21 @@ class DedupSpec(SearchSpec):
         description="Warn (log and stage summary) when one duplicate component holds more than this "
         "share of the pool: a sign of chaining or of a threshold too low for the copy detector.",
     )
+    verify_from: float | None = Field(
+        None,
+        gt=-1,
+        le=1,
+        description="Pixel verification of near misses: a pair whose cosine lies in (verify_from, threshold] "
+        "is a copy when the pixel verifier (lvd.curation.copy_verifier) finds the same pixels in both "
+        "images (score above verify_score). The kNN graph then keeps edges down to verify_from. "
+        "None: no verification (every decision is the cosine's).",
+    )
+    verify_score: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Pixel verifier score above which a pair in the verification band is a copy.",
+    )
 
 
 class RetrievalSpec(SearchSpec):
@@ -355,6 +370,11 @@ class JobSpec(_Strict):
         }
         if unset:
             self.dedup = self.dedup.model_copy(update=unset)
+        if self.dedup.verify_from is not None and self.dedup.verify_from >= self.dedup.threshold:
+            raise ValueError(
+                f"dedup.verify_from ({self.dedup.verify_from}) must be below dedup.threshold "
+                f"({self.dedup.threshold}): it is the low end of the band of pairs the pixel verifier checks"
+            )
         return self
 
     @model_validator(mode="after")
@@ -370,10 +390,19 @@ class JobSpec(_Strict):
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none): what a stage's marker is keyed on."""
         data = self.model_dump(mode="json")
+        for section, defaults in ADDED_SWITCHED_OFF.items():
+            # Fields added after jobs were run, left switched off: such jobs keep their fingerprint.
+            if all(data[section].get(k) == v for k, v in defaults.items()):
+                for k in defaults:
+                    data[section].pop(k, None)
         if sections:
             data = {k: data[k] for k in sections}
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Fields added to a section after jobs were run, with their switched-off defaults (see `fingerprint`).
+ADDED_SWITCHED_OFF = {"dedup": {"verify_from": None, "verify_score": 0.5}}
 
 
 class JobSpecError(ValueError):

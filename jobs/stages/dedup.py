@@ -37,6 +37,7 @@ from lvd.curation.dedup import (
     KEEP_FLIPS,
     SEEN,
     areas_of,
+    band_pairs,
     bucket_pool_rows,
     carried_copy_edges,
     component_decisions,
@@ -44,9 +45,12 @@ from lvd.curation.dedup import (
     exact_edges_of_bucket,
     fresh_edges_reversed,
     graph_nodes,
+    image_locations,
     parts_fingerprint,
     split_seen,
     unique_edges,
+    verified_edges,
+    verify_pair_batch,
     write_dedup_part,
 )
 from lvd.curation.knn_ray import search_parts
@@ -65,6 +69,8 @@ log = logging.getLogger("lvd")
 # map tasks (each over a group of parts), so the scratch holds at most their product of files.
 MAX_HASH_BUCKETS = 256
 MAX_MAP_TASKS = 1024
+
+VERIFY_BATCH = 64  # candidate pairs per verification task
 
 SCRATCH = ("pool_rows", "exact", "copy_edges", "eval_edges", "split", "copy_seen", "copy_again")
 
@@ -94,6 +100,10 @@ class DedupSummary(StageSummary):
     # images searched against the whole pool (all of them in a full run).
     incremental: str = ""
     queries_against_pool: int = 0
+    # Pixel verification (dedup.verify_from): pairs in the band checked, found copies, images unreadable.
+    verified_pairs: int = 0
+    verified_copies: int = 0
+    verify_unreadable: int = 0
     components: int = 0  # duplicate components (two images or more)
     largest_component: int = 0
     largest_component_share: float = 0.0  # of the pool images
@@ -227,9 +237,11 @@ def dedup_parts(
 
     pool = [VectorPart(embed, rows=rows_file[i]) for i, _, embed in parts if embed is not None]
     queries_against_pool = 0
+    # With pixel verification the graph keeps edges down to the band's low end (see `_verify_band`).
+    search_threshold = dedup.threshold if dedup.verify_from is None else dedup.verify_from
     if earlier is None:
         # 3. copy detection: kNN of each pool image that is not an exact copy, among the same images.
-        copy_writer = EdgeWriter(scratch("copy_edges"), dedup.threshold)
+        copy_writer = EdgeWriter(scratch("copy_edges"), search_threshold)
         copy = search_parts(
             pool,
             pool,
@@ -237,7 +249,7 @@ def dedup_parts(
             dedup,
             write=copy_writer,
             exclude_ids=excluded,
-            recall_threshold=dedup.threshold,
+            recall_threshold=search_threshold,
             name="dedup: copy detection",
         )
         copy_edges = read_results(copy_writer)
@@ -250,7 +262,7 @@ def dedup_parts(
         alive = np.unique(np.concatenate([np.zeros(0, np.int64), *(r[3] for r in split.values())]))
 
         def against_pool(queries: list[VectorPart], name: str, what: str):
-            writer = EdgeWriter(scratch(name), dedup.threshold)
+            writer = EdgeWriter(scratch(name), search_threshold)
             result = search_parts(
                 queries,
                 pool,
@@ -258,7 +270,7 @@ def dedup_parts(
                 dedup,
                 write=writer,
                 exclude_ids=excluded,
-                recall_threshold=dedup.threshold,
+                recall_threshold=search_threshold,
                 name=f"dedup: copy detection, {what} against the pool",
             )
             return result, read_results(writer)
@@ -270,7 +282,7 @@ def dedup_parts(
         seen_to_fresh = [turned]
         if full_lists.size and any(seen.values()):
             # New images with full lists: the earlier images that have them above the threshold.
-            writer = EdgeWriter(scratch("copy_seen"), dedup.threshold)
+            writer = EdgeWriter(scratch("copy_seen"), search_threshold)
             search_parts(
                 _id_parts(split_dir / SEEN, seen, embed_of),
                 _id_parts(split_dir / FRESH, fresh, embed_of, where=pc.field("image_id").isin(full_lists)),
@@ -296,6 +308,10 @@ def dedup_parts(
             searched.append(edges)
             queries_against_pool += result.queries
         copy_edges = unique_edges(pa.concat_tables(searched))
+    searched_edges = copy_edges  # what a later incremental run carries (before verification)
+    verification = (0, 0, 0)
+    if dedup.verify_from is not None:
+        copy_edges, verification = _verify_band(copy_edges, dedup, [ingest for _, ingest, _ in parts])
     copy_src, copy_dst = copy_edges["src"].to_numpy(), copy_edges["dst"].to_numpy()
 
     # Eval overlap: the nearest eval image of every pool image (exact copies included).
@@ -367,7 +383,7 @@ def dedup_parts(
             settings,
             copy.exact,
             digests,
-            copy_edges,
+            searched_edges,
             eval_matched,
             eval_digests if eval_datasets else [],
         )
@@ -386,6 +402,9 @@ def dedup_parts(
         shards=copy.shards,
         grouping=dedup.grouping,
         queries_against_pool=queries_against_pool,
+        verified_pairs=verification[0],
+        verified_copies=verification[1],
+        verify_unreadable=verification[2],
     )
     if earlier is not None:
         summary.incremental = (
@@ -396,6 +415,45 @@ def dedup_parts(
         log.info("dedup: incremental: %s", summary.incremental)
     _record_components(summary, decisions, dedup.max_component_share)
     return summary
+
+
+def _verify_band(
+    edges: pa.Table, dedup: DedupSpec, image_parts: Sequence[Path]
+) -> tuple[pa.Table, tuple[int, int, int]]:
+    """Pixel verification of the edges in (verify_from, threshold] on workers: tasks find where the
+    band's images are, tasks score batches of pairs. Returns (the copy edges, (pairs verified,
+    found copies, images that could not be read))."""
+    pairs = band_pairs(
+        edges["src"].to_numpy(), edges["dst"].to_numpy(), edges["sim"].to_numpy(), dedup.threshold
+    )
+    if pairs.shape[0] == 0:
+        return verified_edges(edges, dedup.threshold, pairs, np.zeros(0, bool)), (0, 0, 0)
+    found = run_tasks(image_locations, list(image_parts), name="dedup: band images", ids=np.unique(pairs))
+    locations = pa.concat_tables(found).sort_by("image_id")
+    batches = [pairs[s : s + VERIFY_BATCH] for s in range(0, pairs.shape[0], VERIFY_BATCH)]
+    results = run_tasks(
+        verify_pair_batch,
+        batches,
+        name="dedup: pixel verification",
+        rows=lambda r: r[0].size,
+        total_rows=pairs.shape[0],
+        locations=locations,
+    )
+    scores = np.concatenate([r[0] for r in results])
+    unreadable = sum(r[1] for r in results)
+    if unreadable:
+        log.warning(
+            "dedup: %d images of the verification band could not be read; their pairs stay apart", unreadable
+        )
+    passed = scores > dedup.verify_score
+    log.info(
+        "dedup: pixel verification: %d of %d pairs in the band are copies", int(passed.sum()), pairs.shape[0]
+    )
+    return verified_edges(edges, dedup.threshold, pairs, passed), (
+        pairs.shape[0],
+        int(passed.sum()),
+        unreadable,
+    )
 
 
 def _write_increment_state(
