@@ -20,6 +20,8 @@ SPARK_LOG4J = Path(__file__).with_name("spark-log4j2.properties")
 CONNECT_TIMEOUT_S = 10.0
 # Attempts per Spark task in local mode (Spark's own default there is 1: no retry); 4 as on a cluster.
 LOCAL_TASK_ATTEMPTS = 4
+# JVM options of a local Spark session (see `_get_spark`).
+LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
 
 
 class RayUnreachableError(ConnectionError):
@@ -171,6 +173,10 @@ def _get_spark(spec: JobSpec):
             "spark.driver.bindAddress": "127.0.0.1",
             "spark.driver.host": "127.0.0.1",
         }
+        # The JVM's quick compiler only: on one machine the JVM shares the cores with Ray and the
+        # Python shard writers, and most of its CPU went into the optimising compiler at start-up
+        # (while the Ray stages run beside the warm-up); a cluster keeps the JVM's default.
+        conf["spark.driver.extraJavaOptions"] += f" {LOCAL_JVM_OPTIONS}"
     conf |= spec.spark.conf
     _launch_spark_jvm(conf)
     builder = SparkSession.builder
