@@ -173,7 +173,9 @@ def matmul_flops(n: int = 2048, reps: int = 4, dtype: torch.dtype = torch.float3
     return 2 * n**3 / best, 2 * n**3 * reps / (time.process_time() - cpu0)
 
 
-def attention_cpu_ms(batch: int, tokens: int, dim: int, heads: int, dtype: torch.dtype, reps: int = 5) -> dict:
+def attention_cpu_ms(
+    batch: int, tokens: int, dim: int, heads: int, dtype: torch.dtype, reps: int = 5
+) -> dict:
     """CPU ms per call of one block's attention (after the qkv projection) on a [batch, tokens] input:
     SDPA's fused kernel against the batched-matmul path the model runs in bf16 on CPU."""
     import torch.nn.functional as F
