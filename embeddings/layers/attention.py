@@ -6,9 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Bound on the attention scores `bf16_cpu_attention` holds at once.
-SCORES_BYTES = 64 << 20
-
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
@@ -23,8 +20,7 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x)
         if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-            x = bf16_cpu_attention(qkv, self.num_heads)
-            return self.proj(x.transpose(1, 2).reshape(b, n, c))
+            return self.proj(bf16_cpu_attention(qkv, self.num_heads))
         # [B, N, 3, H, hd] -> 3 x [B, H, N, hd]
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         if x.device.type == "cpu" and x.requires_grad and torch.is_autocast_enabled("cpu"):
@@ -39,30 +35,28 @@ class Attention(nn.Module):
 
 
 def bf16_cpu_attention(qkv: Tensor, num_heads: int) -> Tensor:
-    """Inference attention in bf16 on CPU: [B, N, 3C] qkv projections -> [B, H, N, C/H].
+    """Inference attention in bf16 on CPU: [B, N, 3C] qkv projections -> [B, N, C] (heads side by side).
 
-    Two batched matmuls over (image, head) pairs and a softmax between them. At ViT sequence lengths
-    (a few hundred tokens) this costs less CPU than SDPA's fused CPU kernel, which computes its
-    softmax blockwise in float32 and reaches a small share of the bf16 matmul rate
-    (benchmarks/embed.py measures both). Here the softmax runs in bf16: the vectors move from
-    float32's by as much as under autocast.
+    Per image, two batched matmuls over its heads and a softmax between them, reading q, k and v
+    where the qkv projection wrote them and reusing one scores buffer, so nothing of the batch's
+    size is allocated (a fresh buffer per call cost page faults). At ViT sequence lengths (a few
+    hundred tokens) this costs less CPU than SDPA's fused CPU kernel, which computes its softmax
+    blockwise in float32 (benchmarks/embed.py prints both). The softmax runs in bf16 here: the
+    vectors move from float32's by as much as under autocast.
     """
     b, n, c3 = qkv.shape
     d = c3 // (3 * num_heads)
-    bh = b * num_heads
-    # One copy puts q, k and v each in [B*H, N, d] order.
-    q, k, v = qkv.reshape(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).reshape(3, bh, n, d)
-    out = q.new_empty(bh, n, d)
-    # The scores of a chunk of (image, head) pairs at a time: few for long sequences (ViT-g at 518 px).
-    step = max(1, SCORES_BYTES // (n * n * q.element_size()))
-    for s in range(0, bh, step):
-        e = min(bh, s + step)
-        # beta=0: the uninitialised input is ignored; alpha applies 1/sqrt(d) inside the matmul.
-        scores = torch.baddbmm(
-            q.new_empty(e - s, n, n), q[s:e], k[s:e].transpose(1, 2), beta=0, alpha=d**-0.5
-        )
-        torch.bmm(scores.softmax(dim=-1), v[s:e], out=out[s:e])
-    return out.view(b, num_heads, n, d)
+    per_token = qkv.view(b, n, 3, num_heads, d)
+    out = qkv.new_empty(b, n, num_heads, d)
+    scores = qkv.new_empty(num_heads, n, n)
+    heads_out = qkv.new_empty(num_heads, n, d)
+    for i in range(b):
+        q, k, v = per_token[i].permute(1, 2, 0, 3)  # 3 x [H, N, d], strided views
+        # beta=0: the buffer's old values are ignored; alpha applies 1/sqrt(d) inside the matmul.
+        torch.baddbmm(scores, q, k.transpose(1, 2), beta=0, alpha=d**-0.5, out=scores)
+        torch.bmm(scores.softmax(dim=-1), v, out=heads_out)
+        out[i].copy_(heads_out.transpose(0, 1))
+    return out.view(b, n, num_heads * d)
 
 
 def attention_reference(x: Tensor, attn: Attention) -> Tensor:
