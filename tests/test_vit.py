@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvd.embeddings.layers import DropPath
+from lvd.embeddings.layers import DropPath, attention
 from lvd.embeddings.layers.attention import Attention, attention_reference
 from lvd.embeddings.vit import ARCHS, build_vit
 
@@ -57,7 +57,8 @@ def test_sdpa_attention_equals_the_softmax_formula():
     assert xg.grad is not None and attn.qkv.weight.grad is not None
 
 
-def test_bf16_inference_attention_on_cpu_equals_the_formula():
+def test_bf16_inference_attention_on_cpu_equals_the_formula(monkeypatch):
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MIN_TOKENS", 1)
     torch.manual_seed(0)
     attn = Attention(48, 6)
     x = torch.randn(3, 17, 48)

@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Sequence length from which bf16 inference on CPU runs `bf16_cpu_attention` rather than SDPA: its
+# per-image loop costs more than it saves on short sequences (26 tokens, a 70 px crop) and less
+# on long ones (257 tokens, 224 px); the bound lies between the two lengths measured.
+MATMUL_ATTENTION_MIN_TOKENS = 128
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
@@ -19,7 +24,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x)
-        if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        if (
+            qkv.device.type == "cpu"
+            and qkv.dtype == torch.bfloat16
+            and n >= MATMUL_ATTENTION_MIN_TOKENS
+            and not torch.is_grad_enabled()
+        ):
             return self.proj(bf16_cpu_attention(qkv, self.num_heads))
         # [B, N, 3, H, hd] -> 3 x [B, H, N, hd]
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
