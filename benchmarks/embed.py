@@ -173,6 +173,33 @@ def matmul_flops(n: int = 2048, reps: int = 4, dtype: torch.dtype = torch.float3
     return 2 * n**3 / best, 2 * n**3 * reps / (time.process_time() - cpu0)
 
 
+def attention_cpu_ms(
+    batch: int, tokens: int, dim: int, heads: int, dtype: torch.dtype, reps: int = 5
+) -> dict:
+    """CPU ms per call of one block's attention (after the qkv projection) on a [batch, tokens] input:
+    SDPA's fused kernel against the batched-matmul path the model runs in bf16 on CPU."""
+    import torch.nn.functional as F
+
+    from lvd.embeddings.layers.attention import bf16_cpu_attention
+
+    qkv = torch.randn(batch, tokens, 3 * dim).to(dtype)
+    d = dim // heads
+
+    def sdpa():
+        q, k, v = qkv.reshape(batch, tokens, 3, heads, d).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    out = {}
+    with torch.inference_mode():
+        for name, fn in (("sdpa", sdpa), ("matmuls", lambda: bf16_cpu_attention(qkv, heads))):
+            fn()
+            cpu0 = time.process_time()
+            for _ in range(reps):
+                fn()
+            out[name] = 1e3 * (time.process_time() - cpu0) / reps
+    return out
+
+
 def model_flops_per_image(module, size: int) -> int:
     """FLOP of one image's forward, attention included (counted through SDPA's math path, whose
     matmuls the counter sees; the fused CPU kernel is invisible to it)."""
@@ -280,6 +307,13 @@ def main() -> None:
         f"-> compute limit {limit_ips:.1f} img/s"
     )
 
+    tokens = (model.preprocess.crop_size // model.module.patch_size) ** 2 + 1
+    attn = attention_cpu_ms(args.batch_size, tokens, model.module.embed_dim, model.module.num_heads, mm_dtype)
+    print(
+        f"attention at {tokens} tokens, batch {args.batch_size}, {precision}: SDPA {attn['sdpa']:.1f} CPU ms "
+        f"per block, batched matmuls + softmax (the model's path in bf16 on CPU) {attn['matmuls']:.1f}"
+    )
+
     # What the precision changes: the fp32 vectors of the same crops, and how far the used ones are.
     fp32 = load_embedding_model(spec.embedding.retrieval.model_copy(update={"precision": "float32"}), "cpu")
     x = np.stack([preprocess_image(p.read_bytes(), model.preprocess) for p in paths[: args.batch_size]])
@@ -299,6 +333,7 @@ def main() -> None:
     print(f"ratio stage / {precision} compute limit per CPU-second: {flops_img / stage_cpu / mm_cpu_fps:.3f}")
     print(f"ratio model FLOP/s / {precision} matmul FLOP/s: {model_fps / mm_fps:.3f}")
     print(f"ratio forward fp32 ms / {precision} ms: {fp32_ms / bare['forward_ms']:.3f}")
+    print(f"ratio attention CPU, SDPA / batched matmuls: {attn['sdpa'] / attn['matmuls']:.3f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lvd.curation.image_io import read_image_bytes
+from lvd.embeddings.cpu_threads import wait_with
 from lvd.embeddings.preprocess import (
     ImageDecodeError,
     PreprocessConfig,
@@ -182,8 +183,16 @@ class EmbedActor:
     """One replica of every model: embeds decoded crops and writes them as chunks (see write_chunks)."""
 
     def __init__(
-        self, models: dict[str, dict], pixel_key: dict[str, str], cpu_threads: int, chunk_root: str
+        self,
+        models: dict[str, dict],
+        pixel_key: dict[str, str],
+        cpu_threads: int,
+        chunk_root: str,
+        omp_wait_policy: str | None = None,
     ) -> None:
+        if omp_wait_policy is not None:
+            # Before torch loads in this actor process (embeddings/cpu_threads.py).
+            wait_with(omp_wait_policy)
         import torch
 
         from lvd.embeddings.models import load_embedding_model

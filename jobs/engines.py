@@ -20,6 +20,10 @@ SPARK_LOG4J = Path(__file__).with_name("spark-log4j2.properties")
 CONNECT_TIMEOUT_S = 10.0
 # Attempts per Spark task in local mode (Spark's own default there is 1: no retry); 4 as on a cluster.
 LOCAL_TASK_ATTEMPTS = 4
+# How long a local Ray instance keeps an idle task worker, with the modules it imported (see `ensure_ray`).
+IDLE_WORKER_KEEP_MS = 60_000
+# JVM options of a local Spark session (see `_get_spark`).
+LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
 
 
 class RayUnreachableError(ConnectionError):
@@ -116,6 +120,11 @@ def ensure_ray(spec: JobSpec) -> None:
             num_cpus=spec.ray.num_cpus,
             include_dashboard=False,
             log_to_driver=False,
+            # Ray ends a task worker idle for a second once the node has more workers than CPUs,
+            # and the long-lived actors (model, kNN shards, Ray Data's own) count: every stage then
+            # started new workers that imported torch, FAISS and Arrow again. Idle workers are kept
+            # between stages instead.
+            _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
         )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -171,6 +180,10 @@ def _get_spark(spec: JobSpec):
             "spark.driver.bindAddress": "127.0.0.1",
             "spark.driver.host": "127.0.0.1",
         }
+        # The JVM's quick compiler only: on one machine the JVM shares the cores with Ray and the
+        # Python shard writers, and most of its CPU went into the optimising compiler at start-up
+        # (while the Ray stages run beside the warm-up); a cluster keeps the JVM's default.
+        conf["spark.driver.extraJavaOptions"] += f" {LOCAL_JVM_OPTIONS}"
     conf |= spec.spark.conf
     _launch_spark_jvm(conf)
     builder = SparkSession.builder

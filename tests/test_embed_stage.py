@@ -1,5 +1,8 @@
 """The Ray embed stage on a handful of images: both models in one pass, failures recorded, resume by part."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +385,24 @@ def test_finalize_merges_chunks_of_retried_batches_and_refuses_a_missing_row(tmp
     with pytest.raises(RuntimeError, match="5 of its 6 ok rows"):
         embed_worker.finalize_part((0, str(ingest)), **kwargs)
     assert not layout.part_path(out, 0, "retrieval").exists()
+
+
+def test_the_actor_sets_the_wait_policy_before_torch_loads(tmp_path):
+    """The policy reaches libgomp only if it is in the environment when torch is imported."""
+    code = """
+import os, sys
+seen = []
+class Watch:  # records the policy at the moment torch is imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+sys.meta_path.insert(0, Watch())
+from lvd.embeddings.embed_worker import EmbedActor
+EmbedActor({}, {}, 1, sys.argv[1], omp_wait_policy="PASSIVE")
+print(seen)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "['PASSIVE']"

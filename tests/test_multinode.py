@@ -209,6 +209,8 @@ def test_pretraining_submitted_as_a_ray_job(clusters, pretrained):
 def test_ray_train_on_two_nodes_matches_one_process_run(clusters, pretrained):
     ray_c, _ = clusters
     assert pretrained.ray_summary["steps"] == [0, STEPS]
+    # Ray Train imports torch before the loop: the policy came through the workers' runtime_env.
+    assert pretrained.ray_summary["omp_wait_policy"] == "PASSIVE"
     workers = [a for a in ray_c.actors() if a["class_name"] == "RayTrainWorker"]
     assert len({a["node_id"] for a in workers}) == 2  # one per node
 

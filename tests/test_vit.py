@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvd.embeddings.layers import DropPath
+from lvd.embeddings.layers import DropPath, attention
 from lvd.embeddings.layers.attention import Attention, attention_reference
 from lvd.embeddings.vit import ARCHS, build_vit
 
@@ -55,6 +55,20 @@ def test_sdpa_attention_equals_the_softmax_formula():
     torch.testing.assert_close(out.float(), attention_reference(x, attn), atol=3e-2, rtol=3e-2)
     out.float().sum().backward()
     assert xg.grad is not None and attn.qkv.weight.grad is not None
+
+
+def test_bf16_inference_attention_on_cpu_equals_the_formula(monkeypatch):
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MIN_TOKENS", 1)
+    torch.manual_seed(0)
+    attn = Attention(48, 6)
+    x = torch.randn(3, 17, 48)
+    ref = attention_reference(x, attn)
+    attn.to(torch.bfloat16)
+    with torch.inference_mode():  # the batched-matmul path, image by image
+        out = attn(x.to(torch.bfloat16))
+        alone = attn(x[1:2].to(torch.bfloat16))
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    assert torch.equal(out[1:2], alone)  # each image's attention sees only its own tokens
 
 
 def test_bf16_branches_keep_norms_and_residuals_in_float32():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import json
+import logging
 import os
 import tempfile
 import time
@@ -14,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger("lvd.train")
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,6 @@ def mean_across_ranks(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 def _ray_train_loop(loop_config: dict) -> None:
     # Runs inside each Ray Train worker; Ray has already created the torch process group.
-    import logging
     import sys
 
     import ray.train
@@ -208,6 +211,7 @@ def launch_ray_train(
     `output_dir` and the shards must be reachable from every node (shared or fsspec storage). Without
     `address`, joins the cluster in RAY_ADDRESS (set inside a submitted Ray job) or starts a local Ray.
     """
+    from lvd.embeddings.cpu_threads import actor_env
     from lvd.jobs.engines import (
         LOOPBACK,
         check_ray_address,
@@ -241,6 +245,13 @@ def launch_ray_train(
         "resume": resume,
         "stop_after": stop_after,
     }
+    run_options: dict[str, Any] = {}
+    if "worker_runtime_env" in inspect.signature(RunConfig).parameters:  # Ray Train v2
+        # Ray Train imports torch in its workers before the loop runs: the OpenMP wait policy
+        # (embeddings/cpu_threads.py) must be in their environment when they start.
+        run_options["worker_runtime_env"] = {"env_vars": actor_env()}
+    else:
+        log.warning("Ray Train v1: its workers run with OpenMP's default wait policy (threads spin)")
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config=loop_config,
@@ -249,6 +260,7 @@ def launch_ray_train(
         run_config=RunConfig(
             name=f"lvd-pretrain-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=os.path.join(output_dir, "ray"),
+            **run_options,
         ),
     )
     return dict(trainer.fit().metrics or {})

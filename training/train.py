@@ -28,6 +28,7 @@ import PIL.Image
 import torch
 
 from lvd.embeddings.checkpoints import is_torch_save_file
+from lvd.embeddings.cpu_threads import omp_wait_policy
 from lvd.training.augment import MultiCrop, MultiCropConfig, augment_batch
 from lvd.training.config import PretrainConfig
 from lvd.training.launch import (
@@ -80,6 +81,8 @@ class RunResult:
             "images_seen": self.images_seen,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "teacher_export": str(self.teacher_export) if self.teacher_export else None,
+            # How this process's torch threads waited between ops (embeddings/cpu_threads.py).
+            "omp_wait_policy": omp_wait_policy(),
         }
         if self.losses:
             out["loss_first"] = round(self.losses[0]["total"], 4)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from lvd.embeddings.cpu_threads import actor_env
+from lvd.embeddings.cpu_threads import chosen_policy
 from lvd.embeddings.embed_worker import (
     RESULT_COLUMNS,
     EmbedActor,
@@ -297,14 +297,14 @@ def run(ctx: StageContext) -> EmbedSummary:
                 "pixel_key": pixel_key,
                 "cpu_threads": max(1, round(emb.cpus_per_actor)),
                 "chunk_root": str(chunk_root),
+                # The actor shares its cores with the decode tasks: its torch threads sleep, not
+                # spin, between ops (see embeddings/cpu_threads.py).
+                "omp_wait_policy": chosen_policy(),
             },
             # A fixed pool: every replica asked for (one per GPU) starts at once.
             compute=ray.data.ActorPoolStrategy(min_size=num_actors, max_size=num_actors),
             num_gpus=1 if gpus else 0,
             num_cpus=emb.cpus_per_actor,
-            # The actor shares its cores with the decode tasks: its torch threads sleep, not spin,
-            # between ops (see embeddings/cpu_threads.py).
-            runtime_env={"env_vars": actor_env()},
             batch_size=batch_size,
             batch_format="numpy",
         )
