@@ -151,6 +151,14 @@ class SearchSpec(_Strict):
     search_actors: int = Field(
         0, ge=0, description="kNN shard actors holding the database (0: one per GPU, else one per node)."
     )
+    tables: int = Field(
+        1,
+        ge=1,
+        description="IVF indexes over the same vectors, each with its own partition, searched together "
+        "with nprobe lists each and re-ranked exactly (CPU): a pair one partition splits is usually "
+        "kept together by another, so tables find more of the pairs above a copy threshold than one "
+        "index with tables x nprobe. Used above exact_below vectors.",
+    )
 
 
 # Default (dedup.threshold, dedup.eval_threshold) per copy detector (embedding.copy_detection.arch),
