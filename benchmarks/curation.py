@@ -10,6 +10,7 @@ merged with anything else, and near misses merged, at the 0.6 copy threshold.
     .venv/bin/python benchmarks/curation.py            # 1M x 384
     .venv/bin/python benchmarks/curation.py --n 100000
     .venv/bin/python benchmarks/curation.py --n 20000 --parts dedup dedup_parts --shards 2
+    .venv/bin/python benchmarks/curation.py --n 1000000 --parts dedup --tables 3 --nprobe 32
 
 Baselines measured in the same run: exact (flat) kNN on a sample of queries, extrapolated to all n;
 MiniBatchKMeans with the same k on the same data; a uniform random sample of the balanced sample's
@@ -147,11 +148,19 @@ def bench_dedup(x, truth, args) -> dict:
     n = x.shape[0]
     factory = args.index or auto_index(n, x.shape[1], use_gpu())
     ids = np.arange(n, dtype=np.int64)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = dedup_pool(
-        ids, x, k=args.k, threshold=0.6, index=factory, nprobe=args.nprobe, exact_below=0, chunk_size=65_536
+        ids,
+        x,
+        k=args.k,
+        threshold=0.6,
+        index=factory,
+        nprobe=args.nprobe,
+        exact_below=0,
+        chunk_size=65_536,
+        tables=args.tables,
     )
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     quality = copy_quality(res.component_id, truth)
     # Brute force on a sample: every exact edge above the threshold must join one component.
     rng = np.random.default_rng(1)
@@ -163,9 +172,11 @@ def bench_dedup(x, truth, args) -> dict:
     src, dst = np.repeat(q, edge.sum(1)), nbr[edge]
     sample_edge_recall = float((res.component_id[src] == res.component_id[dst]).mean()) if src.size else None
     return {
-        "index": factory,
+        "index": factory if args.tables == 1 else f"{args.tables} x {factory}",
         "nprobe": args.nprobe,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "load": os.getloadavg()[0],
         "peak_rss_gib": peak_rss_gib(),
         "copy_dropped": res.counts()["copy"],
         "edges": res.copy_edges,
@@ -247,6 +258,7 @@ def bench_dedup_parts(x, truth, args) -> dict:
             nprobe=args.nprobe,
             exact_below=0,
             search_actors=args.shards,
+            tables=args.tables,
         )
         hwm_before = driver_hwm_gib()
         t0 = time.perf_counter()
@@ -558,6 +570,7 @@ def main() -> None:
         help="FAISS factory string (default IVF<2*sqrt(n)>,PQ64x4fs,RFlat: 4-bit fast-scan PQ, re-ranked exactly)",
     )
     ap.add_argument("--nprobe", type=int, default=64)
+    ap.add_argument("--tables", type=int, default=1, help="IVF partitions searched together (dedup.tables)")
     ap.add_argument("--exact-sample", type=int, default=1000)
     ap.add_argument("--kmeans-k", type=int, default=1000)
     ap.add_argument(
@@ -630,7 +643,8 @@ def main() -> None:
     d = bench_dedup(x, truth, args) if "dedup" in args.parts else None
     if d:
         print(
-            f"copy dedup ({d['index']}, nprobe {d['nprobe']}, k {args.k}): {d['seconds']:.1f} s, "
+            f"copy dedup ({d['index']}, nprobe {d['nprobe']}, k {args.k}): {d['seconds']:.1f} s "
+            f"({d['cpu_seconds']:.0f} CPU-s on {os.cpu_count()} cores, load {d['load']:.1f}), "
             f"peak RSS {d['peak_rss_gib']:.2f} GiB, {d['edges']} edges, {d['copy_dropped']} dropped",
             flush=True,
         )

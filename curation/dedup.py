@@ -79,18 +79,20 @@ def copy_detection_edges(
     chunk_size: int = 65_536,
     recall_sample: int = 1000,
     seed: int = 0,
+    tables: int = DEDUP_DEFAULTS.tables,
 ) -> CopyEdges:
     """Edges (i, j) between each row and those of its k nearest neighbours with cosine > threshold.
 
     `vectors` are L2-normalised float32, `ids` their image_ids (the IVF training and recall samples
     are then the keyed ones the sharded search draws). Only thresholded edges are kept, chunk by chunk.
+    `tables` > 1: that many IVF partitions searched together (`curation.knn.IndexTables`).
     """
     n = vectors.shape[0]
     if n < 2:
         empty = np.zeros(0, np.int64)
         return CopyEdges(empty, empty, np.zeros(0, np.float32), True, None)
     idx, info = build_index(
-        vectors, factory=index, exact_below=exact_below, nprobe=nprobe, seed=seed, ids=ids
+        vectors, factory=index, exact_below=exact_below, nprobe=nprobe, seed=seed, ids=ids, tables=tables
     )
     src, dst, sims = [], [], []
     for start, s, i in search_chunks(idx, vectors, k + 1, chunk_size):  # k + 1: a row finds itself
@@ -105,7 +107,9 @@ def copy_detection_edges(
         recall = recall_against_exact(
             idx, vectors, k + 1, threshold=threshold, sample_size=recall_sample, seed=seed, ids=ids
         )
-        log.info("dedup: IVF %s nprobe %d, edge recall vs exact on a sample: %s", index, nprobe, recall)
+        log.info(
+            "dedup: %s nprobe %d, edge recall vs exact on a sample: %s", info.description, nprobe, recall
+        )
     return CopyEdges(np.concatenate(src), np.concatenate(dst), np.concatenate(sims), info.exact, recall)
 
 
@@ -226,12 +230,13 @@ def eval_overlap(
     nprobe: int = DEDUP_DEFAULTS.nprobe,
     exact_below: int = 1_000_000,
     chunk_size: int = 65_536,
+    tables: int = DEDUP_DEFAULTS.tables,
 ) -> np.ndarray:
     """Which pool rows have an eval image with cosine > threshold (nearest eval vector per pool row)."""
     matched = np.zeros(pool_vectors.shape[0], dtype=bool)
     if eval_vectors.shape[0] == 0 or pool_vectors.shape[0] == 0:
         return matched
-    idx, _ = build_index(eval_vectors, factory=index, exact_below=exact_below, nprobe=nprobe)
+    idx, _ = build_index(eval_vectors, factory=index, exact_below=exact_below, nprobe=nprobe, tables=tables)
     sims, ids = search(idx, pool_vectors, 1, chunk_size)
     return (sims[:, 0] > threshold) & (ids[:, 0] >= 0)
 
@@ -275,6 +280,7 @@ def dedup_pool(
     keep_rule: str = "largest_then_smallest_id",
     grouping: str = DEDUP_DEFAULTS.grouping,
     seed: int = 0,
+    tables: int = DEDUP_DEFAULTS.tables,
     verify_from: float | None = None,
     verify_score: float = DEDUP_DEFAULTS.verify_score,
     read_image: Callable[[int], bytes] | None = None,
@@ -293,7 +299,9 @@ def dedup_pool(
     exact_rep = exact_duplicate_of(sha256, image_ids) if sha256 is not None else rows
     is_exact_dup = exact_rep != rows
     unique_rows = np.flatnonzero(~is_exact_dup)
-    search_params = dict(index=index, nprobe=nprobe, exact_below=exact_below, chunk_size=chunk_size)
+    search_params = dict(
+        index=index, nprobe=nprobe, exact_below=exact_below, chunk_size=chunk_size, tables=tables
+    )
     # Exact copies have the same vector: search only one of each, join the rest by their hash edge.
     searched = vectors if unique_rows.size == n else vectors[unique_rows]  # no copy when all are distinct
     search_threshold = threshold if verify_from is None else verify_from

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import torch
 
 from lvd.curation.seeded import KNN_RECALL_SAMPLE, KNN_TRAIN_SAMPLE, keyed_uniform
+from lvd.embeddings.hardware import cpu_has_native_bf16
 from lvd.schemas.job_spec import DedupSpec
 
 # One source of truth for defaults: the job spec (these functions are also called directly).
@@ -116,15 +118,17 @@ def keyed_sample(ids: np.ndarray, size: int, seed: int, stream: int) -> np.ndarr
     return chosen[np.argsort(ids[chosen], kind="stable")]
 
 
-def training_size(factory_index: faiss.Index, n: int, requested: int | None = None) -> int:
-    """Vectors to train an index from the factory on: `requested`, by default 40 per IVF list and
-    at least 50k; at most n. Grows with the number of lists, not with n."""
+def training_size(
+    factory_index: faiss.Index, n: int, requested: int | None = None, per_list: int = 40
+) -> int:
+    """Vectors to train an index from the factory on: `requested`, by default `per_list` per IVF list
+    and at least 50k; at most n. Grows with the number of lists, not with n."""
     ivf = faiss.try_extract_index_ivf(factory_index)
     nlist = ivf.nlist if ivf is not None else 0
-    size = min(n, requested or max(50_000, 40 * nlist))
+    size = min(n, requested or max(50_000, per_list * nlist))
     if size < nlist:
         raise ValueError(f"an index with {nlist} lists needs at least {nlist} training vectors, got {size}")
-    if size < 39 * nlist:
+    if size < min(39, per_list) * nlist:
         log.warning("faiss: training %d lists on %d vectors (< 39 per list); recall may suffer", nlist, size)
     return size
 
@@ -136,6 +140,147 @@ class IndexInfo:
     trained_on: int
 
 
+def without_refine(factory: str) -> str:
+    """The factory string less a trailing exact re-ranking stage (",RFlat", ",Refine(...)")."""
+    parts = factory.split(",")
+    while len(parts) > 1 and (parts[-1] == "RFlat" or parts[-1].startswith("Refine")):
+        parts.pop()
+    return ",".join(parts)
+
+
+TABLE_TRAIN_PER_LIST = 20  # training vectors per IVF list of each of several tables
+PROBE_CHUNK = 16_384  # queries per coarse-score matmul: bounds its (queries x lists) scores
+
+
+class IndexTables:
+    """Several IVF indexes over the same rows, each with its own coarse partition (trained on its own
+    keyed sample), searched together and re-ranked by the exact inner product.
+
+    Why: within a dense, nearly isotropic cloud of images an IVF partition splits many moderately
+    similar pairs, and which pairs it splits depends on the partition. A copy that one partition puts
+    in a list its original's query does not probe is usually probed in another, so T tables with
+    nprobe lists each find far more of the pairs above a copy threshold than one table with T x nprobe
+    (measured in `benchmarks/curation.py`). Each table's lists are chosen from the coarse scores of a
+    bf16 matmul (float32 without native bf16), once per query chunk; each table returns its k best by
+    its code estimate, and the union is ranked by the exact inner product with the float32 rows.
+    """
+
+    def __init__(self, indexes: list[faiss.Index], vectors: np.ndarray, nprobe: int):
+        for index in indexes:
+            index.nprobe = min(nprobe, index.nlist)
+        self.indexes = indexes
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # the rows, for re-ranking
+        self.nprobe = nprobe
+        dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        self._centroids = [
+            torch.from_numpy(_ivf_centroids(index)).to(dtype).T.contiguous() for index in indexes
+        ]
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def _probes(self, table: int, xq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(coarse scores, list numbers) of each query's `nprobe` best lists in one table."""
+        weights = self._centroids[table]
+        nprobe = self.indexes[table].nprobe
+        scores, lists = [], []
+        for start in range(0, xq.shape[0], PROBE_CHUNK):
+            rows = torch.from_numpy(xq[start : start + PROBE_CHUNK]).to(weights.dtype)
+            top = (rows @ weights).float().topk(nprobe, dim=1)
+            scores.append(top.values.numpy())
+            lists.append(top.indices.numpy().astype(np.int64))
+        return np.concatenate(scores), np.concatenate(lists)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inner products, row numbers) of each query's k best rows among every table's k best,
+        by exact inner product, descending (ties by row number); -1 where fewer were found."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        m = xq.shape[0]
+        found = []
+        for table, index in enumerate(self.indexes):
+            dis, lists = self._probes(table, xq)
+            found.append(index.search_preassigned(xq, k, lists, dis)[1])
+        ids = np.sort(np.concatenate(found, axis=1), axis=1)
+        ids[:, 1:][ids[:, 1:] == ids[:, :-1]] = -1  # a row found by several tables counts once
+        sims = np.full(ids.shape, -np.inf, dtype=np.float32)
+        valid = ids >= 0
+        safe = np.where(valid, ids, 0)
+        faiss.fvec_inner_products_by_idx(
+            faiss.swig_ptr(sims),
+            faiss.swig_ptr(xq),
+            faiss.swig_ptr(self.vectors),
+            faiss.swig_ptr(safe),
+            xq.shape[1],
+            m,
+            ids.shape[1],
+        )
+        sims[~valid] = -np.inf
+        key = np.where(valid, -sims.astype(np.float64), np.inf)
+        order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), key), axis=-1)[:, :k]
+        sims, ids = np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        missing = ~np.isfinite(sims)
+        sims[missing], ids[missing] = -np.inf, -1
+        return sims, ids
+
+
+def _ivf_centroids(index: faiss.Index) -> np.ndarray:
+    return index.quantizer.reconstruct_n(0, index.nlist)
+
+
+def empty_table(factory: str, dim: int, table: int, nprobe: int) -> faiss.IndexIVF:
+    """Table `table`'s untrained index: `factory` less its re-ranking stage (`IndexTables` re-ranks),
+    probing `nprobe` lists, with its own k-means start (so tables differ even on the same rows)."""
+    index = faiss.index_factory(dim, without_refine(factory), faiss.METRIC_INNER_PRODUCT)
+    if not isinstance(index, faiss.IndexIVF):
+        raise ValueError(f"index tables need an IVF index without a transform, got {factory!r}")
+    index.nprobe = min(nprobe, index.nlist)
+    index.cp.seed += table
+    return index
+
+
+def table_training_size(index: faiss.Index, n: int, requested: int | None = None) -> int:
+    # Half the vectors per list one index trains on: a table's partition need not be the best one,
+    # only different from the others', and training is a large share of a table's cost.
+    return training_size(index, n, requested, per_list=TABLE_TRAIN_PER_LIST)
+
+
+def fill_tables(trained: list[faiss.Index], xb: np.ndarray, nprobe: int) -> IndexTables:
+    """`IndexTables` over the rows of `xb` from trained empty tables (`empty_table`)."""
+    for index in trained:
+        for start in range(0, xb.shape[0], ADD_CHUNK):
+            index.add(np.ascontiguousarray(xb[start : start + ADD_CHUNK]))
+    return IndexTables(trained, xb, nprobe)
+
+
+def build_tables(
+    xb: np.ndarray,
+    factory: str,
+    tables: int,
+    *,
+    nprobe: int,
+    ids: np.ndarray | None,
+    seed: int,
+    train_size: int | None = None,
+) -> tuple[IndexTables, int]:
+    """`tables` IVF indexes of `factory` over the rows of `xb` (`IndexTables`), table t trained on the
+    keyed sample of seed `seed + t` (table 0 on the rows one index trains on, if as many). Returns
+    (the tables, training rows per table)."""
+    n, d = xb.shape
+    trained, size = [], 0
+    for table in range(tables):
+        index = empty_table(factory, d, table, nprobe)
+        size = table_training_size(index, n, train_size)
+        if ids is not None:
+            sample = keyed_sample(ids, size, seed + table, KNN_TRAIN_SAMPLE)
+        else:
+            rng = np.random.default_rng(seed + table)
+            sample = np.sort(rng.choice(n, size=size, replace=False)) if size < n else slice(None)
+        index.train(np.ascontiguousarray(xb[sample]))
+        trained.append(index)
+    return fill_tables(trained, xb, nprobe), size
+
+
 def build_index(
     xb: np.ndarray,
     *,
@@ -145,15 +290,22 @@ def build_index(
     train_size: int | None = None,
     seed: int = 0,
     ids: np.ndarray | None = None,
-) -> tuple[faiss.Index, IndexInfo]:
+    tables: int = 1,
+) -> tuple[faiss.Index | IndexTables, IndexInfo]:
     """An inner-product index over the rows of `xb` (already L2-normalised float32).
 
     Exact (flat) below `exact_below` rows; else `factory` ("auto": `auto_index` for this device), trained on a sample of `train_size` rows
     (default: 40 per IVF list, at least 50k) and filled in chunks. With `ids` (the image_id of each
     row) the sample is the keyed one a sharded build draws (`keyed_sample`), so both train alike;
-    without, a random sample.
+    without, a random sample. `tables` > 1: that many IVF indexes on the CPU (`IndexTables`).
     """
     n, d = xb.shape
+    if n >= exact_below and tables > 1:
+        factory = resolve_index(factory, n, d, gpu=False)
+        index, size = build_tables(
+            xb, factory, tables, nprobe=nprobe, ids=ids, seed=seed, train_size=train_size
+        )
+        return index, IndexInfo(False, f"{tables} x {without_refine(factory)}", size)
     if n < exact_below:
         index: faiss.Index = faiss.IndexFlatIP(d)
         info = IndexInfo(True, "Flat", 0)

@@ -17,7 +17,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from lvd.curation.knn import edge_recall, resolve_index, runs_on_gpu, training_size
+from lvd.curation.knn import (
+    edge_recall,
+    empty_table,
+    resolve_index,
+    runs_on_gpu,
+    table_training_size,
+    training_size,
+    without_refine,
+)
 from lvd.curation.knn_sharded import (
     PartWriter,
     Shard,
@@ -111,18 +119,29 @@ def _keyed_sample(actors: list, size: int, n: int, stream: int) -> tuple[np.ndar
         slack *= 4
 
 
-def _train(actors: list, factory: str, dim: int, n: int) -> Any:
+def _train(actors: list, factory: str, dim: int, n: int, table: int | None = None, nprobe: int = 1) -> Any:
     """The trained empty index (an object ref), trained by the first shard (on its GPU when it has
     one) on the keyed sample the shards send it: neither the sample nor the index passes through
-    the driver."""
+    the driver. `table`: that table of an `IndexTables`, on the keyed sample of seed KEYED_SEED + table
+    (as `curation.knn.build_tables` draws it)."""
     import ray
 
-    size = training_size(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT), n)
+    if table is None:
+        seed, size = (
+            KEYED_SEED,
+            training_size(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT), n),
+        )
+    else:
+        seed, size = KEYED_SEED + table, table_training_size(empty_table(factory, dim, table, nprobe), n)
     slack = 1.0
     while True:
         bound = sample_threshold(size, n, slack)
-        candidates = [a.candidates.remote(KEYED_SEED, KNN_TRAIN_SAMPLE, bound) for a in actors]
-        enough, trained = actors[0].train.options(num_returns=2).remote(factory, dim, size, *candidates)
+        candidates = [a.candidates.remote(seed, KNN_TRAIN_SAMPLE, bound) for a in actors]
+        enough, trained = (
+            actors[0]
+            .train.options(num_returns=2)
+            .remote(factory, dim, size, *candidates, table=table, nprobe=nprobe)
+        )
         if ray.get(enough):
             return trained
         slack *= 4  # fewer candidates than the sample needs (rare): widen the bound
@@ -131,10 +150,21 @@ def _train(actors: list, factory: str, dim: int, n: int) -> Any:
 class _ShardActor(Shard):
     """A shard on a Ray actor."""
 
-    def train(self, factory: str, dim: int, size: int, *candidates) -> tuple[bool, np.ndarray | None]:
+    def train(
+        self, factory: str, dim: int, size: int, *candidates, table: int | None = None, nprobe: int = 1
+    ) -> tuple[bool, np.ndarray | None]:
         """(whether the candidates held the whole sample, the trained index) for two object refs."""
-        trained = train_index(factory, dim, size, candidates)
+        trained = train_index(factory, dim, size, candidates, table, nprobe)
         return trained is not None, trained
+
+    def build(self, trained: Any, nprobe: int) -> int:
+        """`Shard.build`; the trained tables of an `IndexTables` come as a list of object refs (Ray
+        resolves only refs passed as arguments themselves), fetched here, not through the driver."""
+        if isinstance(trained, list):
+            import ray
+
+            trained = ray.get(trained)
+        return super().build(trained, nprobe)
 
 
 def _start_shards(
@@ -169,14 +199,20 @@ def _start_shards(
         if check_recall:  # exact answers from the raw vectors, before the build frees them
             recall_ids, xq = _keyed_sample(actors, RECALL_SAMPLE, n, KNN_RECALL_SAMPLE)
             exact_answer = _merged(actors, "exact_search", xq, k)
-        factory = resolve_index(search.index, n, dim, gpu=gpus > 0)
-        trained = _train(actors, factory, dim, n)
+        if search.tables > 1:  # `IndexTables` run on the CPU
+            factory = resolve_index(search.index, n, dim, gpu=False)
+            trained = [_train(actors, factory, dim, n, t, search.nprobe) for t in range(search.tables)]
+        else:
+            factory = resolve_index(search.index, n, dim, gpu=gpus > 0)
+            trained = _train(actors, factory, dim, n)
     ray.get([a.build.remote(trained, search.nprobe) for a in actors])
     if exact_answer is not None:
         _, approx_ids = _merged(actors, "search", xq, exact_answer[1].shape[1])
         recall = edge_recall(exact_answer[0], exact_answer[1], approx_ids, recall_ids, recall_threshold)
         log.info("knn: %s nprobe %d, recall vs exact on a sample: %s", factory, search.nprobe, recall)
-    device = "gpu" if gpus and (exact or runs_on_gpu(factory)) else "cpu"
+    device = "gpu" if gpus and (exact or (runs_on_gpu(factory) and search.tables == 1)) else "cpu"
+    if not exact and search.tables > 1:
+        factory = f"{search.tables} x {without_refine(factory)}"
     state = {"database": n, "shards": len(actors), "exact": exact, "recall": recall, "index": factory}
     state["device"] = device
     log.info("knn: %d database vectors on %d shard actors, index %s on %s", n, len(actors), factory, device)

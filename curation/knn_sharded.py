@@ -10,7 +10,9 @@ per-shard top-k lists are merged. Results do not depend on the split:
   quantizer and a query probes the same lists in each.
 With a flat index the merged lists equal one flat index's over the whole database; with IVF,Flat
 too. Quantised indexes that re-rank a candidate list (",RFlat") re-rank per shard, which may only
-find more neighbours than one index would.
+find more neighbours than one index would. Several tables (`search.tables`, `curation.knn.IndexTables`):
+each table is trained once on its own keyed sample and copied to every shard; each shard re-ranks
+the union of its tables' candidates exactly.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lvd.curation.knn import ADD_CHUNK, _set_nprobe, _to_gpu, normalize, use_gpu
+from lvd.curation.knn import ADD_CHUNK, _set_nprobe, _to_gpu, empty_table, fill_tables, normalize, use_gpu
 from lvd.curation.seeded import keyed_uniform
 from lvd.schemas import layout
 from lvd.schemas.tables import write_parquet_atomic
@@ -123,17 +125,27 @@ def pick_sample(
 
 
 def train_index(
-    factory: str, dim: int, size: int, candidates: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    factory: str,
+    dim: int,
+    size: int,
+    candidates: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    table: int | None = None,
+    nprobe: int = 1,
 ) -> np.ndarray | None:
     """An empty index from `factory`, trained on the `size` keyed-sample rows picked from the shards'
     `candidates` ((ids, keys, vectors) each), serialised for the shards. None when the candidates
-    hold fewer than `size` rows (the caller widens the bound and asks again)."""
+    hold fewer than `size` rows (the caller widens the bound and asks again). `table`: the empty
+    table of that number of an `IndexTables` (`curation.knn.empty_table`), trained on the CPU."""
     ids = np.concatenate([c[0] for c in candidates])
     if ids.size < size:
         return None
     keys = np.concatenate([c[1] for c in candidates])
     vectors = np.concatenate([c[2] for c in candidates])
     _, sample = pick_sample(ids, keys, vectors, size)
+    if table is not None:
+        index = empty_table(factory, dim, table, nprobe)
+        index.train(np.ascontiguousarray(sample))
+        return faiss.serialize_index(index)
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if use_gpu():
         index = _to_gpu(index)
@@ -199,10 +211,17 @@ class Shard:
             results.append((sims, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1)))
         return merge_topk(results, k)
 
-    def build(self, trained: np.ndarray | None, nprobe: int) -> int:
+    def build(self, trained: np.ndarray | list[np.ndarray] | None, nprobe: int) -> int:
         """Index the raw vectors: flat when `trained` is None, else into a copy of the trained empty
         index. Each part's raw vectors are freed once added, so memory peaks near one copy of them.
-        Moves to the GPU when FAISS sees one. Returns the number of vectors indexed."""
+        Moves to the GPU when FAISS sees one. A list of trained empty tables: `IndexTables` on the
+        CPU, which keeps the raw vectors for its exact re-ranking. Returns the number of vectors indexed."""
+        if isinstance(trained, list):
+            raw = [v for _, v in self._raw]
+            vectors = np.concatenate(raw) if raw else np.zeros((0, max(self.dim, 1)), np.float32)
+            self._raw = []
+            self.index = fill_tables([faiss.deserialize_index(t) for t in trained], vectors, nprobe)
+            return int(self.index.ntotal)
         if trained is None:
             index = faiss.IndexFlatIP(max(self.dim, 1))
         else:

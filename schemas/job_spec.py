@@ -154,6 +154,14 @@ class SearchSpec(_Strict):
         description="kNN shard actors holding the database (0: one per GPU, else one per node; on a CPU "
         "cluster a small flat database is searched in one task instead).",
     )
+    tables: int = Field(
+        1,
+        ge=1,
+        description="IVF indexes over the same vectors, each with its own partition, searched together "
+        "with nprobe lists each and re-ranked exactly (CPU): a pair one partition splits is usually "
+        "kept together by another, so tables find more of the pairs above a copy threshold than one "
+        "index with tables x nprobe. Used above exact_below vectors.",
+    )
 
 
 # Default (dedup.threshold, dedup.eval_threshold) per copy detector (embedding.copy_detection.arch),
@@ -402,7 +410,10 @@ class JobSpec(_Strict):
 
 
 # Fields added to a section after jobs were run, with their switched-off defaults (see `fingerprint`).
-ADDED_SWITCHED_OFF = {"dedup": {"verify_from": None, "verify_score": 0.5}}
+ADDED_SWITCHED_OFF = {
+    "dedup": {"verify_from": None, "verify_score": 0.5, "tables": 1},
+    "retrieval": {"tables": 1},
+}
 
 
 class JobSpecError(ValueError):

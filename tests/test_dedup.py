@@ -284,7 +284,9 @@ def pool_parts(tmp_path_factory) -> dict:
 SEARCHES = {
     "flat": dict(exact_below=1_000_000),
     "ivf": dict(index="IVF16,Flat", nprobe=4, exact_below=100),  # the 3 eval images: flat
+    "tables": dict(index="IVF16,Flat", nprobe=2, exact_below=100, tables=2),
 }
+SEARCH_NAMES = {"flat": "exact", "ivf": "IVF16,Flat on cpu", "tables": "2 x IVF16,Flat on cpu"}
 
 
 @pytest.mark.parametrize("shards", [1, 2])
@@ -309,9 +311,9 @@ def test_part_by_part_equals_in_memory_reference(ray_local, pool_parts, tmp_path
         counts["kept"],
     )
     assert summary.copy_edges == res.copy_edges and summary.shards == shards
-    assert summary.search == ("exact" if search == "flat" else "IVF16,Flat on cpu")
+    assert summary.search == SEARCH_NAMES[search]
     assert summary.ivf_recall == res.ivf_recall and (summary.ivf_recall is None) == (search == "flat")
-    if search == "ivf":  # probing 4 of 16 lists misses edges: the approximate path is really compared
+    if search != "flat":  # probing a few of 16 lists misses edges: the approximate path is really compared
         assert summary.ivf_recall < 1
     # the planted data exercises every rule
     assert counts["exact"] == 16 and counts["copy"] >= 40 and counts["eval_overlap"] >= 2

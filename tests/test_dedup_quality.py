@@ -321,8 +321,9 @@ def test_verification_band_is_validated_and_leaves_other_fingerprints_alone():
     with pytest.raises(ValueError, match="dedup.verify_from"):
         parse_job_spec({**base, "dedup": {"threshold": 0.6, "verify_from": 0.6}})
     plain = parse_job_spec(base)
-    # A job run before the verification fields existed keeps its dedup fingerprint (no rerun).
-    before = {k: v for k, v in plain.model_dump(mode="json")["dedup"].items() if not k.startswith("verify_")}
+    # A job run before the verification and tables fields existed keeps its dedup fingerprint (no rerun).
+    added = ("verify_from", "verify_score", "tables")
+    before = {k: v for k, v in plain.model_dump(mode="json")["dedup"].items() if k not in added}
     blob = json.dumps({"dedup": before}, sort_keys=True).encode()
     assert plain.fingerprint("dedup") == hashlib.sha256(blob).hexdigest()[:16]
     banded = parse_job_spec({**base, "dedup": {"verify_from": 0.5}})

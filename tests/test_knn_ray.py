@@ -108,6 +108,33 @@ def test_search_parts_top_k_equals_one_index(ray_local, tmp_path, build, shards)
         assert result.recall == recall_against_exact(index, db_vec, K, ids=db_ids)
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+def test_search_parts_with_index_tables_equals_one_in_process_index(ray_local, tmp_path, shards):
+    """Several IVF tables, searched together and re-ranked exactly: with exact list scans (IVF,Flat)
+    the shards' merged top-k equals one in-process `IndexTables` over the whole database, and two
+    tables with 2 probes each find more of the exact neighbours than one."""
+    embed = _write_vector_parts(tmp_path, n_parts=2, per_part=700, dim=DIM, seed=2)
+    database = queries = [VectorPart(p) for p in embed]
+    spec = RetrievalSpec(
+        chunk_size=CHUNK, search_actors=shards, nprobe=2, index="IVF32,Flat", exact_below=0, tables=2
+    )
+    result = search_parts(queries, database, K, spec, write=TopKWriter(tmp_path / "topk"))
+    assert (result.index, result.device, result.exact) == ("2 x IVF32,Flat", "cpu", False)
+    parts = [read_vector_part(p) for p in database]
+    db_ids, db_vec = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    index, info = build_index(db_vec, factory=spec.index, exact_below=0, nprobe=2, ids=db_ids, tables=2)
+    assert info.description == "2 x IVF32,Flat" and index.ntotal == db_ids.size
+    got = pa.concat_tables([pq.read_table(TopKWriter(tmp_path / "topk").output(i)) for i in range(2)])
+    sims, pos = search(index, db_vec, K)  # queries: each part's images in image_id order
+    assert got["query_id"].to_numpy().tolist() == np.repeat(db_ids, K).tolist()
+    assert got["image_id"].to_numpy().tolist() == db_ids[pos].ravel().tolist()
+    np.testing.assert_allclose(got["score"].to_numpy(), sims.ravel(), rtol=1e-6)
+    one, _ = build_index(db_vec, factory=spec.index, exact_below=0, nprobe=2, ids=db_ids)
+    exact_sims, _ = search(build_index(db_vec, exact_below=10**9)[0], db_vec, K)
+    one_sims, _ = search(one, db_vec, K)
+    assert np.isclose(sims, exact_sims).mean() > np.isclose(one_sims, exact_sims).mean()
+
+
 def test_plain_shards_merge_like_one_flat_index(vectors):
     """Without Ray: two `Shard`s, their answers merged per query, equal one flat index."""
     ids = np.arange(N, dtype=np.int64) * 7 + 3
