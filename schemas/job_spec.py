@@ -137,7 +137,10 @@ def builtin_copy_detector() -> ModelSpec:
     """The copy detector a job spec gets when it names none: the built-in copy_descriptor at the
     input size it was measured at, its vectors stored in float32 (its cosines sit close to the threshold)."""
     return ModelSpec(
-        arch="copy_descriptor", image_size=COPY_DESCRIPTOR_SIZE, resize_size=COPY_DESCRIPTOR_SIZE, dtype="float32"
+        arch="copy_descriptor",
+        image_size=COPY_DESCRIPTOR_SIZE,
+        resize_size=COPY_DESCRIPTOR_SIZE,
+        dtype="float32",
     )
 
 
