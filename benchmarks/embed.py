@@ -248,6 +248,7 @@ def main() -> None:
                     "dtype": "float32",
                     "precision": args.precision,
                 },
+                "copy_detection": None,  # the retrieval ViT alone, as the bare loop runs it
                 "num_actors": args.actors,
                 "cpus_per_actor": threads,
             },

@@ -54,7 +54,8 @@ def load_vectors(embed_parts: list[Path], model: str, image_ids: np.ndarray) -> 
 
 
 def copy_detection_model(spec) -> str:
-    """Dedup embeddings: the copy-detection model's when the spec has one, else the retrieval model's."""
+    """Dedup embeddings: the copy-detection model's, or the retrieval model's when the spec sets
+    copy_detection to null."""
     return COPY_DETECTION if spec.embedding.copy_detection is not None else RETRIEVAL
 
 
@@ -64,7 +65,7 @@ def detector_name(spec) -> str:
     if model is None:
         r = spec.embedding.retrieval
         weights = Path(r.weights).name if r.weights else "random init"
-        return f"retrieval model {r.arch} ({weights}), no copy-detection model given"
+        return f"retrieval model {r.arch} ({weights}), copy_detection set to null"
     if model.arch == "copy_descriptor":
         return "copy_descriptor (built-in, no learned weights)"
     return f"{model.arch} ({Path(model.weights).name if model.weights else 'random init'})"

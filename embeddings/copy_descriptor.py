@@ -29,13 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lvd.embeddings.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from lvd.schemas.job_spec import detector_dedup_thresholds
+from lvd.schemas.job_spec import COPY_DESCRIPTOR_SIZE, detector_dedup_thresholds
 
 # The cosine above which two descriptors are copies, chosen on the real-image corpus
 # (benchmarks/dedup_quality.py): the job spec's default dedup.threshold when this detector runs.
 THRESHOLD = detector_dedup_thresholds("copy_descriptor")[0]
-# The input the descriptor is measured with: the whole image resized to SIZE x SIZE.
-SIZE = 128
+# The input the descriptor is measured with: the whole image resized to SIZE x SIZE (the job spec's
+# default copy detector uses it).
+SIZE = COPY_DESCRIPTOR_SIZE
 GRID = 48  # the content box is resampled to GRID x GRID before the blocks are computed
 DIM = 320  # output width (a multiple of 64, as PQ64 indexes need)
 

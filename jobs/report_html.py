@@ -356,6 +356,9 @@ def _model_rows(spec: JobSpec, summaries: dict) -> list[list]:
         if m is None:
             rows.append([role, "(the retrieval model's vectors)", "", ""])
             continue
+        if m.arch == "copy_descriptor":  # no weights to load: built in, not a random stand-in
+            rows.append([role, m.arch, "built in (no learned weights)", "no"])
+            continue
         weights = getattr(m, "weights", None)
         random_init = not weights or str(weights) == "random"
         rows.append([role, m.arch, "random" if random_init else str(weights), "yes" if random_init else "no"])

@@ -128,10 +128,29 @@ class ModelSpec(_Strict):
         return self.weights == RANDOM_WEIGHTS
 
 
+# The input the built-in copy detector was measured with (benchmarks/dedup_quality.py): the whole
+# image resized to this square.
+COPY_DESCRIPTOR_SIZE = 128
+
+
+def builtin_copy_detector() -> ModelSpec:
+    """The copy detector a job spec gets when it names none: the built-in copy_descriptor at the
+    input size it was measured at, its vectors stored in float32 (its cosines sit close to the threshold)."""
+    return ModelSpec(
+        arch="copy_descriptor",
+        image_size=COPY_DESCRIPTOR_SIZE,
+        resize_size=COPY_DESCRIPTOR_SIZE,
+        dtype="float32",
+    )
+
+
 class EmbeddingSpec(_Strict):
     retrieval: ModelSpec = ModelSpec()
     copy_detection: ModelSpec | None = Field(
-        None, description="Model for dedup embeddings (SSCD as TorchScript); None reuses the retrieval model."
+        default_factory=builtin_copy_detector,
+        description="Model whose vectors dedup compares: SSCD as TorchScript in production. Unset: the "
+        "built-in copy_descriptor (128 px, no learned weights). null: dedup compares the retrieval "
+        "model's vectors (no second embedding pass; they find semantic neighbours, not only copies).",
     )
     num_actors: int = Field(1, ge=1, description="Model replicas (one per GPU on GPU nodes).")
     cpus_per_actor: float = Field(1.0, gt=0)
@@ -167,14 +186,14 @@ class SearchSpec(_Strict):
 # Default (dedup.threshold, dedup.eval_threshold) per copy detector (embedding.copy_detection.arch),
 # for a job spec that sets none: a cosine means something different to each detector. copy_descriptor's
 # were chosen on the real-image corpus (benchmarks/dedup_quality.py); every other detector (an SSCD
-# TorchScript, or the retrieval model's vectors when there is no copy_detection) gets the paper's.
+# TorchScript, or the retrieval model's vectors when copy_detection is null) gets the paper's.
 DEFAULT_DEDUP_THRESHOLDS = (0.6, 0.45)
 DETECTOR_DEDUP_THRESHOLDS = {"copy_descriptor": (0.84, 0.84)}
 
 
 def detector_dedup_thresholds(arch: str | None) -> tuple[float, float]:
     """(threshold, eval_threshold) a job spec's dedup section defaults to for copy detector `arch`
-    (None: no copy_detection model, dedup compares retrieval vectors)."""
+    (None: copy_detection is null, dedup compares retrieval vectors)."""
     return DETECTOR_DEDUP_THRESHOLDS.get(arch or "", DEFAULT_DEDUP_THRESHOLDS)
 
 

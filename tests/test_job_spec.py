@@ -22,7 +22,12 @@ def _with(**changes):
 
 def test_minimal_spec_gets_lvd_defaults():
     spec = parse_job_spec(MINIMAL)
-    assert spec.dedup.k == 64 and spec.dedup.threshold == 0.6 and spec.dedup.eval_threshold == 0.45
+    # No copy detector named: the built-in one at the size it was measured at, and its thresholds.
+    detector = spec.embedding.copy_detection
+    assert (detector.arch, detector.weights, detector.image_size, detector.resize_size) == (
+        "copy_descriptor", None, 128, 128
+    )  # fmt: skip
+    assert spec.dedup.k == 64 and spec.dedup.threshold == 0.84 and spec.dedup.eval_threshold == 0.84
     assert spec.seeds[0].k == 4
     assert spec.seeds[0].min_seed_images == 3 and spec.seeds[0].images_per_cluster == 10_000
     assert spec.seeds[0].max_images == 1_000_000
@@ -187,7 +192,9 @@ def test_run_validates_inputs_first(tmp_path):
 @pytest.mark.parametrize(
     "copy_detection, dedup, expected",
     [
-        (None, {}, (0.6, 0.45)),  # no copy detector: the retrieval vectors, the paper's values
+        ("unset", {}, (0.84, 0.84)),  # the built-in copy_descriptor
+        ("unset", {"threshold": 0.7}, (0.7, 0.84)),
+        (None, {}, (0.6, 0.45)),  # null: the retrieval vectors, the paper's values
         ({"arch": "torchscript", "weights": "sscd.pt"}, {}, (0.6, 0.45)),
         ({"arch": "copy_descriptor", "image_size": 128, "resize_size": 128}, {}, (0.84, 0.84)),
         ({"arch": "copy_descriptor", "image_size": 128, "resize_size": 128}, {"threshold": 0.9}, (0.9, 0.84)),
@@ -195,12 +202,17 @@ def test_run_validates_inputs_first(tmp_path):
     ],
 )
 def test_unset_dedup_thresholds_follow_the_copy_detector(copy_detection, dedup, expected):
-    embedding = {"retrieval": {"weights": "random"}, "copy_detection": copy_detection}
+    embedding = {"retrieval": {"weights": "random"}}
+    if copy_detection != "unset":
+        embedding["copy_detection"] = copy_detection
     spec = parse_job_spec(_with(embedding=embedding, dedup=dedup))
     assert (spec.dedup.threshold, spec.dedup.eval_threshold) == expected
-    # The resolved values survive a round trip, so a stage's fingerprint does not move on a rerun.
+    # The resolved values and the detector (null included) survive a round trip, so a stage's
+    # fingerprint does not move on a rerun.
     again = parse_job_spec(spec.model_dump(mode="json"))
+    assert again.embedding.copy_detection == spec.embedding.copy_detection
     assert again.fingerprint("dedup") == spec.fingerprint("dedup")
+    assert again.fingerprint("embedding") == spec.fingerprint("embedding")
 
 
 def test_bad_threshold_is_named_with_a_copy_descriptor():

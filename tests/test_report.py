@@ -168,6 +168,9 @@ def test_report_is_one_self_contained_file_whose_images_all_decode(job):
     for section in ("Largest components", "Eval-set matches", "closest", "farthest", "tail_sample"):
         assert section in text
     assert text.count(PLACEHOLDER) < len(page.imgs) // 10
+    # The built-in copy detector is named as such, not as a model with random weights.
+    detector = r"copy_detection</td><td[^>]*>copy_descriptor</td><td[^>]*>built in[^<]*</td><td[^>]*>no</td>"
+    assert re.search(detector, text)
 
 
 def _chromium() -> str | None:

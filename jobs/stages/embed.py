@@ -53,7 +53,7 @@ CHUNKS = "vector_chunks"  # scratch folder of the actors' chunk files
 
 
 def model_specs(spec: JobSpec) -> dict[str, ModelSpec]:
-    """The models to run by table name; without a copy-detection model only retrieval vectors are made."""
+    """The models to run by table name; with copy_detection null only retrieval vectors are made."""
     models = {RETRIEVAL: spec.embedding.retrieval}
     if spec.embedding.copy_detection is not None:
         models[COPY_DETECTION] = spec.embedding.copy_detection
