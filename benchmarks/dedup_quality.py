@@ -62,22 +62,7 @@ def grouping_quality(
 ) -> dict:
     ids = np.arange(groups.size, dtype=np.int64)
     res = dedup_pool(ids, vectors, k=16, threshold=threshold, grouping=grouping)
-    _, sizes = np.unique(res.component_id, return_counts=True)
-    kept_per_group = np.bincount(groups[res.keep], minlength=groups.max() + 1)
-    copy_groups = np.flatnonzero(np.bincount(groups) >= 2)
-    dropped = ~res.keep
-    wrong = dropped & (groups[np.maximum(res.duplicate_of, 0)] != groups)
-    failed = copy_groups[kept_per_group[copy_groups] != 1]
-    return {
-        "largest_share": sizes.max() / groups.size,
-        "collapsed": int((kept_per_group[copy_groups] == 1).sum()),
-        # the groups that kept more (or fewer) than one image, by their original's name
-        "not_collapsed": sorted(
-            min((names[i] for i in np.flatnonzero(groups == g)), key=len).rsplit(".", 1)[0] for g in failed
-        ),
-        "copy_groups": int(copy_groups.size),
-        "distinct_dropped": int(wrong.sum()),
-    }
+    return grouping_row(res.component_id, res.keep, res.duplicate_of, groups, names)
 
 
 def verified_quality(

@@ -32,6 +32,14 @@ from lvd.schemas import layout
 from lvd.schemas.job_spec import DedupSpec, ModelSpec, parse_job_spec
 
 VERIFY_FROM = 0.7  # benchmarks/dedup_quality.py's band for copy_descriptor
+# The least a job spec needs, for the tests of how a dedup section is validated.
+MINIMAL_SPEC = {
+    "name": "j",
+    "output_dir": "o",
+    "pool": [{"uri": "p"}],
+    "embedding": {"retrieval": {"weights": "random"}},
+    "sampling": {"target_size": 1},
+}
 
 DESCRIPTOR = ModelSpec(
     arch="copy_descriptor",
@@ -146,13 +154,7 @@ def test_large_component_warns_in_log_and_summary(caplog):
 
 
 def test_max_component_share_is_validated_by_name():
-    base = {
-        "name": "j",
-        "output_dir": "o",
-        "pool": [{"uri": "p"}],
-        "embedding": {"retrieval": {"weights": "random"}},
-        "sampling": {"target_size": 1},
-    }
+    base = MINIMAL_SPEC
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="dedup.max_component_share"):
             parse_job_spec({**base, "dedup": {"max_component_share": bad}})
@@ -311,13 +313,7 @@ def test_verified_edges_keep_the_edges_above_the_threshold_and_the_passed_band_p
 
 
 def test_verification_band_is_validated_and_leaves_other_fingerprints_alone():
-    base = {
-        "name": "j",
-        "output_dir": "o",
-        "pool": [{"uri": "p"}],
-        "embedding": {"retrieval": {"weights": "random"}},
-        "sampling": {"target_size": 1},
-    }
+    base = MINIMAL_SPEC
     with pytest.raises(ValueError, match="dedup.verify_from"):
         parse_job_spec({**base, "dedup": {"threshold": 0.6, "verify_from": 0.6}})
     plain = parse_job_spec(base)
