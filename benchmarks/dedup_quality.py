@@ -132,6 +132,16 @@ def grouping_row(labels, keep, duplicate_of, groups, names) -> dict:
     }
 
 
+def grouping_line(grouping: str, rows: list[dict]) -> str:
+    """One printed line of `grouping_row`s summed over seeds."""
+    return (
+        f"    {grouping:<10} largest component {max(r['largest_share'] for r in rows):.1%} of the pool  "
+        f"copy groups collapsed to one kept image {sum(r['collapsed'] for r in rows)}"
+        f"/{sum(r['copy_groups'] for r in rows)}  distinct images dropped "
+        f"{sum(r['distinct_dropped'] for r in rows)}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6, 7])
@@ -219,13 +229,7 @@ def main() -> None:
                 "  dedup of the copy_descriptor vectors at its threshold, per grouping (summed over seeds):"
             )
             for g, by_set in grouped.items():
-                rows = [r for _, r in by_set[tuning]]
-                print(
-                    f"    {g:<10} largest component {max(r['largest_share'] for r in rows):.1%} of the pool  "
-                    f"copy groups collapsed to one kept image {sum(r['collapsed'] for r in rows)}"
-                    f"/{sum(r['copy_groups'] for r in rows)}  distinct images dropped "
-                    f"{sum(r['distinct_dropped'] for r in rows)}"
-                )
+                print(grouping_line(g, [r for _, r in by_set[tuning]]))
                 if g == "leader":
                     for seed, r in by_set[tuning]:
                         print(f"      seed {seed} not collapsed: {', '.join(r['not_collapsed']) or '-'}")
@@ -238,13 +242,7 @@ def main() -> None:
                 f"R {min(v[0]['recall'] for v in vs):.3f}-{max(v[0]['recall'] for v in vs):.3f})"
             )
             for g in GROUPINGS:
-                rows = [v[1][g] for v in vs]
-                print(
-                    f"    {g:<10} largest component {max(r['largest_share'] for r in rows):.1%} of the pool  "
-                    f"copy groups collapsed to one kept image {sum(r['collapsed'] for r in rows)}"
-                    f"/{sum(r['copy_groups'] for r in rows)}  distinct images dropped "
-                    f"{sum(r['distinct_dropped'] for r in rows)}"
-                )
+                print(grouping_line(g, [v[1][g] for v in vs]))
                 if g == "leader":
                     for seed, v in zip(seeds, vs, strict=True):
                         print(
